@@ -1,0 +1,68 @@
+#pragma once
+
+// Config: the validated contents of kmsplugin's YAML file.
+//
+//   server:                      # optional
+//     pollInterval: 10s          # how often each key source is refreshed and health-probed (SIGHUP: at once)
+//     shutdownGracePeriod: 10s   # SIGTERM drains in-flight calls for at most this long
+//     maxThreads: 32             # gRPC threads per socket
+//   environments:
+//     - name: dev                # [a-z0-9-], 1..63; bound into every ciphertext
+//       socket: /run/kmsplugin/dev.sock
+//       socketGroup: kube        # optional: socket mode 0660 with this group (else 0600)
+//       statusVersion: v2        # v2 (Kubernetes 1.29+) or v2beta1 (1.27, 1.28)
+//       allowSharedBackendKey: false
+//       keySource:
+//         local: {...}           # exactly one of local / vault / pkcs11
+//
+// Every error names the file, the field and the fix (FieldContext).
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "kmsplugin/config/key_source_spec.h"
+
+namespace kmsplugin::config {
+
+struct EnvironmentConfig {
+  std::string name;
+  std::string socket;
+  std::optional<std::string> socket_group;
+  std::string status_version = "v2";
+  bool allow_shared_backend_key = false;
+  std::shared_ptr<const KeySourceSpec> key_source;
+};
+
+struct ServerConfig {
+  absl::Duration poll_interval = absl::Seconds(10);
+  absl::Duration shutdown_grace_period = absl::Seconds(10);
+  int max_threads = 32;
+};
+
+struct Config {
+  std::string file;
+  ServerConfig server;
+  std::vector<EnvironmentConfig> environments;
+
+  // The environment called `name`; NOT_FOUND listing the names there are.
+  absl::StatusOr<const EnvironmentConfig*> Find(std::string_view name) const;
+};
+
+// Key source kind ("local", "vault", "pkcs11") → its parser. The CLI hands in the ones the build has.
+using KeySourceParsers = std::map<std::string, KeySourceParser, std::less<>>;
+
+// Reads and validates `path`. Refuses a config file that group or others can write.
+absl::StatusOr<Config> LoadConfig(const std::string& path, const KeySourceParsers& parsers);
+// Validates YAML text; `file` only names the source in error messages.
+absl::StatusOr<Config> ParseConfig(const std::string& yaml, const std::string& file,
+                                   const KeySourceParsers& parsers);
+
+// Whether `name` is a valid environment name ([a-z0-9-], 1..63, starting and ending alphanumeric).
+bool IsValidEnvironmentName(std::string_view name);
+
+}  // namespace kmsplugin::config
