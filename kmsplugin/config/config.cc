@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kmsplugin/config/file_checks.h"
+#include "kmsplugin/core/sv.h"
 
 namespace kmsplugin::config {
 namespace {
@@ -159,14 +160,14 @@ bool IsValidEnvironmentName(std::string_view name) {
 }
 
 absl::StatusOr<const EnvironmentConfig*> Config::Find(std::string_view name) const {
-  std::vector<std::string_view> names;
+  std::vector<std::string> names;
   for (const EnvironmentConfig& env : environments) {
     if (env.name == name) {
       return &env;
     }
     names.push_back(env.name);
   }
-  return absl::NotFoundError(absl::StrCat(file, ": no environment named \"", name, "\"; the environments are: ",
+  return absl::NotFoundError(absl::StrCat(file, ": no environment named \"", Sv(name), "\"; the environments are: ",
                                           absl::StrJoin(names, ", ")));
 }
 

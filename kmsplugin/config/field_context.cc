@@ -5,6 +5,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kmsplugin/core/sv.h"
 
 namespace kmsplugin::config {
 namespace {
@@ -27,7 +28,7 @@ std::string NodeTypeName(const YAML::Node& node) {
 }  // namespace
 
 FieldContext FieldContext::Child(std::string_view key) const {
-  return FieldContext(file_, path_.empty() ? std::string(key) : absl::StrCat(path_, ".", key));
+  return FieldContext(file_, path_.empty() ? std::string(key) : absl::StrCat(path_, ".", Sv(key)));
 }
 
 FieldContext FieldContext::Index(size_t index) const {
@@ -36,7 +37,7 @@ FieldContext FieldContext::Index(size_t index) const {
 
 absl::Status FieldContext::Error(std::string_view problem, std::string_view fix) const {
   return absl::InvalidArgumentError(
-      absl::StrCat(file_, ": ", path_.empty() ? "(top level)" : path_, ": ", problem, "; fix: ", fix));
+      absl::StrCat(file_, ": ", path_.empty() ? "(top level)" : path_, ": ", Sv(problem), "; fix: ", Sv(fix)));
 }
 
 absl::StatusOr<std::string> FieldContext::RequiredString(const YAML::Node& node, std::string_view key,
@@ -138,16 +139,17 @@ absl::StatusOr<std::optional<std::vector<std::string>>> FieldContext::OptionalSt
 
 absl::Status FieldContext::RejectUnknownKeys(const YAML::Node& node,
                                              const std::vector<std::string_view>& allowed) const {
+  std::vector<std::string> names(allowed.begin(), allowed.end());
   if (!node.IsMap()) {
     return Error(absl::StrCat("must be a mapping, not ", NodeTypeName(node)),
-                 absl::StrCat("write a mapping with the keys ", absl::StrJoin(allowed, ", ")));
+                 absl::StrCat("write a mapping with the keys ", absl::StrJoin(names, ", ")));
   }
   for (const auto& entry : node) {
     const std::string key = entry.first.Scalar();
     if (std::find(allowed.begin(), allowed.end(), key) == allowed.end()) {
       return Child(key).Error("is not a known setting",
                               absl::StrCat("remove it or correct the spelling; known here: ",
-                                           absl::StrJoin(allowed, ", ")));
+                                           absl::StrJoin(names, ", ")));
     }
   }
   return absl::OkStatus();

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "kmsplugin/core/sv.h"
 
 namespace kmsplugin::config {
 namespace {
@@ -16,15 +17,15 @@ absl::Status Stat(const std::string& path, std::string_view what, struct stat& i
     const int error = errno;
     const std::string reason = std::strerror(error);
     if (error == ENOENT) {
-      return absl::NotFoundError(absl::StrCat(what, " ", path, " does not exist; fix: create it (kmsplugin init) "
+      return absl::NotFoundError(absl::StrCat(Sv(what), " ", path, " does not exist; fix: create it (kmsplugin init) "
                                               "or correct the path in the config"));
     }
     return absl::FailedPreconditionError(
-        absl::StrCat("cannot read ", what, " ", path, ": ", reason, "; fix: check the path and its permissions"));
+        absl::StrCat("cannot read ", Sv(what), " ", path, ": ", reason, "; fix: check the path and its permissions"));
   }
   if (!S_ISREG(info.st_mode)) {
     return absl::FailedPreconditionError(
-        absl::StrCat(what, " ", path, " is not a regular file; fix: point the config at the file itself"));
+        absl::StrCat(Sv(what), " ", path, " is not a regular file; fix: point the config at the file itself"));
   }
   return absl::OkStatus();
 }
@@ -38,7 +39,7 @@ absl::Status CheckSecretFile(const std::string& path, std::string_view what) {
   }
   if ((info.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
     return absl::FailedPreconditionError(absl::StrFormat(
-        "%s %s can be read or written by group or others (mode %04o); fix: chmod 600 %s", what, path,
+        "%s %s can be read or written by group or others (mode %04o); fix: chmod 600 %s", Sv(what), path,
         info.st_mode & 07777, path));
   }
   return absl::OkStatus();
@@ -51,7 +52,7 @@ absl::Status CheckFileNotWritableByOthers(const std::string& path, std::string_v
   }
   if ((info.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
     return absl::FailedPreconditionError(absl::StrFormat(
-        "%s %s can be written by group or others (mode %04o); fix: chmod go-w %s", what, path,
+        "%s %s can be written by group or others (mode %04o); fix: chmod go-w %s", Sv(what), path,
         info.st_mode & 07777, path));
   }
   return absl::OkStatus();

@@ -9,7 +9,7 @@
 namespace kmsplugin::core {
 namespace {
 
-constexpr std::string_view kFormatAnnotationValue = "1";
+constexpr char kFormatAnnotationValue[] = "1";
 constexpr size_t kProbeSize = 32;
 
 absl::Status CheckDeadline(absl::Time now, absl::Time deadline) {
@@ -20,7 +20,7 @@ absl::Status CheckDeadline(absl::Time now, absl::Time deadline) {
 }
 
 absl::Status CheckAnnotations(const Annotations& annotations) {
-  const auto format = annotations.find(std::string(kFormatAnnotationKey));
+  const auto format = annotations.find(kFormatAnnotationKey);
   if (format == annotations.end()) {
     return absl::InvalidArgumentError(absl::StrCat("annotation ", kFormatAnnotationKey,
                                                    " is missing; send back the annotations Encrypt returned"));
@@ -31,7 +31,7 @@ absl::Status CheckAnnotations(const Annotations& annotations) {
                                                    "\"; this plugin writes \"", kFormatAnnotationValue, "\""));
   }
   for (const auto& [key, value] : annotations) {
-    if (key != kFormatAnnotationKey) {
+    if (key != std::string_view(kFormatAnnotationKey)) {
       return absl::InvalidArgumentError(absl::StrCat("unexpected annotation \"", absl::CHexEscape(key.substr(0, 64)),
                                                      "\"; Encrypt returns only ", kFormatAnnotationKey));
     }

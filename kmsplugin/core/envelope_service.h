@@ -31,7 +31,7 @@ namespace kmsplugin::core {
 // probe sends 4 ("ping"); 128 leaves room and keeps every envelope far below 1024 bytes.
 inline constexpr size_t kMaxPlaintextSize = 128;
 // The one annotation Encrypt returns; Decrypt expects exactly it back.
-inline constexpr std::string_view kFormatAnnotationKey = "format.kmsplugin.io";
+inline constexpr char kFormatAnnotationKey[] = "format.kmsplugin.io";
 
 using Annotations = std::map<std::string, std::string>;
 

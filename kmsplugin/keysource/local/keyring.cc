@@ -1,0 +1,508 @@
+#include "kmsplugin/keysource/local/keyring.h"
+
+#include <fcntl.h>
+#include <sodium.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "kmsplugin/core/sv.h"
+#include "crypto/hkdf.h"
+#include "crypto/xchacha20_poly1305_aead.h"
+#include "kmsplugin/config/file_checks.h"
+
+namespace kmsplugin::keysource::local {
+namespace {
+
+using json = nlohmann::json;
+
+constexpr char kFormat[] = "kmsplugin-keyring-v1";
+constexpr char kSealLabel[] = "kmsplugin/local/seal/v1";
+constexpr char kMacLabel[] = "kmsplugin/local/mac/v1";
+constexpr char kCheckLabel[] = "kmsplugin/local/check/v1";
+constexpr size_t kCheckSize = 16;
+constexpr size_t kSaltSize = crypto_pwhash_SALTBYTES;
+
+std::string Base64(std::string_view bytes) { return absl::Base64Escape(Sv(bytes)); }
+
+absl::StatusOr<crypto::SecretBytes> DeriveFromRoot(const crypto::SecretBytes& root_key,
+                                                   const std::string& keyring_id, std::string_view label,
+                                                   size_t size) {
+  return crypto::HkdfSha256(root_key.view(), keyring_id, label, size);
+}
+
+std::string SealAad(const std::string& keyring_id, uint64_t version, int64_t created, const std::string& key_id) {
+  const absl::string_view nul("\0", 1);
+  return absl::StrCat("kmsplugin/local/kek/v1", nul, keyring_id, nul, version, nul, created, nul, key_id);
+}
+
+std::string_view StateName(core::KeyState state) { return core::KeyStateName(state); }
+
+absl::StatusOr<core::KeyState> ParseState(const std::string& name) {
+  if (name == "current") {
+    return core::KeyState::kCurrent;
+  }
+  if (name == "active") {
+    return core::KeyState::kActive;
+  }
+  if (name == "retired") {
+    return core::KeyState::kRetired;
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown key state \"", name, "\""));
+}
+
+absl::Status Corrupt(const std::string& path, std::string_view what) {
+  return absl::DataLossError(absl::StrCat("keyring ", path, " is corrupt or truncated (", Sv(what),
+                                          "); fix: restore it from a backup"));
+}
+
+json RootParamsToJson(const RootKeyParams& params) {
+  if (params.kind == RootKeyParams::Kind::kFile) {
+    return json{{"kind", "file"}};
+  }
+  return json{{"kind", "passphrase"},
+              {"kdf", "argon2id13"},
+              {"salt", Base64(params.salt)},
+              {"opsLimit", params.ops_limit},
+              {"memLimit", params.mem_limit}};
+}
+
+absl::StatusOr<json> ParseJson(const std::string& bytes, const std::string& path) {
+  json doc = json::parse(bytes, nullptr, /*allow_exceptions=*/false);
+  if (doc.is_discarded() || !doc.is_object()) {
+    return Corrupt(path, "not a JSON object");
+  }
+  if (!doc.contains("format") || !doc["format"].is_string() || doc["format"].get<std::string>() != kFormat) {
+    return Corrupt(path, absl::StrCat("no \"format\": \"", kFormat, "\""));
+  }
+  return doc;
+}
+
+absl::StatusOr<std::string> DecodeBase64Field(const json& object, const char* field, const std::string& path) {
+  std::string raw;
+  if (!object.contains(field) || !object[field].is_string() ||
+      !absl::Base64Unescape(object[field].get<std::string>(), &raw)) {
+    return Corrupt(path, absl::StrCat("field \"", field, "\" is missing or not base64"));
+  }
+  return raw;
+}
+
+absl::StatusOr<RootKeyParams> ParseRootParams(const json& doc, const std::string& path) {
+  RootKeyParams params;
+  if (!doc.contains("rootKey") || !doc["rootKey"].is_object() || !doc["rootKey"].contains("kind")) {
+    return Corrupt(path, "field \"rootKey\" is missing");
+  }
+  const json& root = doc["rootKey"];
+  const std::string kind = root["kind"].is_string() ? root["kind"].get<std::string>() : "";
+  if (kind == "file") {
+    return params;
+  }
+  if (kind != "passphrase") {
+    return Corrupt(path, "field \"rootKey.kind\" is neither file nor passphrase");
+  }
+  params.kind = RootKeyParams::Kind::kPassphrase;
+  auto salt = DecodeBase64Field(root, "salt", path);
+  if (!salt.ok()) {
+    return salt.status();
+  }
+  if (salt->size() != kSaltSize || !root.contains("opsLimit") || !root["opsLimit"].is_number_unsigned() ||
+      !root.contains("memLimit") || !root["memLimit"].is_number_unsigned()) {
+    return Corrupt(path, "passphrase parameters are incomplete");
+  }
+  params.salt = *salt;
+  params.ops_limit = root["opsLimit"].get<uint64_t>();
+  params.mem_limit = root["memLimit"].get<uint64_t>();
+  if (params.ops_limit < crypto_pwhash_OPSLIMIT_MIN || params.ops_limit > crypto_pwhash_OPSLIMIT_MAX ||
+      params.mem_limit < crypto_pwhash_MEMLIMIT_MIN || params.mem_limit > (uint64_t{4} << 30)) {
+    return Corrupt(path, "passphrase parameters are out of range");
+  }
+  return params;
+}
+
+absl::Status FsyncDirectory(const std::filesystem::path& dir) {
+  const int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::InternalError(absl::StrCat("cannot open directory ", dir.string(), " to fsync it: ",
+                                            std::strerror(errno)));
+  }
+  const int rc = fsync(fd);
+  const int error = errno;
+  close(fd);
+  if (rc != 0) {
+    return absl::InternalError(absl::StrCat("fsync of directory ", dir.string(), " failed: ", std::strerror(error)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+const KeyringVersion* Keyring::Current() const {
+  for (const KeyringVersion& v : versions) {
+    if (v.info.state == core::KeyState::kCurrent) {
+      return &v;
+    }
+  }
+  return nullptr;
+}
+
+absl::StatusOr<crypto::SecretBytes> ReadRootKeyFile(const std::string& path) {
+  if (auto status = config::CheckSecretFile(path, "root key file"); !status.ok()) {
+    return status;
+  }
+  auto bytes = ReadFile(path);
+  if (!bytes.ok()) {
+    return bytes.status();
+  }
+  crypto::SecretBytes key = crypto::SecretBytes::CopyOf(*bytes);
+  const size_t size = bytes->size();
+  crypto::Wipe(bytes->data(), bytes->size());
+  if (size != kRootKeySize) {
+    return absl::FailedPreconditionError(absl::StrCat("root key file ", path, " holds ", size,
+                                                      " bytes; it must hold exactly ", kRootKeySize,
+                                                      " random bytes; fix: restore the right file from a backup"));
+  }
+  return key;
+}
+
+absl::StatusOr<crypto::SecretBytes> ReadPassphraseFile(const std::string& path) {
+  if (auto status = config::CheckSecretFile(path, "passphrase file"); !status.ok()) {
+    return status;
+  }
+  auto bytes = ReadFile(path);
+  if (!bytes.ok()) {
+    return bytes.status();
+  }
+  size_t size = bytes->size();
+  while (size > 0 && ((*bytes)[size - 1] == '\n' || (*bytes)[size - 1] == '\r')) {
+    --size;
+  }
+  crypto::SecretBytes passphrase = crypto::SecretBytes::CopyOf(std::string_view(bytes->data(), size));
+  crypto::Wipe(bytes->data(), bytes->size());
+  if (size < kMinPassphraseSize) {
+    return absl::FailedPreconditionError(absl::StrCat("passphrase in ", path, " is shorter than ",
+                                                      kMinPassphraseSize,
+                                                      " characters; fix: use a longer passphrase"));
+  }
+  return passphrase;
+}
+
+RootKeyParams NewPassphraseParams(crypto::Random& random) {
+  RootKeyParams params;
+  params.kind = RootKeyParams::Kind::kPassphrase;
+  params.salt.resize(kSaltSize);
+  random.Fill(absl::MakeSpan(reinterpret_cast<uint8_t*>(params.salt.data()), params.salt.size()));
+  params.ops_limit = crypto_pwhash_OPSLIMIT_MODERATE;
+  params.mem_limit = uint64_t{64} << 20;
+  return params;
+}
+
+absl::StatusOr<crypto::SecretBytes> DeriveRootKey(const crypto::SecretBytes& passphrase,
+                                                  const RootKeyParams& params) {
+  crypto::EnsureSodiumInitialised();
+  crypto::SecretBytes key(kRootKeySize);
+  if (crypto_pwhash(key.data(), key.size(), reinterpret_cast<const char*>(passphrase.data()), passphrase.size(),
+                    reinterpret_cast<const unsigned char*>(params.salt.data()), params.ops_limit,
+                    static_cast<size_t>(params.mem_limit), crypto_pwhash_ALG_ARGON2ID13) != 0) {
+    return absl::ResourceExhaustedError(absl::StrCat("Argon2id needs ", params.mem_limit >> 20,
+                                                     " MiB of memory and could not get it"));
+  }
+  return key;
+}
+
+std::string MakeKeyId(const std::string& keyring_id, uint64_t version, absl::Time created) {
+  return absl::StrCat("local:", absl::BytesToHexString(keyring_id), ":v", version, ":",
+                      absl::ToUnixSeconds(created));
+}
+
+std::string MakeKeyRef(const std::string& keyring_id, uint64_t version) {
+  std::string ref = keyring_id;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    ref.push_back(static_cast<char>((version >> shift) & 0xff));
+  }
+  return ref;
+}
+
+absl::StatusOr<RootKeyParams> ReadRootKeyParams(const std::string& bytes, const std::string& path) {
+  auto doc = ParseJson(bytes, path);
+  if (!doc.ok()) {
+    return doc.status();
+  }
+  return ParseRootParams(*doc, path);
+}
+
+absl::StatusOr<Keyring> OpenKeyring(const std::string& bytes, const crypto::SecretBytes& root_key,
+                                    const std::string& path) {
+  auto parsed = ParseJson(bytes, path);
+  if (!parsed.ok()) {
+    return parsed.status();
+  }
+  json doc = std::move(*parsed);
+  Keyring keyring;
+  auto id = [&]() -> absl::StatusOr<std::string> {
+    const std::string hex = doc.contains("keyringId") && doc["keyringId"].is_string()
+                                ? doc["keyringId"].get<std::string>()
+                                : std::string();
+    const bool well_formed = hex.size() == 2 * kKeyringIdSize &&
+                             std::all_of(hex.begin(), hex.end(), [](char c) { return absl::ascii_isxdigit(c); });
+    if (!well_formed) {
+      return Corrupt(path, "field \"keyringId\" is missing or malformed");
+    }
+    return absl::HexStringToBytes(hex);
+  }();
+  if (!id.ok()) {
+    return id.status();
+  }
+  keyring.keyring_id = *id;
+  auto params = ParseRootParams(doc, path);
+  if (!params.ok()) {
+    return params.status();
+  }
+  keyring.root_params = *params;
+
+  // A wrong root key is told apart from a damaged file before anything else is trusted.
+  auto stored_check = DecodeBase64Field(doc, "rootKeyCheck", path);
+  if (!stored_check.ok()) {
+    return stored_check.status();
+  }
+  auto check = DeriveFromRoot(root_key, keyring.keyring_id, kCheckLabel, kCheckSize);
+  if (!check.ok()) {
+    return check.status();
+  }
+  if (stored_check->size() != kCheckSize || sodium_memcmp(stored_check->data(), check->data(), kCheckSize) != 0) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "keyring ", path, " was not sealed with this root key: wrong passphrase or root key file; fix: use the "
+        "passphrase or root key file the keyring was created with"));
+  }
+  auto stored_mac = DecodeBase64Field(doc, "mac", path);
+  if (!stored_mac.ok()) {
+    return stored_mac.status();
+  }
+  doc.erase("mac");
+  const std::string canonical = doc.dump();
+  auto mac_key = DeriveFromRoot(root_key, keyring.keyring_id, kMacLabel, crypto_auth_hmacsha256_KEYBYTES);
+  if (!mac_key.ok()) {
+    return mac_key.status();
+  }
+  if (stored_mac->size() != crypto_auth_hmacsha256_BYTES ||
+      crypto_auth_hmacsha256_verify(reinterpret_cast<const unsigned char*>(stored_mac->data()),
+                                    reinterpret_cast<const unsigned char*>(canonical.data()), canonical.size(),
+                                    mac_key->data()) != 0) {
+    return absl::DataLossError(absl::StrCat("keyring ", path,
+                                            " failed its integrity check: it was modified or damaged; fix: "
+                                            "restore it from a backup"));
+  }
+
+  auto seal_key = DeriveFromRoot(root_key, keyring.keyring_id, kSealLabel, crypto::XChaCha20Poly1305Aead::kKeySize);
+  if (!seal_key.ok()) {
+    return seal_key.status();
+  }
+  auto aead = crypto::XChaCha20Poly1305Aead::New(*seal_key, crypto::SystemRandom());
+  if (!aead.ok()) {
+    return aead.status();
+  }
+  if (!doc.contains("versions") || !doc["versions"].is_array() || doc["versions"].empty()) {
+    return Corrupt(path, "no key versions");
+  }
+  int current = 0;
+  uint64_t previous = 0;
+  for (const json& entry : doc["versions"]) {
+    if (!entry.is_object() || !entry.contains("version") || !entry["version"].is_number_unsigned() ||
+        !entry.contains("created") || !entry["created"].is_number_integer() || !entry.contains("keyId") ||
+        !entry["keyId"].is_string() || !entry.contains("state") || !entry["state"].is_string()) {
+      return Corrupt(path, "a key version entry is incomplete");
+    }
+    KeyringVersion v;
+    v.info.version = entry["version"].get<uint64_t>();
+    const int64_t created = entry["created"].get<int64_t>();
+    v.info.created = absl::FromUnixSeconds(created);
+    v.info.key_id = entry["keyId"].get<std::string>();
+    v.info.key_ref = MakeKeyRef(keyring.keyring_id, v.info.version);
+    auto state = ParseState(entry["state"].get<std::string>());
+    if (!state.ok()) {
+      return Corrupt(path, std::string(state.status().message()));
+    }
+    v.info.state = *state;
+    if (v.info.version <= previous || v.info.version > 0xffffffffu) {
+      return Corrupt(path, "key versions are not in ascending order");
+    }
+    previous = v.info.version;
+    current += v.info.state == core::KeyState::kCurrent ? 1 : 0;
+    auto sealed = DecodeBase64Field(entry, "sealed", path);
+    if (!sealed.ok()) {
+      return sealed.status();
+    }
+    auto kek = (*aead)->Decrypt(*sealed, SealAad(keyring.keyring_id, v.info.version, created, v.info.key_id));
+    if (!kek.ok() || kek->size() != kKekSize) {
+      return absl::DataLossError(absl::StrCat("keyring ", path, ": key version ", v.info.version,
+                                              " does not unseal; fix: restore the keyring from a backup"));
+    }
+    v.kek = std::move(*kek);
+    keyring.versions.push_back(std::move(v));
+  }
+  if (current != 1) {
+    return Corrupt(path, absl::StrCat(current, " versions are marked current; exactly one must be"));
+  }
+  return keyring;
+}
+
+absl::StatusOr<std::string> SealKeyring(const Keyring& keyring, const crypto::SecretBytes& root_key,
+                                        crypto::Random& random) {
+  auto seal_key = DeriveFromRoot(root_key, keyring.keyring_id, kSealLabel, crypto::XChaCha20Poly1305Aead::kKeySize);
+  auto mac_key = DeriveFromRoot(root_key, keyring.keyring_id, kMacLabel, crypto_auth_hmacsha256_KEYBYTES);
+  auto check = DeriveFromRoot(root_key, keyring.keyring_id, kCheckLabel, kCheckSize);
+  if (!seal_key.ok() || !mac_key.ok() || !check.ok()) {
+    return absl::InternalError("cannot derive the keyring's sealing keys");
+  }
+  auto aead = crypto::XChaCha20Poly1305Aead::New(*seal_key, random);
+  if (!aead.ok()) {
+    return aead.status();
+  }
+  json versions = json::array();
+  for (const KeyringVersion& v : keyring.versions) {
+    const int64_t created = absl::ToUnixSeconds(v.info.created);
+    auto sealed = (*aead)->Encrypt(v.kek.view(), SealAad(keyring.keyring_id, v.info.version, created, v.info.key_id));
+    if (!sealed.ok()) {
+      return sealed.status();
+    }
+    versions.push_back(json{{"version", v.info.version},
+                            {"created", created},
+                            {"keyId", v.info.key_id},
+                            {"state", StateName(v.info.state)},
+                            {"sealed", Base64(*sealed)}});
+  }
+  json doc{{"format", kFormat},
+           {"keyringId", absl::BytesToHexString(keyring.keyring_id)},
+           {"rootKey", RootParamsToJson(keyring.root_params)},
+           {"rootKeyCheck", Base64(check->view())},
+           {"versions", std::move(versions)}};
+  const std::string canonical = doc.dump();
+  unsigned char mac[crypto_auth_hmacsha256_BYTES];
+  crypto_auth_hmacsha256(mac, reinterpret_cast<const unsigned char*>(canonical.data()), canonical.size(),
+                         mac_key->data());
+  doc["mac"] = Base64(std::string_view(reinterpret_cast<const char*>(mac), sizeof(mac)));
+  return doc.dump(2) + "\n";
+}
+
+Keyring NewKeyring(const RootKeyParams& params, absl::Time now, crypto::Random& random) {
+  Keyring keyring;
+  keyring.keyring_id.resize(kKeyringIdSize);
+  random.Fill(absl::MakeSpan(reinterpret_cast<uint8_t*>(keyring.keyring_id.data()), kKeyringIdSize));
+  keyring.root_params = params;
+  AppendVersion(keyring, now, random);
+  return keyring;
+}
+
+const KeyringVersion& AppendVersion(Keyring& keyring, absl::Time now, crypto::Random& random) {
+  uint64_t next = 1;
+  absl::Time created = absl::FromUnixSeconds(absl::ToUnixSeconds(now));
+  for (KeyringVersion& v : keyring.versions) {
+    if (v.info.state == core::KeyState::kCurrent) {
+      v.info.state = core::KeyState::kActive;
+    }
+    next = std::max(next, v.info.version + 1);
+    // Creation times never go backwards, so (version, created) stays unique even with a clock step.
+    created = std::max(created, v.info.created);
+  }
+  KeyringVersion v;
+  v.info.version = next;
+  v.info.created = created;
+  v.info.key_id = MakeKeyId(keyring.keyring_id, next, created);
+  v.info.key_ref = MakeKeyRef(keyring.keyring_id, next);
+  v.info.state = core::KeyState::kCurrent;
+  v.kek = random.NewSecret(kKekSize);
+  keyring.versions.push_back(std::move(v));
+  return keyring.versions.back();
+}
+
+absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) {
+    return absl::NotFoundError(absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
+  }
+  std::string bytes;
+  char buffer[4096];
+  while (true) {
+    const ssize_t n = read(fd, buffer, sizeof(buffer));
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n < 0) {
+      const int error = errno;
+      close(fd);
+      crypto::Wipe(buffer, sizeof(buffer));
+      return absl::InternalError(absl::StrCat("cannot read ", path, ": ", std::strerror(error)));
+    }
+    if (n == 0) {
+      break;
+    }
+    bytes.append(buffer, static_cast<size_t>(n));
+    if (bytes.size() > (1 << 20)) {
+      close(fd);
+      crypto::Wipe(buffer, sizeof(buffer));
+      return absl::FailedPreconditionError(absl::StrCat(path, " is larger than 1 MiB; it is not a key file"));
+    }
+  }
+  close(fd);
+  crypto::Wipe(buffer, sizeof(buffer));
+  return bytes;
+}
+
+absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes, bool exclusive) {
+  const std::filesystem::path target(path);
+  const std::filesystem::path dir = target.has_parent_path() ? target.parent_path() : ".";
+  const std::string temp = absl::StrCat(path, ".tmp-", getpid());
+  const int fd = open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    return absl::FailedPreconditionError(absl::StrCat("cannot create ", temp, ": ", std::strerror(errno),
+                                                      "; fix: check that ", dir.string(), " is writable"));
+  }
+  size_t written = 0;
+  while (written < bytes.size()) {
+    const ssize_t n = write(fd, bytes.data() + written, bytes.size() - written);
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n <= 0) {
+      const int error = errno;
+      close(fd);
+      unlink(temp.c_str());
+      return absl::ResourceExhaustedError(absl::StrCat("cannot write ", temp, ": ", std::strerror(error)));
+    }
+    written += static_cast<size_t>(n);
+  }
+  if (fsync(fd) != 0) {
+    const int error = errno;
+    close(fd);
+    unlink(temp.c_str());
+    return absl::InternalError(absl::StrCat("fsync of ", temp, " failed: ", std::strerror(error)));
+  }
+  close(fd);
+  if (exclusive) {
+    // link() fails if the target exists, so a racing init can never replace key material.
+    if (link(temp.c_str(), path.c_str()) != 0) {
+      const int error = errno;
+      unlink(temp.c_str());
+      if (error == EEXIST) {
+        return absl::AlreadyExistsError(absl::StrCat(path, " already exists; it is never overwritten"));
+      }
+      return absl::FailedPreconditionError(absl::StrCat("cannot create ", path, ": ", std::strerror(error)));
+    }
+    unlink(temp.c_str());
+  } else if (rename(temp.c_str(), path.c_str()) != 0) {
+    const int error = errno;
+    unlink(temp.c_str());
+    return absl::FailedPreconditionError(absl::StrCat("cannot replace ", path, ": ", std::strerror(error)));
+  }
+  return FsyncDirectory(dir);
+}
+
+}  // namespace kmsplugin::keysource::local

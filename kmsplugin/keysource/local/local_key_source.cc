@@ -1,0 +1,294 @@
+#include "kmsplugin/keysource/local/local_key_source.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "kmsplugin/core/sv.h"
+#include "crypto/hkdf.h"
+#include "crypto/xchacha20_poly1305_aead.h"
+#include "kmsplugin/config/file_checks.h"
+
+namespace kmsplugin::keysource::local {
+namespace {
+
+constexpr char kWrapLabel[] = "kmsplugin/local/wrap/v1";
+
+// Holds an exclusive flock on `<keyring>.lock` for its lifetime, so two rotations never interleave.
+class KeyringLock {
+ public:
+  static absl::StatusOr<std::unique_ptr<KeyringLock>> Acquire(const std::string& keyring) {
+    const std::string path = keyring + ".lock";
+    const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0) {
+      return absl::FailedPreconditionError(absl::StrCat("cannot open lock file ", path, ": ", std::strerror(errno)));
+    }
+    if (flock(fd, LOCK_EX) != 0) {
+      const int error = errno;
+      close(fd);
+      return absl::FailedPreconditionError(absl::StrCat("cannot lock ", path, ": ", std::strerror(error)));
+    }
+    return std::unique_ptr<KeyringLock>(new KeyringLock(fd));
+  }
+  ~KeyringLock() { close(fd_); }  // closing releases the lock
+
+ private:
+  explicit KeyringLock(int fd) : fd_(fd) {}
+  int fd_;
+};
+
+}  // namespace
+
+absl::StatusOr<crypto::SecretBytes> LoadRootKey(const LocalOptions& options) {
+  if (!options.root_key_file.empty()) {
+    return ReadRootKeyFile(options.root_key_file);
+  }
+  auto passphrase = ReadPassphraseFile(options.passphrase_file);
+  if (!passphrase.ok()) {
+    return passphrase.status();
+  }
+  auto bytes = ReadFile(options.keyring);
+  if (!bytes.ok()) {
+    return bytes.status();
+  }
+  auto params = ReadRootKeyParams(*bytes, options.keyring);
+  if (!params.ok()) {
+    return params.status();
+  }
+  if (params->kind != RootKeyParams::Kind::kPassphrase) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "keyring ", options.keyring, " is sealed under a root key file, not a passphrase; fix: set rootKeyFile "
+        "instead of passphraseFile"));
+  }
+  return DeriveRootKey(*passphrase, *params);
+}
+
+const LocalKeySource::Entry* LocalKeySource::View::Find(std::string_view key_ref) const {
+  for (const Entry& entry : entries) {
+    if (entry.info.key_ref == key_ref) {
+      return &entry;
+    }
+  }
+  return nullptr;
+}
+
+LocalKeySource::LocalKeySource(LocalOptions options, std::string environment, crypto::SecretBytes root_key,
+                               core::Clock& clock, crypto::Random& random)
+    : options_(std::move(options)),
+      environment_(std::move(environment)),
+      root_key_(std::move(root_key)),
+      clock_(clock),
+      random_(random) {}
+
+absl::StatusOr<std::shared_ptr<LocalKeySource>> LocalKeySource::Open(const LocalOptions& options,
+                                                                     std::string environment, core::Clock& clock,
+                                                                     crypto::Random& random) {
+  if (auto status = config::CheckSecretFile(options.keyring, "keyring"); !status.ok()) {
+    if (absl::IsNotFound(status)) {
+      return absl::NotFoundError(absl::StrCat("keyring ", options.keyring,
+                                              " does not exist; fix: run kmsplugin init --config FILE"));
+    }
+    return status;
+  }
+  auto root_key = LoadRootKey(options);
+  if (!root_key.ok()) {
+    return root_key.status();
+  }
+  std::shared_ptr<LocalKeySource> source(
+      new LocalKeySource(options, std::move(environment), std::move(*root_key), clock, random));
+  auto view = source->Load();
+  if (!view.ok()) {
+    return view.status();
+  }
+  absl::MutexLock lock(&source->mu_);
+  source->view_ = std::move(*view);
+  return source;
+}
+
+absl::StatusOr<std::shared_ptr<const LocalKeySource::View>> LocalKeySource::Load() const {
+  if (auto status = config::CheckSecretFile(options_.keyring, "keyring"); !status.ok()) {
+    return status;
+  }
+  struct stat info {};
+  if (stat(options_.keyring.c_str(), &info) != 0) {
+    return absl::NotFoundError(absl::StrCat("cannot stat keyring ", options_.keyring, ": ", std::strerror(errno)));
+  }
+  auto bytes = ReadFile(options_.keyring);
+  if (!bytes.ok()) {
+    return bytes.status();
+  }
+  auto keyring = OpenKeyring(*bytes, root_key_, options_.keyring);
+  if (!keyring.ok()) {
+    return keyring.status();
+  }
+  auto view = std::make_shared<View>();
+  view->keyring_id = keyring->keyring_id;
+  view->stamp = FileStamp{info.st_dev, info.st_ino, info.st_size,
+                          int64_t{info.st_mtim.tv_sec} * 1'000'000'000 + info.st_mtim.tv_nsec};
+  const std::string info_label = absl::StrCat(kWrapLabel, absl::string_view("\0", 1), environment_);
+  view->entries.reserve(keyring->versions.size());
+  for (KeyringVersion& version : keyring->versions) {
+    auto wrap_key = crypto::HkdfSha256(version.kek.view(), keyring->keyring_id, info_label,
+                                       crypto::XChaCha20Poly1305Aead::kKeySize);
+    if (!wrap_key.ok()) {
+      return wrap_key.status();
+    }
+    auto aead = crypto::XChaCha20Poly1305Aead::New(*wrap_key, random_);
+    if (!aead.ok()) {
+      return aead.status();
+    }
+    view->entries.push_back(Entry{version.info, std::move(*aead)});
+  }
+  for (const Entry& entry : view->entries) {
+    if (entry.info.state == core::KeyState::kCurrent) {
+      view->current = &entry;
+    }
+  }
+  return std::shared_ptr<const View>(std::move(view));
+}
+
+std::shared_ptr<const LocalKeySource::View> LocalKeySource::Snapshot() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return view_;
+}
+
+absl::StatusOr<core::KeyVersion> LocalKeySource::Current() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return view_->current->info;
+}
+
+absl::StatusOr<std::string> LocalKeySource::Wrap(const core::KeyVersion& version, std::string_view plaintext,
+                                                 std::string_view associated_data, absl::Time /*deadline*/) {
+  const std::shared_ptr<const View> view = Snapshot();
+  const Entry* entry = view->Find(version.key_ref);
+  if (entry == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat("key version ", version.version, " is not in keyring ",
+                                                      options_.keyring));
+  }
+  if (entry->info.state == core::KeyState::kRetired) {
+    return absl::FailedPreconditionError(absl::StrCat("key version ", version.version, " is retired"));
+  }
+  return entry->wrap->Encrypt(plaintext, associated_data);
+}
+
+absl::StatusOr<crypto::SecretBytes> LocalKeySource::Unwrap(std::string_view key_ref, std::string_view wrapped,
+                                                           std::string_view associated_data,
+                                                           absl::Time /*deadline*/) {
+  const std::shared_ptr<const View> view = Snapshot();
+  const Entry* entry = view->Find(key_ref);
+  if (entry == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat("key reference ", absl::BytesToHexString(Sv(key_ref)),
+                                                      " names no version in keyring ", options_.keyring));
+  }
+  if (entry->info.state == core::KeyState::kRetired) {
+    return absl::FailedPreconditionError(absl::StrCat("key version ", entry->info.version, " (", entry->info.key_id,
+                                                      ") is retired and no longer decrypts"));
+  }
+  auto plaintext = entry->wrap->Decrypt(wrapped, associated_data);
+  if (!plaintext.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("ciphertext does not authenticate under key version ",
+                                                   entry->info.version, ": ", plaintext.status().message()));
+  }
+  return plaintext;
+}
+
+absl::StatusOr<core::KeyVersion> LocalKeySource::Lookup(std::string_view key_ref) const {
+  const std::shared_ptr<const View> view = Snapshot();
+  const Entry* entry = view->Find(key_ref);
+  if (entry == nullptr) {
+    if (key_ref.size() >= kKeyringIdSize && key_ref.substr(0, kKeyringIdSize) != view->keyring_id) {
+      return absl::NotFoundError(absl::StrCat("it belongs to keyring ",
+                                              absl::BytesToHexString(Sv(key_ref.substr(0, kKeyringIdSize))),
+                                              ", not to keyring ", absl::BytesToHexString(view->keyring_id)));
+    }
+    return absl::NotFoundError(absl::StrCat("keyring ", options_.keyring, " has no such version"));
+  }
+  return entry->info;
+}
+
+absl::Status LocalKeySource::Refresh(absl::Time /*deadline*/) {
+  const std::shared_ptr<const View> old = Snapshot();
+  struct stat info {};
+  if (stat(options_.keyring.c_str(), &info) != 0) {
+    return absl::NotFoundError(absl::StrCat("keyring ", options_.keyring, " is gone (", std::strerror(errno),
+                                            "); still serving the versions loaded before; fix: restore it"));
+  }
+  const FileStamp stamp{info.st_dev, info.st_ino, info.st_size,
+                        int64_t{info.st_mtim.tv_sec} * 1'000'000'000 + info.st_mtim.tv_nsec};
+  if (stamp == old->stamp) {
+    return absl::OkStatus();
+  }
+  auto fresh = Load();
+  if (!fresh.ok()) {
+    return absl::Status(fresh.status().code(), absl::StrCat(fresh.status().message(),
+                                                            " (still serving the versions loaded before)"));
+  }
+  if ((*fresh)->keyring_id != old->keyring_id) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "keyring ", options_.keyring, " was replaced by a different keyring; refusing to switch, since "
+        "ciphertexts of the loaded keyring would stop decrypting; fix: restore the original file"));
+  }
+  for (const Entry& before : old->entries) {
+    const Entry* after = (*fresh)->Find(before.info.key_ref);
+    if (after == nullptr || after->info.key_id != before.info.key_id) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "keyring ", options_.keyring, " no longer holds key version ", before.info.version,
+          " as loaded; refusing the reload so nothing stops decrypting; fix: restore the newer keyring"));
+    }
+  }
+  if ((*fresh)->current->info.version < old->current->info.version) {
+    return absl::FailedPreconditionError(absl::StrCat("keyring ", options_.keyring, " moves the current version back from ",
+                                                      old->current->info.version, " to ",
+                                                      (*fresh)->current->info.version, "; refusing the reload"));
+  }
+  absl::MutexLock lock(&mu_);
+  view_ = std::move(*fresh);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<core::KeyVersion> LocalKeySource::Rotate(absl::Time deadline) {
+  core::KeyVersion created;
+  {
+    auto lock = KeyringLock::Acquire(options_.keyring);
+    if (!lock.ok()) {
+      return lock.status();
+    }
+    auto bytes = ReadFile(options_.keyring);
+    if (!bytes.ok()) {
+      return bytes.status();
+    }
+    auto keyring = OpenKeyring(*bytes, root_key_, options_.keyring);
+    if (!keyring.ok()) {
+      return keyring.status();
+    }
+    created = AppendVersion(*keyring, clock_.Now(), random_).info;
+    auto sealed = SealKeyring(*keyring, root_key_, random_);
+    if (!sealed.ok()) {
+      return sealed.status();
+    }
+    if (auto status = WriteFileAtomically(options_.keyring, *sealed, /*exclusive=*/false); !status.ok()) {
+      return status;
+    }
+  }
+  if (auto status = Refresh(deadline); !status.ok()) {
+    return status;
+  }
+  return created;
+}
+
+absl::StatusOr<std::vector<core::KeyVersion>> LocalKeySource::Versions() const {
+  const std::shared_ptr<const View> view = Snapshot();
+  std::vector<core::KeyVersion> versions;
+  for (const Entry& entry : view->entries) {
+    versions.push_back(entry.info);
+  }
+  return versions;
+}
+
+}  // namespace kmsplugin::keysource::local

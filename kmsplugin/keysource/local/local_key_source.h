@@ -1,0 +1,90 @@
+#pragma once
+
+// LocalKeySource: the embedded default key source. KEK versions live in a keyring file sealed under a root key
+// (keyring.h); this class serves them to one environment.
+//
+// - Each environment wraps under its own key, HKDF-SHA256(KEK, salt = keyringId, info = label ‖ environment),
+//   with XChaCha20-Poly1305 (wrapped = nonce(24) ‖ ct ‖ tag(16)), so two environments that share a keyring by
+//   mistake still cannot open each other's ciphertexts.
+// - Refresh() re-reads the keyring only when the file changed (device, inode, size, mtime). A reload that would
+//   drop a version, change a version's key_id or move the current version backwards is refused and the old view
+//   stays in force: key_ids never flip-flop and nothing that decrypted stops decrypting.
+// - Rotate() appends a version under an exclusive lock (keyring path + ".lock") and writes atomically.
+// The root key stays in locked memory for the life of the object; KEKs are never copied out. Thread-safe.
+
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "crypto/aead.h"
+#include "crypto/random.h"
+#include "kmsplugin/core/clock.h"
+#include "kmsplugin/core/key_source.h"
+#include "kmsplugin/keysource/local/keyring.h"
+
+namespace kmsplugin::keysource::local {
+
+struct LocalOptions {
+  std::string keyring;          // keyring file
+  std::string root_key_file;    // exactly one of root_key_file and passphrase_file
+  std::string passphrase_file;
+};
+
+// Reads the root key the options name: the root key file, or the passphrase stretched with the parameters the
+// keyring at `options.keyring` was made with.
+absl::StatusOr<crypto::SecretBytes> LoadRootKey(const LocalOptions& options);
+
+class LocalKeySource final : public core::KeySource {
+ public:
+  // Opens and verifies the keyring. Refuses key files that group or others can read.
+  static absl::StatusOr<std::shared_ptr<LocalKeySource>> Open(const LocalOptions& options, std::string environment,
+                                                              core::Clock& clock, crypto::Random& random);
+
+  crypto::KeySourceKind Kind() const override { return crypto::KeySourceKind::kLocal; }
+  absl::StatusOr<core::KeyVersion> Current() const override;
+  absl::StatusOr<std::string> Wrap(const core::KeyVersion& version, std::string_view plaintext,
+                                   std::string_view associated_data, absl::Time deadline) override;
+  absl::StatusOr<crypto::SecretBytes> Unwrap(std::string_view key_ref, std::string_view wrapped,
+                                             std::string_view associated_data, absl::Time deadline) override;
+  absl::StatusOr<core::KeyVersion> Lookup(std::string_view key_ref) const override;
+  absl::Status Refresh(absl::Time deadline) override;
+  absl::StatusOr<core::KeyVersion> Rotate(absl::Time deadline) override;
+  absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override;
+
+ private:
+  struct FileStamp {
+    dev_t device = 0;
+    ino_t inode = 0;
+    off_t size = 0;
+    int64_t mtime_ns = 0;
+    bool operator==(const FileStamp&) const = default;
+  };
+  struct Entry {
+    core::KeyVersion info;
+    std::unique_ptr<crypto::Aead> wrap;  // keyed with this environment's wrap key for the version
+  };
+  struct View {
+    std::string keyring_id;
+    std::vector<Entry> entries;  // ascending by version
+    const Entry* current = nullptr;
+    FileStamp stamp;
+    const Entry* Find(std::string_view key_ref) const;
+  };
+
+  LocalKeySource(LocalOptions options, std::string environment, crypto::SecretBytes root_key, core::Clock& clock,
+                 crypto::Random& random);
+  absl::StatusOr<std::shared_ptr<const View>> Load() const;
+  std::shared_ptr<const View> Snapshot() const;
+
+  const LocalOptions options_;
+  const std::string environment_;
+  const crypto::SecretBytes root_key_;
+  core::Clock& clock_;
+  crypto::Random& random_;
+
+  mutable absl::Mutex mu_;
+  std::shared_ptr<const View> view_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace kmsplugin::keysource::local
