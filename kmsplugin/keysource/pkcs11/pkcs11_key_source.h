@@ -1,0 +1,102 @@
+#pragma once
+
+// Pkcs11KeySource: the KEK lives in a PKCS#11 token (an HSM; SoftHSM2 in tests) and never leaves it.
+//
+// - The module is loaded with dlopen and initialised once per process (CKF_OS_LOCKING_OK); the token is found
+//   by label or serial, never by slot number. The PIN comes from a file of mode 0600 or stricter and is kept in
+//   SecretBytes; it never appears in a message.
+// - Each key version is a token object: AES-256, CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, !CKA_EXTRACTABLE,
+//   CKA_ENCRYPT, CKA_DECRYPT, no wrap/unwrap/derive/sign, CKA_ALLOWED_MECHANISMS = {CKM_AES_GCM}.
+//   CKA_LABEL = "<key_label>-v<N>", CKA_ID = key_ref (see EncodeKeyRef below: version and creation time).
+// - Wrap/Unwrap run CKM_AES_GCM in the token with a fresh 12-byte IV from our Random, a 128-bit tag and the
+//   caller's non-empty associated data. Wrapped bytes = IV(12) || ciphertext || tag(16). The plugin checks
+//   IV length, tag length and AAD itself, because SoftHSM accepts an empty IV and a zero-length tag.
+// - Sessions: a pool (one operation per session at a time) plus one anchor session held for the source's life
+//   so the login persists. Recovery: a lost session is replaced and the call retried once; a lost key handle
+//   (logout) leads to a re-login if needed and a fresh lookup, retried once; a removed device or a module that
+//   lost its initialisation leads to a full re-initialisation with backoff (UNAVAILABLE meanwhile). A refused PIN
+//   (incorrect, locked, expired) is never retried: every call reports PERMISSION_DENIED until Refresh() finds
+//   that the PIN file changed.
+//
+// Thread-safe.
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "crypto/random.h"
+#include "kmsplugin/core/clock.h"
+#include "kmsplugin/core/key_source.h"
+
+namespace kmsplugin::keysource::pkcs11 {
+
+inline constexpr size_t kGcmIvSize = 12;
+inline constexpr size_t kGcmTagSize = 16;
+// Largest plaintext Wrap accepts (the wrapped form must fit in the 1024-byte envelope).
+inline constexpr size_t kMaxWrapPlaintextSize = 512;
+// CKA_ID / key_ref layout: 0x01 || version (8 bytes, big-endian) || creation time in unix microseconds (8 bytes,
+// big-endian, two's complement).
+inline constexpr size_t kKeyRefSize = 17;
+
+struct Pkcs11Options {
+  std::string module_path;
+  // Exactly one of the two.
+  std::optional<std::string> token_label;
+  std::optional<std::string> token_serial;
+  std::string pin_file;
+  std::string key_label;  // label prefix; versions are "<key_label>-v<N>"
+  int session_pool_size = 9;
+  // Stamps the creation time of new versions (CKA_ID, key_id). Deadlines and backoff are real time
+  // (absl::Now()), as gRPC deadlines are.
+  core::Clock* clock = nullptr;    // defaults to SystemClock()
+  crypto::Random* random = nullptr;  // defaults to SystemRandom()
+  // Backoff between full re-initialisation attempts after the device went away.
+  absl::Duration reinit_backoff_initial = absl::Milliseconds(100);
+  absl::Duration reinit_backoff_max = absl::Seconds(5);
+};
+
+// The key_ref (CKA_ID) of version `version` created at `created`.
+std::string EncodeKeyRef(uint64_t version, absl::Time created);
+struct DecodedKeyRef {
+  uint64_t version = 0;
+  absl::Time created;
+};
+// INVALID_ARGUMENT when `key_ref` is not in the layout above.
+absl::StatusOr<DecodedKeyRef> DecodeKeyRef(std::string_view key_ref);
+
+class Pkcs11KeySource : public core::KeySource {
+ public:
+  // Loads the module, finds the token, logs in and lists the key versions. An empty token is fine (Current()
+  // then fails until Rotate()). Errors: FAILED_PRECONDITION (PIN file mode, module not loadable),
+  // UNAVAILABLE (no such token: the message names it and the tokens present; module or token down),
+  // PERMISSION_DENIED (PIN refused; one attempt only), DEADLINE_EXCEEDED.
+  static absl::StatusOr<std::unique_ptr<Pkcs11KeySource>> Open(const Pkcs11Options& options, absl::Time deadline);
+
+  ~Pkcs11KeySource() override;
+
+  crypto::KeySourceKind Kind() const override { return crypto::KeySourceKind::kPkcs11; }
+  absl::StatusOr<core::KeyVersion> Current() const override;
+  absl::StatusOr<std::string> Wrap(const core::KeyVersion& version, std::string_view plaintext,
+                                   std::string_view associated_data, absl::Time deadline) override;
+  absl::StatusOr<crypto::SecretBytes> Unwrap(std::string_view key_ref, std::string_view wrapped,
+                                             std::string_view associated_data, absl::Time deadline) override;
+  absl::StatusOr<core::KeyVersion> Lookup(std::string_view key_ref) const override;
+  absl::Status Refresh(absl::Time deadline) override;
+  absl::StatusOr<core::KeyVersion> Rotate(absl::Time deadline) override;
+  absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override;
+
+  // The token's serial number as the token reports it (trimmed), for key ids and identities.
+  std::string TokenSerial() const;
+
+  class Impl;
+
+ private:
+  explicit Pkcs11KeySource(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kmsplugin::keysource::pkcs11
