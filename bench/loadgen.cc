@@ -10,10 +10,11 @@
 //
 // Output: exactly one JSON line on stdout:
 //   {"op","concurrency","duration_s","ops","errors","ops_per_sec","p50_us","p99_us","p999_us","max_us",
-//    "calls_total","errors_by_code"}
+//    "calls_total","errors_by_code","client_cpu_us_per_call"}
 // `ops` counts successful calls in the window and the latency figures cover those only; `calls_total` counts
 // every call the process made (warmup, setup and window), so a caller sampling server CPU time around the whole
-// process can divide by it. Diagnostics go to stderr. Exit status: 0 on success, 1 when no call in the window
+// process can divide by it; `client_cpu_us_per_call` is this process's own CPU time over `calls_total` (the
+// client shares the machine with the server, so its cost matters when reading the figures). Diagnostics go to stderr. Exit status: 0 on success, 1 when no call in the window
 // succeeded, 2 on bad flags or when the server is unreachable.
 
 #include <algorithm>
@@ -32,6 +33,7 @@
 
 #include <CLI/CLI.hpp>
 #include <grpcpp/grpcpp.h>
+#include <sys/resource.h>
 
 #include "kms_v1beta1.grpc.pb.h"
 #include "kms_v2.grpc.pb.h"
@@ -339,13 +341,19 @@ int main(int argc, char** argv) {
   }
   by_code_json += "}";
 
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  const double client_cpu_us = usage.ru_utime.tv_sec * 1e6 + usage.ru_utime.tv_usec + usage.ru_stime.tv_sec * 1e6 +
+                               usage.ru_stime.tv_usec;
+
   std::printf(
       "{\"op\":\"%s\",\"concurrency\":%d,\"duration_s\":%.3f,\"ops\":%" PRIu64 ",\"errors\":%" PRIu64
       ",\"ops_per_sec\":%.1f,\"p50_us\":%.1f,\"p99_us\":%.1f,\"p999_us\":%.1f,\"max_us\":%.1f,\"calls_total\":%" PRIu64
-      ",\"errors_by_code\":%s}\n",
+      ",\"errors_by_code\":%s,\"client_cpu_us_per_call\":%.1f}\n",
       opt.op_name.c_str(), opt.concurrency, opt.duration_s, ops, errors, ops / opt.duration_s,
       PercentileUs(all, 0.50), PercentileUs(all, 0.99), PercentileUs(all, 0.999),
-      all.empty() ? 0.0 : all.back() / 1000.0, calls_total, by_code_json.c_str());
+      all.empty() ? 0.0 : all.back() / 1000.0, calls_total, by_code_json.c_str(),
+      client_cpu_us / static_cast<double>(std::max<uint64_t>(calls_total, 1)));
   std::fflush(stdout);
   if (ops == 0) {
     std::fprintf(stderr, "kms_loadgen: no call succeeded in the measured window (%" PRIu64 " errors)\n", errors);

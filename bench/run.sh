@@ -150,6 +150,7 @@ measure() {  # NAME PID SOCKET OP CONCURRENCY ROUND
   log "$(printf '%-7s %-8s c=%-3s %s' "$name" "$op" "$conc" "$out")"
 }
 
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 i=0
 for ((round = 1; round <= ROUNDS; round++)); do
   for op in $OPS; do
@@ -170,6 +171,7 @@ done
 # ---- report ---------------------------------------------------------------------------------------------------
 export BENCH_MODE=$MODE BENCH_CAND=$CAND BENCH_SECS=$SECS BENCH_WARM=$WARM BENCH_ROUNDS_N=$ROUNDS
 export BENCH_CLK_TCK=$(getconf CLK_TCK) BENCH_PLUGIN=${PLUGIN:-}
+export BENCH_LOAD_BEFORE="$LOAD_BEFORE" BENCH_LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
 export BENCH_COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo none)
 "$PY" - "$RAW" "$RESULTS/latest.json" <<'PYEOF'
 import json, os, statistics, sys, time, platform
@@ -190,6 +192,7 @@ for r in runs:
         "p50_us": lg["p50_us"], "p99_us": lg["p99_us"], "p999_us": lg["p999_us"], "max_us": lg["max_us"],
         "cpu_us_per_req": r["cpu_ticks"] / tck * 1e6 / calls,
         "rss_mib": r["rss_kib"] / 1024.0,
+        "client_cpu_us_per_call": lg.get("client_cpu_us_per_call", 0.0),
     }
     groups.setdefault((r["server"], lg["op"], lg["concurrency"]), []).append(fig)
     per_round[(r["server"], lg["op"], lg["concurrency"], r["round"])] = fig
@@ -201,7 +204,7 @@ for (server, op, conc), rs in groups.items():
         "server": server, "op": op, "concurrency": conc, "rounds": len(rs),
         "ops": sum(x["ops"] for x in rs), "errors": sum(x["errors"] for x in rs),
         **{k: round(med([x[k] for x in rs]), 2) for k in
-           ("ops_per_sec", "p50_us", "p99_us", "p999_us", "cpu_us_per_req")},
+           ("ops_per_sec", "p50_us", "p99_us", "p999_us", "cpu_us_per_req", "client_cpu_us_per_call")},
         "max_us": max(x["max_us"] for x in rs),
         "rss_mib": round(max(x["rss_mib"] for x in rs), 2),
     })
@@ -264,21 +267,25 @@ meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": en
         "seconds": float(env["BENCH_SECS"]), "warmup": float(env["BENCH_WARM"]),
         "rounds": int(env["BENCH_ROUNDS_N"]), "cpus": os.cpu_count(), "cpu_model": cpu_model,
         "kernel": platform.release(),
+        "loadavg_before": env["BENCH_LOAD_BEFORE"], "loadavg_after": env["BENCH_LOAD_AFTER"],
         "notes": "client and servers share the machine; compare ratios, not absolute figures. "
                  "cpu_us_per_req = server utime+stime over the whole loadgen process / calls_total."}
 json.dump({"meta": meta, "results": results, "ratios": ratios, "targets": targets},
           open(out_path, "w"), indent=1)
 
 print(f"\nmode: {mode}   {meta['cpus']} CPUs ({cpu_model}), {meta['seconds']:g} s + {meta['warmup']:g} s warmup, "
-      f"{meta['rounds']} round(s), commit {meta['commit']}\n")
-print("| op | conc | server | ops/s | p50 µs | p99 µs | p99.9 µs | max µs | CPU µs/req | RSS MiB | errors |")
-print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+      f"{meta['rounds']} round(s), commit {meta['commit']}, load average {meta['loadavg_before']} -> "
+      f"{meta['loadavg_after']}\n")
+print("| op | conc | server | ops/s | p50 µs | p99 µs | p99.9 µs | max µs | server CPU µs/req | client CPU µs/req "
+      "| RSS MiB | errors |")
+print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for op, conc in ops_order:
     for s in ("null", cand):
         x = idx.get((s, op, conc))
         if x:
             print(f"| {op} | {conc} | {s} | {x['ops_per_sec']:.0f} | {x['p50_us']:.0f} | {x['p99_us']:.0f} | "
-                  f"{x['p999_us']:.0f} | {x['max_us']:.0f} | {x['cpu_us_per_req']:.1f} | {x['rss_mib']:.1f} | "
+                  f"{x['p999_us']:.0f} | {x['max_us']:.0f} | {x['cpu_us_per_req']:.1f} | {x['client_cpu_us_per_call']:.1f} | "
+                  f"{x['rss_mib']:.1f} | "
                   f"{x['errors']} |")
 print(f"\n| op | conc | ops/s {cand}/null | p99 {cand}/null | CPU/req {cand}/null |")
 print("|---|---:|---:|---:|---:|")
