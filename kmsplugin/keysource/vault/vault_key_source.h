@@ -1,0 +1,79 @@
+#pragma once
+
+// VaultKeySource: a KeySource backed by one HashiCorp Vault (or OpenBao) Transit key.
+//
+// - Wrap: `POST /v1/<mount>/encrypt/<key>` with the explicit `key_version` of the pinned KeyVersion and
+//   `associated_data` = base64 of the caller's AAD. The wrapped bytes are Transit's "vault:vN:..." string.
+// - Unwrap: `POST /v1/<mount>/decrypt/<key>` with the same AAD. Exactly one Vault request per Wrap/Unwrap
+//   (plus, rarely, a login when the token is gone).
+// - Refresh: `GET /v1/<mount>/keys/<key>` learns latest_version, min_decryption_version and each version's
+//   creation time. Versions below min_decryption_version are kRetired; Unwrap of them is FAILED_PRECONDITION
+//   naming the version. A background thread refreshes every pollInterval and keeps the token alive.
+// - key_id  = "vault:[<namespace>/]<mount>/<key>:v<N>:<creation unix seconds>" (address-independent; a
+//   deleted and re-created key gets new creation times, so ids never repeat). No secret.
+// - key_ref = "v<N>@<creation unix seconds>" (<= 40 bytes), carried in the envelope header.
+// Thread-safe.
+
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "kmsplugin/core/clock.h"
+#include "kmsplugin/core/key_source.h"
+#include "kmsplugin/keysource/vault/vault_client.h"
+#include "kmsplugin/keysource/vault/vault_options.h"
+
+namespace kmsplugin::keysource::vault {
+
+class VaultKeySource : public core::KeySource {
+ public:
+  // Connects, authenticates and reads the key metadata. Credential problems (bad file mode, refused login) fail
+  // here; an unreachable Vault does not: Current() then reports UNAVAILABLE until a background refresh works.
+  static absl::StatusOr<std::shared_ptr<VaultKeySource>> Open(VaultOptions options, core::Clock* clock,
+                                                              int worker_threads, bool background = true);
+
+  // `kmsplugin init`: creates the Transit key (aes256-gcm96) if it does not exist; ALREADY_EXISTS otherwise.
+  static absl::StatusOr<std::string> CreateKey(const VaultOptions& options, core::Clock* clock, absl::Time deadline);
+
+  ~VaultKeySource() override;
+
+  crypto::KeySourceKind Kind() const override { return crypto::KeySourceKind::kVault; }
+  absl::StatusOr<core::KeyVersion> Current() const override;
+  absl::StatusOr<std::string> Wrap(const core::KeyVersion& version, std::string_view plaintext,
+                                   std::string_view associated_data, absl::Time deadline) override;
+  absl::StatusOr<crypto::SecretBytes> Unwrap(std::string_view key_ref, std::string_view wrapped,
+                                             std::string_view associated_data, absl::Time deadline) override;
+  absl::StatusOr<core::KeyVersion> Lookup(std::string_view key_ref) const override;
+  absl::Status Refresh(absl::Time deadline) override;
+  absl::StatusOr<core::KeyVersion> Rotate(absl::Time deadline) override;
+  absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override;
+
+  VaultClient& client() { return *client_; }
+
+ private:
+  VaultKeySource(std::unique_ptr<VaultClient> client, core::Clock* clock);
+  std::string KeyPath(absl::string_view op) const;
+  std::string Describe() const;  // "Vault transit key '<mount>/keys/<key>'"
+  core::KeyVersion MakeVersion(uint64_t version, int64_t created) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void BackgroundTick();
+
+  std::unique_ptr<VaultClient> client_;
+  core::Clock* const clock_;
+  const VaultOptions& options_;
+
+  mutable absl::Mutex mu_;
+  bool loaded_ ABSL_GUARDED_BY(mu_) = false;
+  std::map<uint64_t, int64_t> created_ ABSL_GUARDED_BY(mu_);  // version -> creation time (unix seconds)
+  uint64_t latest_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t min_decryption_ ABSL_GUARDED_BY(mu_) = 1;
+  std::string refresh_error_ ABSL_GUARDED_BY(mu_) = "key metadata not read yet";
+  absl::Time last_refresh_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
+};
+
+// Parses "v<N>@<created>"; INVALID_ARGUMENT otherwise.
+absl::Status ParseKeyRef(absl::string_view key_ref, uint64_t* version, int64_t* created);
+
+}  // namespace kmsplugin::keysource::vault

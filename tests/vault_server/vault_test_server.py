@@ -1,0 +1,639 @@
+#!/usr/bin/python3
+"""A Vault-API test server for kmsplugin's vault key source.
+
+It follows Vault's documented HTTP API (see /work/shared/reference/backends.md part A) for what the key source uses:
+transit keys create/read/rotate/config, encrypt/decrypt with key_version and associated_data (AES-256-GCM96,
+"vault:vN:" + base64(nonce || ct || tag)), token/AppRole/JWT/cert login, renew-self, lookup-self, TTL expiry,
+namespaces (X-Vault-Namespace), sys/health, `{"errors":[...]}` bodies.
+
+One process serves N API listeners (an "HA cluster" with shared storage) and one plain-HTTP control listener on
+loopback. Ports are chosen at run time (bind 0) and written as JSON to --ready-file:
+    {"api": [port, ...], "control": port}
+
+Control channel (POST http://127.0.0.1:<control>/control, JSON body; "listener": index, default 0; several keys
+may be combined):
+    sealed: bool            503 {"errors":["Vault is sealed"]} for every /v1 path but sys/health
+    standby_redirect: str   307 to <str><path> (or "" to stop)
+    fail_status, fail_count: the next fail_count requests (all listeners if "all": true) answer fail_status
+    rate_limit_count, retry_after: the next N requests answer 429 (with Retry-After if retry_after is given)
+    delay: float seconds before each answer
+    hang: bool              accept and read the request, never answer (until hang is cleared)
+    close: bool             stop listening (connection refused) and drop open connections
+    revoke_tokens: true     revoke every token except the root token
+    add_token: {id, ttl, renewable, max_ttl, policies}
+    approle: {mount, role_id, secret_id}
+    jwt_role: {mount, role, jwt}
+    cert_role: {mount, name}
+    token_ttl / token_max_ttl: TTLs of tokens issued by logins
+    create_key: {namespace, mount, name}, delete_key: {...}, key_config: {...,min_decryption_version}
+    reset_stats: true
+GET /stats -> {"listeners": [{"connections": n, "requests": {path: n}}, ...]}
+
+Usage: vault_test_server.py --ready-file F [--listeners N] [--tls-cert C --tls-key K [--client-ca CA]]
+                            [--root-token T] [--namespaces ns1,ns2]
+"""
+
+import argparse
+import base64
+import binascii
+import json
+import os
+import secrets
+import socket
+import ssl
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
+from socketserver import ThreadingMixIn
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+LOCK = threading.RLock()
+
+
+class UserError(Exception):
+    def __init__(self, status, errors):
+        super().__init__(errors)
+        self.status = status
+        self.errors = errors
+
+
+def now():
+    return time.time()
+
+
+class State:
+    """Shared storage of the "cluster"."""
+
+    def __init__(self, root_token, namespaces):
+        self.keys = {}  # (ns, mount, name) -> key dict
+        self.tokens = {}  # id -> dict
+        self.mounts = {"transit"}
+        self.namespaces = {""} | set(namespaces)
+        self.approles = {}  # mount -> (role_id, secret_id)
+        self.jwt_roles = {}  # (mount, role) -> jwt
+        self.cert_roles = set()  # (mount, name)
+        self.token_ttl = 3600
+        self.token_max_ttl = 86400
+        self.root_token = root_token
+        if root_token:
+            self.tokens[root_token] = {"ttl": 0, "renewable": False, "expire": None, "max_expire": None,
+                                       "policies": ["root"], "creation_ttl": 0, "issue": now()}
+
+    def issue_token(self, ttl=None, max_ttl=None, renewable=True, policies=None, token_id=None):
+        ttl = self.token_ttl if ttl is None else ttl
+        max_ttl = self.token_max_ttl if max_ttl is None else max_ttl
+        tid = token_id or ("hvs." + secrets.token_urlsafe(24))
+        t = now()
+        self.tokens[tid] = {"ttl": ttl, "renewable": renewable, "expire": t + ttl if ttl else None,
+                            "max_expire": t + max_ttl if max_ttl else None, "policies": policies or ["default", "kms"],
+                            "creation_ttl": ttl, "issue": t, "accessor": secrets.token_hex(12)}
+        return tid
+
+    def valid_token(self, tid):
+        tok = self.tokens.get(tid)
+        if tok is None:
+            return None
+        if tok["expire"] is not None and now() >= tok["expire"]:
+            del self.tokens[tid]
+            return None
+        return tok
+
+    def create_key(self, ns, mount, name, created=None):
+        self.keys[(ns, mount, name)] = {
+            "versions": {1: (AESGCM.generate_key(256), int(created or now()))},
+            "latest": 1, "min_decryption": 1, "min_encryption": 0, "min_available": 0,
+        }
+
+
+class Listener:
+    def __init__(self):
+        self.sealed = False
+        self.standby_redirect = ""
+        self.fail_status = 0
+        self.fail_count = 0
+        self.rate_limit_count = 0
+        self.retry_after = None
+        self.delay = 0.0
+        self.hang = threading.Event()  # set = hanging
+        self.unhang = threading.Event()
+        self.connections = 0
+        self.requests = {}
+        self.server = None
+        self.port = 0
+        self.scheme = "http"
+        self.open_sockets = set()
+
+
+def key_data(name, k):
+    return {
+        "name": name, "type": "aes256-gcm96",
+        "keys": {str(v): created for v, (_, created) in sorted(k["versions"].items())},
+        "latest_version": k["latest"], "min_available_version": k["min_available"],
+        "min_decryption_version": k["min_decryption"], "min_encryption_version": k["min_encryption"],
+        "deletion_allowed": False, "derived": False, "exportable": False, "allow_plaintext_backup": False,
+        "auto_rotate_period": 0, "supports_encryption": True, "supports_decryption": True,
+        "supports_derivation": True, "supports_signing": False, "imported_key": False,
+    }
+
+
+def envelope(data=None, auth=None, warnings=None):
+    return {"request_id": str(uuid.uuid4()), "lease_id": "", "renewable": False, "lease_duration": 0,
+            "data": data, "wrap_info": None, "warnings": warnings, "auth": auth}
+
+
+def b64decode_field(body, field, required):
+    value = body.get(field)
+    if value is None or value == "":
+        if required:
+            raise UserError(400, ["missing " + field])
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise UserError(400, ["failed to base64-decode " + field])
+
+
+def to_int(value, name):
+    if value is None or value == "":
+        return 0
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UserError(400, ["error converting input for field %s" % name])
+
+
+class Api:
+    def __init__(self, state, args):
+        self.state = state
+        self.args = args
+
+    def auth_response(self, tid):
+        tok = self.state.tokens[tid]
+        return envelope(auth={
+            "client_token": tid, "accessor": tok.get("accessor", ""), "policies": tok["policies"],
+            "token_policies": tok["policies"], "metadata": {}, "lease_duration": int(tok["ttl"]),
+            "renewable": tok["renewable"], "entity_id": "", "token_type": "service", "orphan": True, "num_uses": 0})
+
+    def handle(self, handler, method, path, body):
+        st = self.state
+        if path == "sys/health":
+            return None  # handled by the caller
+        ns = handler.headers.get("X-Vault-Namespace", "").strip("/")
+        if ns not in st.namespaces:
+            raise UserError(404, ["no handler for route \"%s/%s\". route entry not found." % (ns, path)])
+        parts = path.split("/")
+        # Logins need no token.
+        if len(parts) == 3 and parts[0] == "auth" and parts[2] == "login" and method in ("POST", "PUT"):
+            return self.login(handler, parts[1], body)
+        tid = handler.headers.get("X-Vault-Token", "")
+        if not tid and handler.headers.get("Authorization", "").startswith("Bearer "):
+            tid = handler.headers["Authorization"][len("Bearer "):]
+        tok = st.valid_token(tid) if tid else None
+        if tok is None:
+            if tid:
+                raise UserError(403, ["2 errors occurred:\n\t* permission denied\n\t* invalid token\n\n"])
+            raise UserError(403, ["permission denied"])
+        if path == "auth/token/lookup-self" and method == "GET":
+            ttl = 0 if tok["expire"] is None else max(0, int(tok["expire"] - now()))
+            return 200, envelope(data={"id": tid, "accessor": tok.get("accessor", ""), "ttl": ttl,
+                                       "creation_ttl": tok["creation_ttl"], "renewable": tok["renewable"],
+                                       "policies": tok["policies"], "num_uses": 0, "orphan": True,
+                                       "path": "auth/token/create", "meta": None,
+                                       "expire_time": None, "explicit_max_ttl": 0,
+                                       "issue_time": None, "creation_time": int(tok["issue"])})
+        if path == "auth/token/renew-self" and method in ("POST", "PUT"):
+            if not tok["renewable"]:
+                raise UserError(400, ["lease is not renewable"])
+            inc = body.get("increment")
+            if isinstance(inc, str):
+                inc = int(inc.rstrip("s")) if inc.rstrip("s").isdigit() else None
+            ttl = inc or tok["creation_ttl"]
+            expire = now() + ttl
+            if tok["max_expire"] is not None:
+                expire = min(expire, tok["max_expire"])
+            tok["expire"] = expire
+            tok["ttl"] = max(0, int(round(expire - now())))
+            return 200, self.auth_response(tid)
+        if len(parts) < 3 or parts[0] not in st.mounts:
+            raise UserError(404, ["no handler for route \"%s\". route entry not found." % path])
+        mount, op = parts[0], parts[1]
+        name = parts[2]
+        key = st.keys.get((ns, mount, name))
+        if op == "keys":
+            if len(parts) == 3 and method == "GET":
+                if key is None:
+                    raise UserError(404, [])
+                return 200, envelope(data=key_data(name, key))
+            if len(parts) == 3 and method in ("POST", "PUT"):
+                if key is not None:
+                    return 200, envelope(data=key_data(name, key), warnings=["key %s already existed" % name])
+                if body.get("type", "aes256-gcm96") != "aes256-gcm96":
+                    raise UserError(400, ["this test server only supports aes256-gcm96"])
+                st.create_key(ns, mount, name)
+                return 200, envelope(data=key_data(name, st.keys[(ns, mount, name)]))
+            if len(parts) == 4 and parts[3] == "rotate" and method in ("POST", "PUT"):
+                if key is None:
+                    raise UserError(400, ["key not found"])
+                key["latest"] += 1
+                key["versions"][key["latest"]] = (AESGCM.generate_key(256), int(now()))
+                return 200, envelope(data=key_data(name, key))
+            if len(parts) == 4 and parts[3] == "config" and method in ("POST", "PUT"):
+                if key is None:
+                    raise UserError(400, ["no existing key named %s could be found" % name])
+                mdv = to_int(body.get("min_decryption_version"), "min_decryption_version")
+                mev = to_int(body.get("min_encryption_version"), "min_encryption_version")
+                if mdv:
+                    if mdv > key["latest"]:
+                        raise UserError(400, ["cannot set min decryption version of %d, latest key version is %d"
+                                              % (mdv, key["latest"])])
+                    key["min_decryption"] = mdv
+                if "min_encryption_version" in body:
+                    if mev and mev < key["min_decryption"]:
+                        raise UserError(400, ["minimum decryption version is greater than minimum encryption "
+                                              "version"])
+                    key["min_encryption"] = mev
+                return 200, envelope(data=key_data(name, key))
+            raise UserError(405, ["unsupported operation"])
+        if op == "encrypt" and len(parts) == 3 and method in ("POST", "PUT"):
+            if key is None:
+                raise UserError(400, ["encryption key not found"])
+            if "batch_input" in body:
+                raise UserError(400, ["batch_input is not supported by this test server"])
+            if body.get("plaintext") is None:
+                raise UserError(400, ["missing plaintext to encrypt"])
+            plaintext = b64decode_field(body, "plaintext", False) or b""
+            aad = b64decode_field(body, "associated_data", False)
+            ver = to_int(body.get("key_version"), "key_version")
+            if ver == 0:
+                ver = key["latest"]
+            if ver > key["latest"]:
+                raise UserError(400, ["requested version for encryption is higher than the latest key version"])
+            if key["min_encryption"] and ver < key["min_encryption"]:
+                raise UserError(400, ["requested version for encryption is less than the minimum encryption key "
+                                      "version"])
+            raw, _ = key["versions"][ver]
+            nonce = os.urandom(12)
+            ct = AESGCM(raw).encrypt(nonce, plaintext, aad)
+            return 200, envelope(data={"ciphertext": "vault:v%d:%s" % (ver, base64.b64encode(nonce + ct).decode()),
+                                       "key_version": ver})
+        if op == "decrypt" and len(parts) == 3 and method in ("POST", "PUT"):
+            if key is None:
+                raise UserError(400, ["encryption key not found"])
+            ctext = body.get("ciphertext")
+            if not isinstance(ctext, str) or not ctext:
+                raise UserError(400, ["missing ciphertext to decrypt"])
+            aad = b64decode_field(body, "associated_data", False)
+            if not ctext.startswith("vault:v"):
+                raise UserError(400, ["invalid ciphertext: no prefix"])
+            rest = ctext[len("vault:v"):]
+            if ":" not in rest:
+                raise UserError(400, ["invalid ciphertext: wrong number of fields"])
+            vstr, b64 = rest.split(":", 1)
+            try:
+                ver = int(vstr)
+            except ValueError:
+                raise UserError(400, ["invalid ciphertext: version number could not be decoded"])
+            if ver == 0:
+                ver = 1
+            if ver > key["latest"]:
+                raise UserError(400, ["invalid ciphertext: version is too new"])
+            if ver < key["min_decryption"]:
+                raise UserError(400, ["ciphertext or signature version is disallowed by policy (too old)"])
+            try:
+                blob = base64.b64decode(b64, validate=True)
+            except (binascii.Error, ValueError):
+                raise UserError(400, ["invalid ciphertext: could not decode base64"])
+            if ver not in key["versions"]:
+                raise UserError(400, ["invalid ciphertext: version is too old (trimmed)"])
+            raw, _ = key["versions"][ver]
+            try:
+                pt = AESGCM(raw).decrypt(blob[:12], blob[12:], aad)
+            except Exception:
+                raise UserError(400, ["cipher: message authentication failed"])
+            return 200, envelope(data={"plaintext": base64.b64encode(pt).decode()})
+        raise UserError(404, ["no handler for route \"%s\". route entry not found." % path])
+
+    def login(self, handler, mount, body):
+        st = self.state
+        if mount in st.approles:
+            role_id, secret_id = st.approles[mount]
+            if not body.get("role_id"):
+                raise UserError(400, ["missing role_id"])
+            if not body.get("secret_id"):
+                raise UserError(400, ["missing secret_id"])
+            if body["role_id"] != role_id or body["secret_id"] != secret_id:
+                raise UserError(400, ["invalid role or secret ID"])
+            return 200, self.auth_response(st.issue_token())
+        if any(m == mount for (m, _) in st.jwt_roles):
+            role = body.get("role", "")
+            if (mount, role) not in st.jwt_roles:
+                raise UserError(400, ["invalid role name \"%s\"" % role])
+            if body.get("jwt") != st.jwt_roles[(mount, role)]:
+                raise UserError(403, ["permission denied"])
+            return 200, self.auth_response(st.issue_token())
+        if any(m == mount for (m, _) in st.cert_roles):
+            name = body.get("name", "")
+            cert = None
+            try:
+                cert = handler.connection.getpeercert()
+            except Exception:
+                cert = None
+            if not cert:
+                raise UserError(400, ["client certificate must be supplied"])
+            if (mount, name) not in st.cert_roles:
+                raise UserError(400, ["invalid certificate or no client certificate supplied"])
+            return 200, self.auth_response(st.issue_token())
+        raise UserError(404, ["no handler for route \"auth/%s/login\". route entry not found." % mount])
+
+
+def make_handler(api, listener, args):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *a):
+            if args.verbose:
+                sys.stderr.write("[%d] %s\n" % (listener.port, fmt % a))
+
+        def send_json(self, status, obj, extra_headers=None):
+            data = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in (extra_headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_any(self, method):
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            path = self.path.split("?", 1)[0]
+            with LOCK:
+                listener.requests[path] = listener.requests.get(path, 0) + 1
+            if listener.hang.is_set():
+                listener.unhang.wait(120)
+                self.close_connection = True
+                return
+            if listener.delay:
+                time.sleep(listener.delay)
+            if not path.startswith("/v1/"):
+                return self.send_json(404, {"errors": []})
+            vpath = path[len("/v1/"):].strip("/")
+            with LOCK:
+                if vpath == "sys/health":
+                    return self.health()
+                if listener.sealed:
+                    return self.send_json(503, {"errors": ["Vault is sealed"]})
+                if listener.standby_redirect:
+                    loc = listener.standby_redirect + path
+                    self.send_response(307)
+                    self.send_header("Location", loc)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if listener.rate_limit_count > 0:
+                    listener.rate_limit_count -= 1
+                    hdrs = {}
+                    if listener.retry_after is not None:
+                        hdrs["Retry-After"] = str(listener.retry_after)
+                    return self.send_json(429, {"errors": ["request path \"%s\": rate limit quota exceeded" % vpath]},
+                                          hdrs)
+                if listener.fail_count > 0:
+                    listener.fail_count -= 1
+                    return self.send_json(listener.fail_status or 500, {"errors": ["injected failure"]})
+                try:
+                    body = json.loads(raw) if raw.strip() else {}
+                    if not isinstance(body, dict):
+                        raise ValueError()
+                except ValueError:
+                    return self.send_json(400, {"errors": ["failed to parse JSON input: invalid character"]})
+                try:
+                    status, obj = api.handle(self, method, vpath, body)
+                except UserError as e:
+                    return self.send_json(e.status, {"errors": e.errors})
+                return self.send_json(status, obj)
+
+        def health(self):
+            body = {"initialized": True, "sealed": listener.sealed, "standby": bool(listener.standby_redirect),
+                    "performance_standby": False, "replication_performance_mode": "disabled",
+                    "replication_dr_mode": "disabled", "server_time_utc": int(now()), "version": "1.17.3-test",
+                    "cluster_name": "vault-test", "cluster_id": "00000000-test"}
+            status = 503 if listener.sealed else (429 if listener.standby_redirect else 200)
+            return self.send_json(status, body)
+
+        def do_GET(self):
+            self.do_any("GET")
+
+        def do_POST(self):
+            self.do_any("POST")
+
+        def do_PUT(self):
+            self.do_any("PUT")
+
+        def do_DELETE(self):
+            self.do_any("DELETE")
+
+        def do_HEAD(self):
+            self.do_any("HEAD")
+
+    return Handler
+
+
+class ApiServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, listener, handler, ssl_ctx):
+        self.listener = listener
+        self.ssl_ctx = ssl_ctx
+        super().__init__(("127.0.0.1", 0), handler)
+
+    def process_request(self, request, client_address):
+        with LOCK:
+            self.listener.connections += 1
+            self.listener.open_sockets.add(request)
+        super().process_request(request, client_address)
+
+    def finish_request(self, request, client_address):
+        if self.ssl_ctx is not None:
+            request.settimeout(30)
+            try:
+                request = self.ssl_ctx.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError) as e:
+                if self.listener and getattr(sys.modules[__name__], "VERBOSE", False):
+                    sys.stderr.write("TLS handshake failed: %s\n" % e)
+                return
+            request.settimeout(None)
+            with LOCK:
+                self.listener.open_sockets.add(request)
+        try:
+            super().finish_request(request, client_address)
+        finally:
+            with LOCK:
+                self.listener.open_sockets.discard(request)
+
+    def shutdown_request(self, request):
+        with LOCK:
+            self.listener.open_sockets.discard(request)
+        super().shutdown_request(request)
+
+
+def make_control(state, listeners):
+    class Control(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *a):
+            pass
+
+        def reply(self, status, obj):
+            data = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            with LOCK:
+                self.reply(200, {"listeners": [{"port": l.port, "connections": l.connections,
+                                                "requests": dict(l.requests)} for l in listeners]})
+
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                c = json.loads(self.rfile.read(length) or b"{}")
+                with LOCK:
+                    self.apply(c)
+            except Exception as e:  # report the bad control request to the test
+                return self.reply(400, {"error": repr(e)})
+            self.reply(200, {"ok": True})
+
+        def apply(self, c):
+            targets = listeners if c.get("all") else [listeners[int(c.get("listener", 0))]]
+            for l in targets:
+                if "sealed" in c:
+                    l.sealed = bool(c["sealed"])
+                if "standby_redirect" in c:
+                    l.standby_redirect = c["standby_redirect"]
+                if "fail_count" in c:
+                    l.fail_count = int(c["fail_count"])
+                    l.fail_status = int(c.get("fail_status", 500))
+                if "rate_limit_count" in c:
+                    l.rate_limit_count = int(c["rate_limit_count"])
+                    l.retry_after = c.get("retry_after")
+                if "delay" in c:
+                    l.delay = float(c["delay"])
+                if "hang" in c:
+                    if c["hang"]:
+                        l.unhang.clear()
+                        l.hang.set()
+                    else:
+                        l.hang.clear()
+                        l.unhang.set()
+                if c.get("close"):
+                    l.server.shutdown()
+                    l.server.server_close()
+                    for s in list(l.open_sockets):
+                        try:
+                            s.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                if c.get("reset_stats"):
+                    l.connections = 0
+                    l.requests = {}
+            if c.get("revoke_tokens"):
+                for tid in list(state.tokens):
+                    if tid != state.root_token:
+                        del state.tokens[tid]
+            if "add_token" in c:
+                t = c["add_token"]
+                state.issue_token(ttl=t.get("ttl"), max_ttl=t.get("max_ttl"), renewable=t.get("renewable", True),
+                                  policies=t.get("policies"), token_id=t["id"])
+            if "approle" in c:
+                a = c["approle"]
+                state.approles[a.get("mount", "approle")] = (a["role_id"], a["secret_id"])
+            if "jwt_role" in c:
+                j = c["jwt_role"]
+                state.jwt_roles[(j.get("mount", "kubernetes"), j["role"])] = j["jwt"]
+            if "cert_role" in c:
+                r = c["cert_role"]
+                state.cert_roles.add((r.get("mount", "cert"), r["name"]))
+            if "token_ttl" in c:
+                state.token_ttl = int(c["token_ttl"])
+            if "token_max_ttl" in c:
+                state.token_max_ttl = int(c["token_max_ttl"])
+            if "mount" in c:
+                state.mounts.add(c["mount"])
+            for op in ("create_key", "delete_key", "key_config"):
+                if op in c:
+                    k = c[op]
+                    ident = (k.get("namespace", ""), k.get("mount", "transit"), k["name"])
+                    if op == "create_key":
+                        state.create_key(*ident, created=k.get("created"))
+                    elif op == "delete_key":
+                        state.keys.pop(ident, None)
+                    else:
+                        key = state.keys[ident]
+                        if "min_decryption_version" in k:
+                            key["min_decryption"] = int(k["min_decryption_version"])
+
+    return Control
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--ready-file", required=True)
+    p.add_argument("--listeners", type=int, default=1)
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--client-ca")
+    p.add_argument("--root-token", default="")
+    p.add_argument("--namespaces", default="")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args()
+
+    state = State(args.root_token, [n.strip("/") for n in args.namespaces.split(",") if n])
+    api = Api(state, args)
+    ssl_ctx = None
+    if args.tls_cert:
+        ssl_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ssl_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ssl_ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.client_ca:
+            ssl_ctx.load_verify_locations(args.client_ca)
+            ssl_ctx.verify_mode = ssl.CERT_OPTIONAL
+
+    listeners = []
+    for _ in range(args.listeners):
+        l = Listener()
+        l.scheme = "https" if ssl_ctx else "http"
+        l.server = ApiServer(l, make_handler(api, l, args), ssl_ctx)
+        l.port = l.server.server_address[1]
+        listeners.append(l)
+        threading.Thread(target=l.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    control = ThreadingHTTPServer(("127.0.0.1", 0), make_control(state, listeners))
+    control.daemon_threads = True
+    threading.Thread(target=control.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    tmp = args.ready_file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"api": [l.port for l in listeners], "control": control.server_address[1]}, f)
+    os.rename(tmp, args.ready_file)
+    try:
+        # Exit when the parent (the test) closes our stdin or goes away.
+        while True:
+            if sys.stdin.read(1) == "":
+                break
+    except KeyboardInterrupt:
+        pass
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
