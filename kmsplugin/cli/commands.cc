@@ -198,6 +198,40 @@ int Keys(const std::string& config_path, const std::string& env_name, bool as_js
   return 0;
 }
 
+// The EncryptionConfiguration kube-apiserver needs for `env_name`: KMS v2 first for Secrets, then identity so
+// objects written before encryption was switched on stay readable (drop it once they are rewritten).
+int Render(const std::string& config_path, const std::string& env_name, const std::string& provider_name,
+           const std::string& timeout, bool identity_fallback) {
+  auto config = config::LoadConfig(config_path, BuiltInKeySources());
+  if (!config.ok()) {
+    return Fail(config.status());
+  }
+  auto env = config->Find(env_name);
+  if (!env.ok()) {
+    return Fail(env.status());
+  }
+  const std::string name = provider_name.empty() ? absl::StrCat("kmsplugin-", (*env)->name) : provider_name;
+  if (name.find(':') != std::string::npos) {
+    return Fail(absl::InvalidArgumentError("--provider-name must not contain ':' (it is part of the etcd prefix)"));
+  }
+  std::cout << "# kube-apiserver --encryption-provider-config=<this file>\n"
+            << "apiVersion: apiserver.config.k8s.io/v1\n"
+            << "kind: EncryptionConfiguration\n"
+            << "resources:\n"
+            << "  - resources:\n"
+            << "      - secrets\n"
+            << "    providers:\n"
+            << "      - kms:\n"
+            << "          apiVersion: v2\n"
+            << "          name: " << name << "\n"
+            << "          endpoint: unix://" << (*env)->socket << "\n"
+            << "          timeout: " << timeout << "\n";
+  if (identity_fallback) {
+    std::cout << "      - identity: {}  # reads Secrets written before encryption; remove after rewriting them\n";
+  }
+  return 0;
+}
+
 int StatusCommand(const std::string& socket, bool as_json, double timeout_seconds) {
   grpc::ChannelArguments args;
   auto channel = grpc::CreateCustomChannel(absl::StrCat("unix:", socket), grpc::InsecureChannelCredentials(), args);
@@ -264,6 +298,17 @@ int Main(int argc, char** argv) {
 
   CLI::App* version = app.add_subcommand("version", "Print the version");
 
+  std::string provider_name;
+  std::string timeout = "3s";
+  bool identity_fallback = false;
+  CLI::App* render = app.add_subcommand("render", "Print the EncryptionConfiguration for an environment");
+  render->add_option("--config", config_path, "config file")->capture_default_str();
+  render->add_option("--env", env_name, "environment")->required();
+  render->add_option("--provider-name", provider_name, "KMS provider name (default kmsplugin-<env>)");
+  render->add_option("--timeout", timeout, "kube-apiserver's per-call timeout")->capture_default_str();
+  render->add_flag("--identity-fallback", identity_fallback,
+                   "also read unencrypted Secrets (while migrating from no encryption)");
+
   CLI11_PARSE(app, argc, argv);
   SetUpLogging(log_level);
 
@@ -281,6 +326,9 @@ int Main(int argc, char** argv) {
   }
   if (*status) {
     return StatusCommand(socket, as_json, timeout_seconds);
+  }
+  if (*render) {
+    return Render(config_path, env_name, provider_name, timeout, identity_fallback);
   }
   if (*version) {
     std::cout << "kmsplugin " << KMSPLUGIN_VERSION << "\n";

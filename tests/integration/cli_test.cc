@@ -1,0 +1,332 @@
+// The kmsplugin binary driven as an operator drives it: init, serve, status, rotate, keys, signals, and every
+// bad file the issue lists. Each case checks the exit code and that the message names the problem and the fix.
+
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <nlohmann/json.hpp>
+#include <catch2/catch.hpp>
+
+#include "tests/support/kms_client.h"
+#include "tests/support/subprocess.h"
+#include "tests/support/temp_dir.h"
+
+namespace kmsplugin::testing {
+namespace {
+
+const std::string kBinary = std::string(KMS_BINARY_DIR) + "/kmsplugin/cli/kmsplugin";
+
+bool Has(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+struct Setup {
+  // One local environment; `extra` is appended to the environment entry, `key` picks the root key setting.
+  explicit Setup(const std::string& key_setting = "", const std::string& server = "  pollInterval: 1s\n") {
+    const std::string key = key_setting.empty() ? "rootKeyFile: " + dir.File("state/dev.rootkey") : key_setting;
+    config = dir.Write("config.yaml", "server:\n" + server +
+                                          "environments:\n"
+                                          "  - name: dev\n"
+                                          "    socket: " + dir.File("run/dev.sock") + "\n"
+                                          "    keySource:\n"
+                                          "      local:\n"
+                                          "        keyring: " + dir.File("state/dev.keyring") + "\n"
+                                          "        " + key + "\n");
+    socket = dir.File("run/dev.sock");
+    keyring = dir.File("state/dev.keyring");
+    root_key = dir.File("state/dev.rootkey");
+  }
+  RunResult Cli(std::vector<std::string> args) const {
+    args.insert(args.begin(), kBinary);
+    return Run(args, dir.path());
+  }
+  RunResult Init() const { return Cli({"init", "--config", config}); }
+  std::unique_ptr<Subprocess> Serve() const {
+    auto process = std::make_unique<Subprocess>(std::vector<std::string>{kBinary, "serve", "--config", config}, dir.path());
+    return process;
+  }
+  // Waits until the socket answers Status (or the process died).
+  bool WaitServing(Subprocess& process) const {
+    for (int i = 0; i < 300; ++i) {
+      KmsClient client(socket);
+      v2::StatusResponse status;
+      if (client.Status(status, std::chrono::milliseconds(100)).ok()) {
+        return true;
+      }
+      if (!process.Running()) {
+        return false;
+      }
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    return false;
+  }
+  std::string StatusKeyId() const {
+    KmsClient client(socket);
+    v2::StatusResponse status;
+    REQUIRE(client.Status(status).ok());
+    return status.key_id();
+  }
+
+  TempDir dir;
+  std::string config, socket, keyring, root_key;
+};
+
+TEST_CASE("CLI: init creates a 0600 root key and keyring, and a second init leaves them untouched", "[cli]") {
+  Setup s;
+  const RunResult first = s.Init();
+  INFO(first.err);
+  REQUIRE(first.exit_code == 0);
+  CHECK(Has(first.out, "created root key"));
+  struct stat info {};
+  REQUIRE(stat(s.keyring.c_str(), &info) == 0);
+  CHECK((info.st_mode & 0777) == 0600);
+  REQUIRE(stat(s.root_key.c_str(), &info) == 0);
+  CHECK((info.st_mode & 0777) == 0600);
+  CHECK(info.st_size == 32);
+  const std::string keyring_before = ReadWholeFile(s.keyring);
+  const std::string root_before = ReadWholeFile(s.root_key);
+  const RunResult second = s.Init();
+  CHECK(second.exit_code == 0);
+  CHECK(Has(second.out, "left untouched"));
+  CHECK(ReadWholeFile(s.keyring) == keyring_before);
+  CHECK(ReadWholeFile(s.root_key) == root_before);
+}
+
+TEST_CASE("CLI: serve answers Status and both APIs; SIGTERM exits 0 and removes the socket", "[cli]") {
+  Setup s;
+  REQUIRE(s.Init().exit_code == 0);
+  auto server = s.Serve();
+  REQUIRE(s.WaitServing(*server));
+  const RunResult status = s.Cli({"status", "--socket", s.socket});
+  CHECK(status.exit_code == 0);
+  CHECK(Has(status.out, "healthz: ok"));
+  KmsClient client(s.socket, s.socket);  // authority = socket path, as kube-apiserver < 1.32 sends
+  v2::EncryptResponse encrypted;
+  REQUIRE(client.Encrypt(std::string(32, 'k'), encrypted).ok());
+  v2::DecryptResponse decrypted;
+  REQUIRE(client.DecryptResponseOf(encrypted, decrypted).ok());
+  CHECK(decrypted.plaintext() == std::string(32, 'k'));
+  server->Signal(SIGTERM);
+  CHECK(server->Wait(std::chrono::seconds(15)) == std::optional<int>(0));
+  struct stat info {};
+  CHECK(lstat(s.socket.c_str(), &info) != 0);
+  CHECK(Has(server->Stderr(), "SIGTERM"));
+}
+
+TEST_CASE("CLI: SIGINT also drains and exits 0", "[cli]") {
+  Setup s;
+  REQUIRE(s.Init().exit_code == 0);
+  auto server = s.Serve();
+  REQUIRE(s.WaitServing(*server));
+  server->Signal(SIGINT);
+  CHECK(server->Wait(std::chrono::seconds(15)) == std::optional<int>(0));
+}
+
+TEST_CASE("CLI: rotate while serving is picked up at once on SIGHUP, old ciphertexts keep decrypting", "[cli]") {
+  Setup s("", "  pollInterval: 1h\n");
+  REQUIRE(s.Init().exit_code == 0);
+  auto server = s.Serve();
+  REQUIRE(s.WaitServing(*server));
+  const std::string before = s.StatusKeyId();
+  KmsClient client(s.socket);
+  v2::EncryptResponse old_ciphertext;
+  REQUIRE(client.Encrypt(std::string(32, 'o'), old_ciphertext).ok());
+  const RunResult rotate = s.Cli({"rotate", "--config", s.config, "--env", "dev"});
+  INFO(rotate.err);
+  REQUIRE(rotate.exit_code == 0);
+  CHECK(s.StatusKeyId() == before);  // an hour's poll interval: nothing yet
+  server->Signal(SIGHUP);
+  std::string after = before;
+  for (int i = 0; i < 100 && after == before; ++i) {
+    absl::SleepFor(absl::Milliseconds(20));
+    after = s.StatusKeyId();
+  }
+  CHECK(after != before);
+  CHECK(Has(rotate.out, after));
+  v2::EncryptResponse fresh;
+  REQUIRE(client.Encrypt(std::string(32, 'n'), fresh).ok());
+  CHECK(fresh.key_id() == after);
+  v2::DecryptResponse decrypted;
+  REQUIRE(client.DecryptResponseOf(old_ciphertext, decrypted).ok());
+  CHECK(decrypted.plaintext() == std::string(32, 'o'));
+  CHECK(server->Running());
+}
+
+TEST_CASE("CLI: a rotation is picked up within the poll interval without a signal", "[cli]") {
+  Setup s;  // pollInterval: 1s
+  REQUIRE(s.Init().exit_code == 0);
+  auto server = s.Serve();
+  REQUIRE(s.WaitServing(*server));
+  const std::string before = s.StatusKeyId();
+  REQUIRE(s.Cli({"rotate", "--config", s.config, "--env", "dev"}).exit_code == 0);
+  const absl::Time rotated = absl::Now();
+  std::string after = before;
+  while (after == before && absl::Now() - rotated < absl::Seconds(5)) {
+    absl::SleepFor(absl::Milliseconds(50));
+    after = s.StatusKeyId();
+  }
+  CHECK(after != before);
+  CHECK(absl::Now() - rotated < absl::Seconds(3));
+}
+
+TEST_CASE("CLI: keys lists versions with creation time and the current one, as a table and as JSON", "[cli]") {
+  Setup s;
+  REQUIRE(s.Init().exit_code == 0);
+  REQUIRE(s.Cli({"rotate", "--config", s.config, "--env", "dev"}).exit_code == 0);
+  const RunResult table = s.Cli({"keys", "--config", s.config, "--env", "dev"});
+  CHECK(table.exit_code == 0);
+  CHECK(Has(table.out, "current"));
+  CHECK(Has(table.out, "active"));
+  const RunResult json = s.Cli({"keys", "--config", s.config, "--env", "dev", "--json"});
+  REQUIRE(json.exit_code == 0);
+  const auto doc = nlohmann::json::parse(json.out);
+  REQUIRE(doc["versions"].size() == 2);
+  CHECK(doc["versions"][1]["state"] == "current");
+  CHECK(doc["versions"][0]["state"] == "active");
+  CHECK(doc["versions"][0]["keyId"] != doc["versions"][1]["keyId"]);
+  CHECK(doc["versions"][0]["created"].get<std::string>().size() == 25);
+}
+
+TEST_CASE("CLI: a second serve on a socket that is being served fails and leaves the first running", "[cli][bad-input]") {
+  Setup s;
+  REQUIRE(s.Init().exit_code == 0);
+  auto first = s.Serve();
+  REQUIRE(s.WaitServing(*first));
+  const RunResult second = s.Cli({"serve", "--config", s.config});
+  CHECK(second.exit_code != 0);
+  CHECK(Has(second.err, "already serving"));
+  CHECK(first->Running());
+  CHECK(s.Cli({"status", "--socket", s.socket}).exit_code == 0);
+}
+
+TEST_CASE("CLI: serve refuses a keyring readable by group or others, naming the file and the fix", "[cli][bad-input]") {
+  Setup s;
+  REQUIRE(s.Init().exit_code == 0);
+  for (mode_t mode : {0644, 0640, 0604}) {
+    chmod(s.keyring.c_str(), mode);
+    const RunResult result = s.Cli({"serve", "--config", s.config});
+    CHECK(result.exit_code != 0);
+    CHECK(Has(result.err, s.keyring));
+    CHECK(Has(result.err, "chmod 600"));
+  }
+}
+
+TEST_CASE("CLI: serve refuses a world-readable root key file", "[cli][bad-input]") {
+  Setup s;
+  REQUIRE(s.Init().exit_code == 0);
+  chmod(s.root_key.c_str(), 0644);
+  const RunResult result = s.Cli({"serve", "--config", s.config});
+  CHECK(result.exit_code != 0);
+  CHECK(Has(result.err, s.root_key));
+  CHECK(Has(result.err, "chmod 600"));
+}
+
+TEST_CASE("CLI: a missing keyring says to run init", "[cli][bad-input]") {
+  Setup s;
+  const RunResult result = s.Cli({"serve", "--config", s.config});
+  CHECK(result.exit_code != 0);
+  CHECK(Has(result.err, "kmsplugin init"));
+}
+
+TEST_CASE("CLI: a missing root key file is refused with its path", "[cli][bad-input]") {
+  Setup s;
+  REQUIRE(s.Init().exit_code == 0);
+  std::remove(s.root_key.c_str());
+  const RunResult result = s.Cli({"serve", "--config", s.config});
+  CHECK(result.exit_code != 0);
+  CHECK(Has(result.err, s.root_key));
+}
+
+TEST_CASE("CLI: corrupt and truncated keyrings are refused with a clear message", "[cli][bad-input]") {
+  Setup s;
+  REQUIRE(s.Init().exit_code == 0);
+  const std::string good = ReadWholeFile(s.keyring);
+  for (const std::string& bad : {good.substr(0, good.size() / 2), std::string(), std::string("{}"),
+                                 std::string(good).replace(good.find("current"), 7, "retired")}) {
+    s.dir.Write("state/dev.keyring", bad);
+    const RunResult result = s.Cli({"serve", "--config", s.config});
+    INFO(result.err);
+    CHECK(result.exit_code != 0);
+    CHECK(Has(result.err, s.keyring));
+    CHECK((Has(result.err, "corrupt") || Has(result.err, "integrity")));
+  }
+}
+
+TEST_CASE("CLI: a root key of the wrong size or another root key is refused", "[cli][bad-input]") {
+  Setup s;
+  REQUIRE(s.Init().exit_code == 0);
+  s.dir.Write("state/dev.rootkey", std::string(31, 'r'));
+  RunResult result = s.Cli({"serve", "--config", s.config});
+  CHECK(result.exit_code != 0);
+  CHECK(Has(result.err, "exactly 32"));
+  s.dir.Write("state/dev.rootkey", std::string(32, 'r'));
+  result = s.Cli({"serve", "--config", s.config});
+  CHECK(result.exit_code != 0);
+  CHECK(Has(result.err, "wrong passphrase or root key"));
+}
+
+TEST_CASE("CLI: passphrase keyrings open with the right passphrase and refuse a wrong one", "[cli][bad-input]") {
+  TempDir tmp;
+  Setup s("passphraseFile: " + std::string("PASSFILE"));
+  const std::string pass = s.dir.Write("pass", "correct horse battery staple\n");
+  std::string config = ReadWholeFile(s.config);
+  config.replace(config.find("PASSFILE"), 8, pass);
+  s.dir.Write("config.yaml", config);
+  REQUIRE(s.Init().exit_code == 0);
+  REQUIRE(s.Cli({"keys", "--config", s.config, "--env", "dev"}).exit_code == 0);
+  s.dir.Write("pass", "wrong horse battery staple\n");
+  const RunResult result = s.Cli({"serve", "--config", s.config});
+  CHECK(result.exit_code != 0);
+  CHECK(Has(result.err, "wrong passphrase"));
+  CHECK(!Has(result.err, "wrong horse"));  // never echo the secret
+}
+
+TEST_CASE("CLI: config errors name the file, the field and the fix", "[cli][bad-input]") {
+  Setup s;
+  const std::string bad = s.dir.Write("bad.yaml",
+                                      "environments:\n  - name: Dev\n    socket: relative.sock\n    keySource: {local: {}}\n");
+  RunResult result = s.Cli({"serve", "--config", bad});
+  CHECK(result.exit_code != 0);
+  CHECK(Has(result.err, bad));
+  CHECK(Has(result.err, "environments[0].name"));
+  CHECK(Has(result.err, "fix:"));
+  chmod(s.config.c_str(), 0666);
+  result = s.Cli({"serve", "--config", s.config});
+  CHECK(result.exit_code != 0);
+  CHECK(Has(result.err, "chmod go-w"));
+  result = s.Cli({"serve", "--config", s.dir.File("missing.yaml")});
+  CHECK(result.exit_code != 0);
+  CHECK(Has(result.err, "missing.yaml"));
+}
+
+TEST_CASE("CLI: rotate and keys refuse an unknown environment, listing the ones there are", "[cli][bad-input]") {
+  Setup s;
+  REQUIRE(s.Init().exit_code == 0);
+  const RunResult result = s.Cli({"rotate", "--config", s.config, "--env", "prod"});
+  CHECK(result.exit_code != 0);
+  CHECK(Has(result.err, "no environment named \"prod\""));
+  CHECK(Has(result.err, "dev"));
+}
+
+TEST_CASE("CLI: status on a socket nothing serves fails clearly with exit code 3", "[cli][bad-input]") {
+  Setup s;
+  const RunResult result = s.Cli({"status", "--socket", s.dir.File("none.sock"), "--timeout", "0.5"});
+  CHECK(result.exit_code == 3);
+  CHECK(Has(result.err, "none.sock"));
+}
+
+TEST_CASE("CLI: --help works for every subcommand, version prints the version", "[cli]") {
+  Setup s;
+  for (const std::string& sub : {"serve", "init", "rotate", "keys", "status", "version"}) {
+    const RunResult result = s.Cli({sub, "--help"});
+    INFO(sub);
+    CHECK(result.exit_code == 0);
+    CHECK(Has(result.out, "Usage"));
+  }
+  CHECK(s.Cli({"--help"}).exit_code == 0);
+  const RunResult version = s.Cli({"version"});
+  CHECK(version.exit_code == 0);
+  CHECK(Has(version.out, "kmsplugin 0."));
+  CHECK(s.Cli({"no-such-command"}).exit_code != 0);
+}
+
+}  // namespace
+}  // namespace kmsplugin::testing
