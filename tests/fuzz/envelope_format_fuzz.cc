@@ -2,7 +2,7 @@
 // Properties: never crashes or reads out of bounds (ASan/UBSan); rejects only with INVALID_ARGUMENT; whatever
 // parses re-encodes to exactly the input (one encoding per value) and yields a header that validates.
 //
-//   build-crypto-fuzz/tests/crypto/envelope_format_fuzz -max_total_time=60
+//   Build and run: see tests/crypto/CMakeLists.txt.
 
 #include <cstdint>
 #include <cstdlib>
