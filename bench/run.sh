@@ -43,9 +43,13 @@ if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
   log "building kms_loadgen kms_null_server"
   cmake --build "$BUILD" -j2 --target kms_loadgen kms_null_server >/dev/null
   if [[ -z ${KMSPLUGIN_BIN:-} && ${BENCH_NULL_VS_NULL:-0} != 1 ]]; then
-    log "building kmsplugin"
-    if ! cmake --build "$BUILD" -j2 --target kmsplugin >"$RESULTS/build-kmsplugin.log" 2>&1; then
-      log "kmsplugin did not build (see bench/results/build-kmsplugin.log); falling back to null-vs-null"
+    if ! cmake --build "$BUILD" --target help 2>/dev/null | grep -qE '(^|[ .])kmsplugin(:|$| )'; then
+      log "no kmsplugin target in this tree yet"
+    else
+      log "building kmsplugin"
+      if ! cmake --build "$BUILD" -j2 --target kmsplugin >"$RESULTS/build-kmsplugin.log" 2>&1; then
+        log "kmsplugin did not build (see bench/results/build-kmsplugin.log); an older binary is used if one exists"
+      fi
     fi
   fi
 fi
@@ -131,8 +135,8 @@ fi
 cpu_ticks() {  # utime+stime of PID in clock ticks (fields 14 and 15 of /proc/PID/stat; comm may hold spaces)
   sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
 }
-rss_kib() {
-  awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"
+rss_kib() {  # FIELD PID: VmRSS, RssAnon or RssFile in KiB
+  awk -v f="$1:" '$1 == f { print $2 }' "/proc/$2/status"
 }
 
 measure() {  # NAME PID SOCKET OP CONCURRENCY ROUND
@@ -145,8 +149,9 @@ measure() {  # NAME PID SOCKET OP CONCURRENCY ROUND
   if [[ -z $out ]]; then
     log "loadgen produced nothing for $name $op c=$conc (exit $rc)"; tail -n 5 "$TMP/loadgen.err" >&2; exit 2
   fi
-  printf '{"server":"%s","round":%d,"exit":%d,"cpu_ticks":%d,"rss_kib":%d,"loadgen":%s}\n' \
-    "$name" "$round" "$rc" "$((after - before))" "$(rss_kib "$pid")" "$out" >>"$RAW"
+  printf '{"server":"%s","round":%d,"exit":%d,"cpu_ticks":%d,"rss_kib":%d,"rss_anon_kib":%d,"rss_file_kib":%d,"loadgen":%s}\n' \
+    "$name" "$round" "$rc" "$((after - before))" "$(rss_kib VmRSS "$pid")" "$(rss_kib RssAnon "$pid")" \
+    "$(rss_kib RssFile "$pid")" "$out" >>"$RAW"
   log "$(printf '%-7s %-8s c=%-3s %s' "$name" "$op" "$conc" "$out")"
 }
 
@@ -192,6 +197,8 @@ for r in runs:
         "p50_us": lg["p50_us"], "p99_us": lg["p99_us"], "p999_us": lg["p999_us"], "max_us": lg["max_us"],
         "cpu_us_per_req": r["cpu_ticks"] / tck * 1e6 / calls,
         "rss_mib": r["rss_kib"] / 1024.0,
+        "rss_anon_mib": r.get("rss_anon_kib", 0) / 1024.0,
+        "rss_file_mib": r.get("rss_file_kib", 0) / 1024.0,
         "client_cpu_us_per_call": lg.get("client_cpu_us_per_call", 0.0),
     }
     groups.setdefault((r["server"], lg["op"], lg["concurrency"]), []).append(fig)
@@ -207,6 +214,8 @@ for (server, op, conc), rs in groups.items():
            ("ops_per_sec", "p50_us", "p99_us", "p999_us", "cpu_us_per_req", "client_cpu_us_per_call")},
         "max_us": max(x["max_us"] for x in rs),
         "rss_mib": round(max(x["rss_mib"] for x in rs), 2),
+        "rss_anon_mib": round(max(x["rss_anon_mib"] for x in rs), 2),
+        "rss_file_mib": round(max(x["rss_file_mib"] for x in rs), 2),
     })
 idx = {(r["server"], r["op"], r["concurrency"]): r for r in results}
 ops_order = []
@@ -277,15 +286,15 @@ print(f"\nmode: {mode}   {meta['cpus']} CPUs ({cpu_model}), {meta['seconds']:g} 
       f"{meta['rounds']} round(s), commit {meta['commit']}, load average {meta['loadavg_before']} -> "
       f"{meta['loadavg_after']}\n")
 print("| op | conc | server | ops/s | p50 µs | p99 µs | p99.9 µs | max µs | server CPU µs/req | client CPU µs/req "
-      "| RSS MiB | errors |")
-print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+      "| RSS MiB (anon+file) | errors |")
+print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
 for op, conc in ops_order:
     for s in ("null", cand):
         x = idx.get((s, op, conc))
         if x:
             print(f"| {op} | {conc} | {s} | {x['ops_per_sec']:.0f} | {x['p50_us']:.0f} | {x['p99_us']:.0f} | "
                   f"{x['p999_us']:.0f} | {x['max_us']:.0f} | {x['cpu_us_per_req']:.1f} | {x['client_cpu_us_per_call']:.1f} | "
-                  f"{x['rss_mib']:.1f} | "
+                  f"{x['rss_mib']:.1f} ({x['rss_anon_mib']:.1f}+{x['rss_file_mib']:.1f}) | "
                   f"{x['errors']} |")
 print(f"\n| op | conc | ops/s {cand}/null | p99 {cand}/null | CPU/req {cand}/null |")
 print("|---|---:|---:|---:|---:|")
