@@ -369,6 +369,11 @@ class Pkcs11KeySource::Impl {
     return token_serial_;
   }
 
+  SessionPoolStats PoolStats() const {
+    absl::MutexLock lock(&mu_);
+    return SessionPoolStats{options_.session_pool_size, open_count_, static_cast<int>(free_.size())};
+  }
+
   absl::StatusOr<core::KeyVersion> Current() const {
     absl::MutexLock lock(&mu_);
     if (versions_.empty()) {
@@ -604,6 +609,15 @@ class Pkcs11KeySource::Impl {
 
   // Finds the slot, opens the anchor session and logs in. Sessions of an older generation are forgotten.
   absl::Status SetUpLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    // Sessions of the same module generation may still be open: close them once the new anchor holds the
+    // login (closing the last session of the application would log it out).
+    std::vector<CK_SESSION_HANDLE> stale;
+    if (generation_ == module_->generation()) {
+      stale = free_;
+      if (anchor_ != CK_INVALID_HANDLE) {
+        stale.push_back(anchor_);
+      }
+    }
     open_count_ -= static_cast<int>(free_.size());
     free_.clear();
     ready_ = false;
@@ -658,7 +672,11 @@ class Pkcs11KeySource::Impl {
       return MarkDeviceGoneLocked(absl::StrCat("C_OpenSession on the ", token_name_, " failed: ", Rv(rv)));
     }
     ready_ = true;
-    return LoginLocked();
+    absl::Status login = LoginLocked();
+    for (CK_SESSION_HANDLE session : stale) {
+      f_->C_CloseSession(session);
+    }
+    return login;
   }
 
   // Exactly one C_Login attempt. A refused PIN is remembered and never tried again until the file changes.
@@ -1148,5 +1166,6 @@ absl::Status Pkcs11KeySource::Refresh(absl::Time deadline) { return impl_->Refre
 absl::StatusOr<core::KeyVersion> Pkcs11KeySource::Rotate(absl::Time deadline) { return impl_->Rotate(deadline); }
 absl::StatusOr<std::vector<core::KeyVersion>> Pkcs11KeySource::Versions() const { return impl_->Versions(); }
 std::string Pkcs11KeySource::TokenSerial() const { return impl_->TokenSerial(); }
+SessionPoolStats Pkcs11KeySource::PoolStats() const { return impl_->PoolStats(); }
 
 }  // namespace kmsplugin::keysource::pkcs11

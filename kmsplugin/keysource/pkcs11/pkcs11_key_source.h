@@ -68,6 +68,12 @@ struct DecodedKeyRef {
 // INVALID_ARGUMENT when `key_ref` is not in the layout above.
 absl::StatusOr<DecodedKeyRef> DecodeKeyRef(std::string_view key_ref);
 
+struct SessionPoolStats {
+  int size = 0;  // configured maximum
+  int open = 0;  // sessions open now, idle or in use (the anchor session is not counted)
+  int idle = 0;
+};
+
 class Pkcs11KeySource : public core::KeySource {
  public:
   // Loads the module, finds the token, logs in and lists the key versions. An empty token is fine (Current()
@@ -91,6 +97,9 @@ class Pkcs11KeySource : public core::KeySource {
 
   // The token's serial number as the token reports it (trimmed), for key ids and identities.
   std::string TokenSerial() const;
+
+  // Session pool use, for metrics ("HSM session pool use").
+  SessionPoolStats PoolStats() const;
 
   class Impl;
 

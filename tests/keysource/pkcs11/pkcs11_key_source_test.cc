@@ -576,6 +576,9 @@ TEST_CASE("Pkcs11KeySource: the token directory moved away gives UNAVAILABLE, th
       ++unexpected;
       UNSCOPED_INFO("while moved: " << result.status());
     }
+    if (i == 9) {
+      CHECK_THAT(result, StatusIs(absl::StatusCode::kUnavailable, "token labelled \"kms\" is unavailable"));
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   CHECK(unavailable == 10);
@@ -626,6 +629,11 @@ TEST_CASE("Pkcs11KeySource: 32 concurrent threads never fail and never hit CKR_O
   CHECK(failures == 0);
   CHECK(interposer.Count("operation_active") == 0);
   CHECK(interposer.Count("gcm_inits") == 32 * 40 * 2);
+  const SessionPoolStats stats = source->PoolStats();
+  CHECK(stats.size == 9);
+  CHECK(stats.open >= 1);
+  CHECK(stats.open <= 9);  // 32 callers share 9 sessions: the pool is bounded
+  CHECK(stats.idle == stats.open);
 }
 
 TEST_CASE("Pkcs11KeySource: rotation while 8 threads wrap and unwrap has zero failures", "[pkcs11]") {
