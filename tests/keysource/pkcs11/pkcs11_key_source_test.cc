@@ -529,6 +529,38 @@ TEST_CASE("Pkcs11KeySource: a lost session is replaced and the call retried once
   CHECK_THAT(source->Wrap(v1, kDek, kAad, Soon()), IsOk());
 }
 
+TEST_CASE("Pkcs11KeySource: a session left with an active operation is discarded, not reused", "[pkcs11]") {
+  TokenFixture token;
+  Interposer interposer;
+  auto source = OpenOrDie(token.Options(Interposer::Path()));
+  const core::KeyVersion v1 = RotateOrDie(*source);
+  interposer.Inject("C_EncryptInit", CKR_OPERATION_ACTIVE, 1);
+  CHECK_THAT(source->Wrap(v1, kDek, kAad, Soon()), IsOk());
+  for (int i = 0; i < 10; ++i) {
+    CHECK_THAT(source->Wrap(v1, kDek, kAad, Soon()), IsOk());
+  }
+  CHECK(interposer.Count("operation_active") == 0);  // the injected one never reached SoftHSM
+}
+
+TEST_CASE("Pkcs11KeySource: a missing or empty PIN file is refused naming the file", "[pkcs11]") {
+  TokenFixture token;
+  auto options = token.Options();
+  options.pin_file = token.hsm.dir() + "/missing.pin";
+  CHECK_THAT(Pkcs11KeySource::Open(options, Soon()), StatusIs(absl::StatusCode::kNotFound, options.pin_file));
+  options.pin_file = token.hsm.WriteFile("empty.pin", "\n");
+  CHECK_THAT(Pkcs11KeySource::Open(options, Soon()),
+             StatusIs(absl::StatusCode::kFailedPrecondition, options.pin_file + " is empty"));
+}
+
+TEST_CASE("Pkcs11KeySource: an unknown token serial is refused naming it", "[pkcs11]") {
+  TokenFixture token;
+  auto options = token.Options();
+  options.token_label.reset();
+  options.token_serial = "0000000000000000";
+  CHECK_THAT(Pkcs11KeySource::Open(options, Soon()),
+             StatusIs(absl::StatusCode::kUnavailable, "token with serial \"0000000000000000\""));
+}
+
 TEST_CASE("Pkcs11KeySource: a removed device leads to a full re-initialisation", "[pkcs11]") {
   TokenFixture token;
   Interposer interposer;
@@ -583,6 +615,11 @@ TEST_CASE("Pkcs11KeySource: the token directory moved away gives UNAVAILABLE, th
   }
   CHECK(unavailable == 10);
   CHECK(unexpected == 0);
+  // Refresh fails too, and the previous view of the versions stays in force.
+  CHECK_THAT(source->Refresh(Soon()), StatusIs(absl::StatusCode::kUnavailable));
+  auto current = source->Current();
+  REQUIRE_THAT(current, IsOk());
+  CHECK(current->key_id == v1.key_id);
   REQUIRE(std::rename(moved.c_str(), token.hsm.token_dir().c_str()) == 0);
   bool recovered = false;
   for (int i = 0; i < 300 && !recovered; ++i) {

@@ -36,6 +36,25 @@ TEST_CASE("Pkcs11 spec: identity names the token and the key label", "[pkcs11]")
   CHECK((*spec)->BackendKeyIdentity() == "pkcs11:serial=1a2b/kek-prod");
 }
 
+TEST_CASE("Pkcs11 spec: default key labels of two environments on one token are different identities",
+          "[pkcs11]") {
+  auto first = ParseSpec(YAML::Load(kValid), kContext);
+  auto second = ParseSpec(YAML::Load(kValid), config::FieldContext("/etc/kmsplugin/config.yaml",
+                                                                   "environments[1].keySource.pkcs11"));
+  REQUIRE_THAT(first, IsOk());
+  REQUIRE_THAT(second, IsOk());
+  CHECK((*first)->BackendKeyIdentity() != (*second)->BackendKeyIdentity());
+  // The same explicit keyLabel on the same token is the same backend key.
+  const std::string explicit_label =
+      "{module: /m.so, tokenLabel: kms, pinFile: /p, keyLabel: shared}";
+  auto a = ParseSpec(YAML::Load(explicit_label), kContext);
+  auto b = ParseSpec(YAML::Load(explicit_label),
+                     config::FieldContext("/etc/kmsplugin/config.yaml", "environments[1].keySource.pkcs11"));
+  REQUIRE_THAT(a, IsOk());
+  REQUIRE_THAT(b, IsOk());
+  CHECK((*a)->BackendKeyIdentity() == (*b)->BackendKeyIdentity());
+}
+
 TEST_CASE("Pkcs11 spec: a missing module names the field", "[pkcs11]") {
   CHECK_THAT(Parse("{tokenLabel: kms, pinFile: /p}"),
              StatusIs(absl::StatusCode::kInvalidArgument, "environments[0].keySource.pkcs11.module: is missing"));
