@@ -14,7 +14,8 @@ Control channel (POST http://127.0.0.1:<control>/control, JSON body; "listener":
 may be combined):
     sealed: bool            503 {"errors":["Vault is sealed"]} for every /v1 path but sys/health
     standby_redirect: str   307 to <str><path> (or "" to stop)
-    fail_status, fail_count: the next fail_count requests (all listeners if "all": true) answer fail_status
+    fail_status, fail_count[, fail_path]: the next fail_count requests (whose path contains fail_path) answer
+                            fail_status (on every listener if "all": true)
     rate_limit_count, retry_after: the next N requests answer 429 (with Retry-After if retry_after is given)
     delay: float seconds before each answer
     hang: bool              accept and read the request, never answer (until hang is cleared)
@@ -114,6 +115,7 @@ class Listener:
         self.standby_redirect = ""
         self.fail_status = 0
         self.fail_count = 0
+        self.fail_path = ""
         self.rate_limit_count = 0
         self.retry_after = None
         self.delay = 0.0
@@ -402,7 +404,7 @@ def make_handler(api, listener, args):
                         hdrs["Retry-After"] = str(listener.retry_after)
                     return self.send_json(429, {"errors": ["request path \"%s\": rate limit quota exceeded" % vpath]},
                                           hdrs)
-                if listener.fail_count > 0:
+                if listener.fail_count > 0 and listener.fail_path in path:
                     listener.fail_count -= 1
                     return self.send_json(listener.fail_status or 500, {"errors": ["injected failure"]})
                 try:
@@ -523,6 +525,7 @@ def make_control(state, listeners):
                 if "fail_count" in c:
                     l.fail_count = int(c["fail_count"])
                     l.fail_status = int(c.get("fail_status", 500))
+                    l.fail_path = c.get("fail_path", "")
                 if "rate_limit_count" in c:
                     l.rate_limit_count = int(c["rate_limit_count"])
                     l.retry_after = c.get("retry_after")

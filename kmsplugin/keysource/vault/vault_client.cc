@@ -370,7 +370,7 @@ absl::Status VaultClient::ErrorStatus(const VaultResponse& response, absl::strin
 
 absl::StatusOr<crypto::SecretBytes> VaultClient::CurrentToken(absl::Time deadline, uint64_t* generation) {
   if (options_.auth.kind == AuthKind::kToken) {
-    absl::MutexLock login(&login_mu_);
+    absl::MutexLock file(&file_mu_);
     bool changed = false;
     if (absl::Status s = LoadTokenFile(/*force=*/false, deadline, &changed); !s.ok()) {
       return s;
@@ -548,14 +548,17 @@ absl::Status VaultClient::LookupSelf(absl::Time deadline) {
 }
 
 absl::Status VaultClient::Authenticate(absl::Time deadline) {
-  absl::MutexLock login(&login_mu_);
   if (options_.auth.kind == AuthKind::kToken) {
-    bool changed = false;
-    if (absl::Status s = LoadTokenFile(/*force=*/true, deadline, &changed); !s.ok()) {
-      return s;
+    {
+      absl::MutexLock file(&file_mu_);
+      bool changed = false;
+      if (absl::Status s = LoadTokenFile(/*force=*/true, deadline, &changed); !s.ok()) {
+        return s;
+      }
     }
     return LookupSelf(deadline);
   }
+  absl::MutexLock login(&login_mu_);
   return Login(deadline);
 }
 
@@ -568,6 +571,7 @@ absl::Status VaultClient::Reauthenticate(absl::Time deadline, uint64_t generatio
     }
   }
   if (options_.auth.kind == AuthKind::kToken) {
+    absl::MutexLock file(&file_mu_);
     bool changed = false;
     if (absl::Status s = LoadTokenFile(/*force=*/true, deadline, &changed); !s.ok()) {
       return s;
@@ -591,17 +595,24 @@ absl::Duration VaultClient::TokenTimeToLive() const {
 }
 
 void VaultClient::RenewOnce() {
-  absl::MutexLock login(&login_mu_);
+  // Only the background thread renews; login_mu_ is held only around logins, so callers never wait for a
+  // renew-self round trip.
+  auto login = [this](absl::Time deadline) {
+    absl::MutexLock lock(&login_mu_);
+    return Login(deadline);
+  };
   absl::Time now = clock_->Now();
   crypto::SecretBytes token;
   bool renewable;
   bool lease_known;
   absl::Duration lease, grace, remaining;
+  uint64_t generation;
   {
     absl::MutexLock lock(&mu_);
     if (now < renew_at_) {
       return;
     }
+    generation = generation_;
     token = crypto::SecretBytes::CopyOf(token_.view());
     renewable = renewable_;
     lease = lease_;
@@ -627,6 +638,9 @@ void VaultClient::RenewOnce() {
       bool still_renewable = auth.value("renewable", false);
       {
         absl::MutexLock lock(&mu_);
+        if (generation != generation_) {
+          return;  // a caller logged in meanwhile; that token has its own lease
+        }
         SetLease(new_lease, still_renewable);
         if (new_lease > absl::ZeroDuration() && new_lease <= grace && can_login) {
           renew_at_ = clock_->Now();  // max TTL reached: log in again
@@ -637,7 +651,7 @@ void VaultClient::RenewOnce() {
     }
     result = response.ok() ? ErrorStatus(*response, "token renew-self") : response.status();
   } else if (can_login) {
-    result = Login(deadline);  // non-renewable: time to log in again
+    result = login(deadline);  // non-renewable: time to log in again
     if (result.ok()) {
       return;
     }
@@ -651,7 +665,7 @@ void VaultClient::RenewOnce() {
   }
   // Renewal (or login) failed: log in again when the lease is nearly gone, else back off.
   if (can_login && (remaining <= grace * 2 || result.code() == absl::StatusCode::kPermissionDenied)) {
-    if (Login(deadline).ok()) {
+    if (login(deadline).ok()) {
       return;
     }
   }

@@ -91,8 +91,8 @@ class VaultClient {
   // After a 403 with the token of `generation`: one fresh credential. PERMISSION_DENIED if none.
   absl::Status Reauthenticate(absl::Time deadline, uint64_t generation, const VaultResponse& refused);
   absl::Status Login(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(login_mu_);
-  absl::Status LoadTokenFile(bool force, absl::Time deadline, bool* changed) ABSL_EXCLUSIVE_LOCKS_REQUIRED(login_mu_);
-  absl::Status LookupSelf(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(login_mu_);
+  absl::Status LoadTokenFile(bool force, absl::Time deadline, bool* changed) ABSL_EXCLUSIVE_LOCKS_REQUIRED(file_mu_);
+  absl::Status LookupSelf(absl::Time deadline);
   void SetLease(absl::Duration lease, bool renewable) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RenewOnce();
   void BackgroundLoop(std::function<void()> tick, absl::Duration tick_every);
@@ -104,7 +104,8 @@ class VaultClient {
   std::unique_ptr<HttpTransport> transport_;
   std::atomic<size_t> preferred_{0};
 
-  absl::Mutex login_mu_;  // serialises logins and token-file reads; taken before mu_
+  absl::Mutex login_mu_;  // serialises logins; taken before file_mu_ and mu_
+  absl::Mutex file_mu_;   // serialises token-file reads; taken before mu_
   mutable absl::Mutex mu_;
   crypto::SecretBytes token_ ABSL_GUARDED_BY(mu_);
   uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
@@ -115,9 +116,9 @@ class VaultClient {
   absl::Time renew_at_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
   int renew_failures_ ABSL_GUARDED_BY(mu_) = 0;
   // Token file identity, to notice a change.
-  int64_t file_mtime_ns_ ABSL_GUARDED_BY(login_mu_) = -1;
-  int64_t file_size_ ABSL_GUARDED_BY(login_mu_) = -1;
-  uint64_t file_inode_ ABSL_GUARDED_BY(login_mu_) = 0;
+  int64_t file_mtime_ns_ ABSL_GUARDED_BY(file_mu_) = -1;
+  int64_t file_size_ ABSL_GUARDED_BY(file_mu_) = -1;
+  uint64_t file_inode_ ABSL_GUARDED_BY(file_mu_) = 0;
 
   absl::Mutex bg_mu_;
   bool stop_ ABSL_GUARDED_BY(bg_mu_) = false;

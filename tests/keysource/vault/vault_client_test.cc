@@ -140,6 +140,23 @@ TEST_CASE("VaultClient: AppRole logs in again when the max TTL ends renewals", "
   CHECK(server.Requests(0, "/v1/auth/approle/login") >= 2);
 }
 
+TEST_CASE("VaultClient: failed renewals back off and log in again before the lease runs out", "[vault]") {
+  VaultTestServer server;
+  server.Control({{"create_key", {{"name", "kms"}}}, {"token_ttl", 3}, {"token_max_ttl", 600}});
+  auto source = MustOpen(AppRoleOptions(server, MakeTempDir()), /*background=*/true);
+  server.Control({{"fail_count", 100000}, {"fail_status", 500}, {"fail_path", "renew-self"}});
+  for (int i = 0; i < 10; ++i) {  // 5 s: well past the 3 s lease
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    REQUIRE_THAT(RoundTrip(*source), IsOk());
+  }
+  int renewals = server.Requests(0, "/v1/auth/token/renew-self");
+  CHECK(renewals >= 3);
+  CHECK(renewals <= 40);  // backoff, not a hot loop
+  CHECK(server.Requests(0, "/v1/auth/approle/login") >= 2);
+  // No call ever saw the expired token: every encrypt succeeded on its first request.
+  CHECK(server.Requests(0, "/v1/transit/encrypt/kms") == 10);
+}
+
 TEST_CASE("VaultClient: AppRole with a wrong secret_id is PERMISSION_DENIED without the secret", "[vault]") {
   VaultTestServer server;
   server.Control({{"create_key", {{"name", "kms"}}}});
@@ -182,7 +199,7 @@ TEST_CASE("VaultClient: JWT login sends the role and the token file's JWT", "[va
 }
 
 TEST_CASE("VaultClient: TLS cert auth logs in with the client certificate", "[vault]") {
-  VaultTestServer server({.client_ca = true});
+  VaultTestServer server(VaultTestServer::Options::ClientCa());
   server.Control({{"create_key", {{"name", "kms"}}}, {"cert_role", {{"name", "kms"}}}});
   VaultOptions options = TokenOptions(server, MakeTempDir());
   options.auth = AuthOptions();
@@ -225,7 +242,7 @@ TEST_CASE("VaultClient: the server name override verifies the certificate's name
 }
 
 TEST_CASE("VaultClient: fails over when the first server is sealed", "[vault]") {
-  VaultTestServer server({.listeners = 2});
+  VaultTestServer server(VaultTestServer::Options::Listeners(2));
   server.Control({{"create_key", {{"name", "kms"}}}});
   auto source = MustOpen(TokenOptions(server, MakeTempDir()));
   server.Control({{"listener", 0}, {"sealed", true}});
@@ -240,7 +257,7 @@ TEST_CASE("VaultClient: fails over when the first server is sealed", "[vault]") 
 }
 
 TEST_CASE("VaultClient: fails over when the first server is killed", "[vault]") {
-  VaultTestServer server({.listeners = 2});
+  VaultTestServer server(VaultTestServer::Options::Listeners(2));
   server.Control({{"create_key", {{"name", "kms"}}}});
   auto source = MustOpen(TokenOptions(server, MakeTempDir()));
   server.Control({{"listener", 0}, {"close", true}});
@@ -251,7 +268,7 @@ TEST_CASE("VaultClient: fails over when the first server is killed", "[vault]") 
 }
 
 TEST_CASE("VaultClient: fails over when the first server hangs, within the deadline", "[vault]") {
-  VaultTestServer server({.listeners = 2});
+  VaultTestServer server(VaultTestServer::Options::Listeners(2));
   server.Control({{"create_key", {{"name", "kms"}}}});
   auto source = MustOpen(TokenOptions(server, MakeTempDir()));
   auto current = source->Current();
@@ -323,7 +340,7 @@ TEST_CASE("VaultClient: 500 and 502 are retried; 501 is not", "[vault]") {
 }
 
 TEST_CASE("VaultClient: 400 from decrypt is not retried", "[vault]") {
-  VaultTestServer server({.listeners = 2});
+  VaultTestServer server(VaultTestServer::Options::Listeners(2));
   server.Control({{"create_key", {{"name", "kms"}}}});
   auto source = MustOpen(TokenOptions(server, MakeTempDir()));
   auto current = source->Current();
@@ -335,7 +352,7 @@ TEST_CASE("VaultClient: 400 from decrypt is not retried", "[vault]") {
 }
 
 TEST_CASE("VaultClient: a standby's 307 is followed once, never from https to http", "[vault]") {
-  VaultTestServer server({.listeners = 2});
+  VaultTestServer server(VaultTestServer::Options::Listeners(2));
   server.Control({{"create_key", {{"name", "kms"}}}});
   auto source = MustOpen(TokenOptions(server, MakeTempDir()));
   server.Control({{"listener", 0}, {"standby_redirect", server.Address(1)}});
@@ -350,7 +367,7 @@ TEST_CASE("VaultClient: a standby's 307 is followed once, never from https to ht
 }
 
 TEST_CASE("VaultClient: the token never appears in any status message", "[vault]") {
-  VaultTestServer server({.listeners = 2});
+  VaultTestServer server(VaultTestServer::Options::Listeners(2));
   server.Control({{"create_key", {{"name", "kms"}}}});
   std::string dir = MakeTempDir();
   VaultOptions options = TokenOptions(server, dir);

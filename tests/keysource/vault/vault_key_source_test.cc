@@ -238,7 +238,7 @@ TEST_CASE("VaultKeySource: an unreachable Vault at start makes Current UNAVAILAB
 }
 
 TEST_CASE("VaultKeySource: the namespace header selects the namespace's key", "[vault]") {
-  VaultTestServer server({.namespaces = "team/prod"});
+  VaultTestServer server(VaultTestServer::Options::Namespaces("team/prod"));
   server.Control({{"create_key", {{"name", "kms"}, {"namespace", "team/prod"}}}});
   VaultOptions options = TokenOptions(server, MakeTempDir());
   options.vault_namespace = "team/prod";

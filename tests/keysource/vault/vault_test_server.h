@@ -91,6 +91,21 @@ class VaultTestServer {
     bool tls = true;
     bool client_ca = false;
     std::string namespaces;
+    static Options Listeners(int n) {
+      Options o;
+      o.listeners = n;
+      return o;
+    }
+    static Options ClientCa() {
+      Options o;
+      o.client_ca = true;
+      return o;
+    }
+    static Options Namespaces(std::string ns) {
+      Options o;
+      o.namespaces = std::move(ns);
+      return o;
+    }
   };
 
   VaultTestServer() : VaultTestServer(Options{}) {}
