@@ -314,6 +314,19 @@ TEST_CASE("LocalKeySource: every version keeps unwrapping after many rotations",
   }
 }
 
+TEST_CASE("LocalKeySource: rotate succeeds after a crash left a stale temp file behind", "[local]") {
+  // A crash between creating the temp file and renaming it leaves <keyring>.tmp-<pid>. In a container the plugin
+  // is usually PID 1 after every restart, so the next process has the same pid and the same temp name; the
+  // leftover must not block every later rotation (ARCHITECTURE.md rule 3: a crash leaves a usable state).
+  Env env;
+  auto source = env.Open();
+  const std::string stale = env.world.keyring + ".tmp-" + std::to_string(getpid());
+  WriteFile(stale, "half-written keyring from a crashed rotation");
+  auto rotated = source->Rotate(env.Deadline());
+  CHECK_THAT(rotated, IsOk());
+  CHECK(MustCurrent(*source).version == 2);
+}
+
 // ---------------------------------------------------------------------------------------------- Refresh
 
 TEST_CASE("LocalKeySource: Refresh picks up a rotation made by another instance", "[local]") {
@@ -578,6 +591,90 @@ TEST_CASE("LocalKeySource: a ciphertext of another environment on the same keyri
   auto forged = crypto::EncodeEnvelope(*envelope);
   REQUIRE_THAT(forged, IsOk());
   CHECK_THAT(other.Decrypt(*forged, &metadata, env.Deadline()), StatusIs(Code::kInvalidArgument));
+}
+
+}  // namespace
+}  // namespace kmsplugin::keysource::local
+
+namespace kmsplugin::keysource::local {
+namespace {
+
+// One round of the race below: three threads call Refresh in a loop while the keyring file advances through
+// kSteps states; returns how often Current() was seen going back. Not a sleep: the file writes are the pace.
+int CountCurrentGoingBack() {
+  // A large keyring makes each reload slow enough for the race to show.
+  constexpr int kBase = 300;
+  constexpr int kSteps = 60;
+  constexpr int kVersions = kBase + kSteps;
+  Env env;
+  auto root = ReadRootKeyFile(env.world.root_key);
+  REQUIRE(root.ok());
+  auto keyring = OpenKeyring(ReadAll(env.world.keyring), *root, env.world.keyring);
+  REQUIRE(keyring.ok());
+  // Every keyring state from kBase to kVersions versions, sealed ahead of time so the writer is fast.
+  std::vector<std::string> states;
+  for (int v = 2; v <= kVersions; ++v) {
+    AppendVersion(*keyring, env.clock.Now(), crypto::SystemRandom());
+    if (v >= kBase) {
+      auto sealed = SealKeyring(*keyring, *root, crypto::SystemRandom());
+      REQUIRE(sealed.ok());
+      states.push_back(std::move(*sealed));
+    }
+  }
+  WriteFile(env.world.keyring, states.front());
+  auto server = env.Open();
+  std::atomic<bool> stop{false};
+  std::atomic<int> went_back{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 3; ++t) {
+    threads.emplace_back([&] {
+      while (!stop.load()) {
+        (void)server->Refresh(absl::InfiniteFuture());
+      }
+    });
+  }
+  threads.emplace_back([&] {
+    uint64_t highest = 0;
+    while (!stop.load()) {
+      auto current = server->Current();
+      if (current.ok()) {
+        if (current->version < highest) {
+          ++went_back;
+        }
+        highest = std::max(highest, current->version);
+      }
+    }
+  });
+  const std::string temp = env.world.keyring + ".writer";
+  for (const std::string& state : states) {
+    WriteFile(temp, state);
+    REQUIRE(rename(temp.c_str(), env.world.keyring.c_str()) == 0);
+  }
+  // Let the refreshers settle on the last state.
+  while (true) {
+    auto current = server->Current();
+    if (current.ok() && current->version == kVersions) {
+      break;
+    }
+    std::this_thread::yield();
+  }
+  stop = true;
+  for (std::thread& thread : threads) {
+    thread.join();
+  }
+  return went_back.load();
+}
+
+TEST_CASE("LocalKeySource: concurrent Refresh calls never move the current version back", "[local][race]") {
+  // The server's poll loop, a SIGHUP reload and Rotate's own Refresh can run at once. Each Refresh compares the
+  // file against the view it started from; a slow one that read an older file must not overwrite the newer view
+  // a faster one installed meanwhile (key_ids must never flip-flop, ARCHITECTURE.md rule 1). The race is timing
+  // dependent, so a few rounds are run; with the bug present nearly every run fails.
+  int went_back = 0;
+  for (int round = 0; round < 3 && went_back == 0; ++round) {
+    went_back += CountCurrentGoingBack();
+  }
+  CHECK(went_back == 0);
 }
 
 }  // namespace
