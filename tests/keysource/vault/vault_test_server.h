@@ -13,6 +13,8 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
+#include <mutex>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -27,6 +29,28 @@ extern char** environ;
 
 namespace kmsplugin::testing {
 
+// Every temporary directory a test makes; removed when the test binary exits.
+inline std::string RegisterTempDir(const char* prefix) {
+  struct Registry {
+    std::mutex mu;
+    std::vector<std::string> dirs;
+    ~Registry() {
+      std::error_code ignored;
+      for (const auto& d : dirs) {
+        std::filesystem::remove_all(d, ignored);
+      }
+    }
+  };
+  static Registry registry;
+  std::string tmpl = std::string("/tmp/") + prefix + ".XXXXXX";
+  if (mkdtemp(tmpl.data()) == nullptr) {
+    throw std::runtime_error("mkdtemp failed");
+  }
+  std::lock_guard<std::mutex> lock(registry.mu);
+  registry.dirs.push_back(tmpl);
+  return tmpl;
+}
+
 // A directory with a test CA, a server certificate (localhost, vault.test, 127.0.0.1), a client certificate and
 // an unrelated CA. Made once per test binary.
 struct TestPki {
@@ -38,9 +62,8 @@ struct TestPki {
 
  private:
   static TestPki Make() {
-    char tmpl[] = "/tmp/kms-vault-pki.XXXXXX";
     TestPki p;
-    p.dir = mkdtemp(tmpl);
+    p.dir = RegisterTempDir("kms-vault-pki");
     const std::string d = p.dir;
     const std::string ec = " -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes ";
     std::string script =
@@ -69,10 +92,7 @@ struct TestPki {
   }
 };
 
-inline std::string MakeTempDir() {
-  char tmpl[] = "/tmp/kms-vault-test.XXXXXX";
-  return mkdtemp(tmpl);
-}
+inline std::string MakeTempDir() { return RegisterTempDir("kms-vault-test"); }
 
 inline void WriteFile(const std::string& path, const std::string& content, mode_t mode = 0600) {
   std::string tmp = path + ".tmp";
