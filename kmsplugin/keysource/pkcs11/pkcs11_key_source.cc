@@ -7,8 +7,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <p11-kit/pkcs11.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
@@ -24,6 +22,11 @@
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "kmsplugin/config/file_checks.h"
+
+// Last, so that its lowercase compat macros cannot rename anything in the headers above.
+// clang-format off
+#include <p11-kit/pkcs11.h>
+// clang-format on
 
 namespace kmsplugin::keysource::pkcs11 {
 namespace {
@@ -125,9 +128,9 @@ class Module {
     auto get_function_list = reinterpret_cast<CK_C_GetFunctionList>(dlsym(handle, "C_GetFunctionList"));
     CK_FUNCTION_LIST_PTR functions = nullptr;
     if (get_function_list == nullptr || get_function_list(&functions) != CKR_OK || functions == nullptr) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("PKCS#11 module ", path, " has no usable C_GetFunctionList; fix: point "
-                       "keySource.pkcs11.module at a PKCS#11 library"));
+      return absl::FailedPreconditionError(absl::StrCat("PKCS#11 module ", path,
+                                                        " has no usable C_GetFunctionList; fix: point "
+                                                        "keySource.pkcs11.module at a PKCS#11 library"));
     }
     auto module = std::shared_ptr<Module>(new Module(path, functions));
     if (auto status = module->InitialiseFirst(); !status.ok()) {
@@ -229,8 +232,8 @@ absl::StatusOr<PinFile> ReadPinFile(const std::string& path) {
   struct stat info {};
   if (fstat(fd, &info) != 0 || !S_ISREG(info.st_mode) || (info.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
     close(fd);
-    return absl::FailedPreconditionError(absl::StrCat(
-        "PIN file ", path, " is not a regular file of mode 0600 or stricter; fix: chmod 600 ", path));
+    return absl::FailedPreconditionError(
+        absl::StrCat("PIN file ", path, " is not a regular file of mode 0600 or stricter; fix: chmod 600 ", path));
   }
   constexpr size_t kMaxPin = 256;
   crypto::SecretBytes buffer(kMaxPin + 1);
@@ -310,8 +313,8 @@ std::string EncodeKeyRef(uint64_t version, absl::Time created) {
 
 absl::StatusOr<DecodedKeyRef> DecodeKeyRef(std::string_view key_ref) {
   if (key_ref.size() != kKeyRefSize || static_cast<uint8_t>(key_ref[0]) != 0x01) {
-    return absl::InvalidArgumentError(absl::StrCat("pkcs11 key reference of ", key_ref.size(),
-                                                   " bytes is not in the expected 17-byte format 0x01"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("pkcs11 key reference of ", key_ref.size(), " bytes is not in the expected 17-byte format 0x01"));
   }
   uint64_t version = 0;
   uint64_t micros = 0;
@@ -380,9 +383,9 @@ class Pkcs11KeySource::Impl {
       if (!pin_error_.ok()) {
         return pin_error_;
       }
-      return absl::FailedPreconditionError(absl::StrCat(
-          "no key version \"", options_.key_label, "-v<N>\" on the PKCS#11 ", token_name_,
-          "; fix: run `kmsplugin init` to create the first version (or check keyLabel)"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("no key version \"", options_.key_label, "-v<N>\" on the PKCS#11 ", token_name_,
+                       "; fix: run `kmsplugin init` to create the first version (or check keyLabel)"));
     }
     return versions_.back().version;
   }
@@ -409,17 +412,17 @@ class Pkcs11KeySource::Impl {
   absl::StatusOr<std::string> Wrap(const core::KeyVersion& version, std::string_view plaintext,
                                    std::string_view associated_data, absl::Time deadline) {
     if (associated_data.empty()) {
-      return absl::InvalidArgumentError("pkcs11 wrap refused: the associated data is empty (it must bind the "
-                                        "environment and key version)");
+      return absl::InvalidArgumentError(
+          "pkcs11 wrap refused: the associated data is empty (it must bind the "
+          "environment and key version)");
     }
     if (plaintext.empty() || plaintext.size() > kMaxWrapPlaintextSize) {
       return absl::InvalidArgumentError(absl::StrCat("pkcs11 wrap refused: plaintext of ", plaintext.size(),
                                                      " bytes (must be 1..", kMaxWrapPlaintextSize, ")"));
     }
     if (auto known = Lookup(version.key_ref); !known.ok()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("pkcs11 wrap refused: key version ", version.version, " (", version.key_id,
-                       ") is not known to this key source"));
+      return absl::FailedPreconditionError(absl::StrCat("pkcs11 wrap refused: key version ", version.version, " (",
+                                                        version.key_id, ") is not known to this key source"));
     }
     std::string out(kGcmIvSize + plaintext.size() + kGcmTagSize, '\0');
     // A fresh IV from our CSPRNG every call: the token never chooses it (SoftHSM would accept an empty one).
@@ -442,8 +445,7 @@ class Pkcs11KeySource::Impl {
           }
           out_len = out.size() - kGcmIvSize;
           return f_->C_Encrypt(session, reinterpret_cast<CK_BYTE_PTR>(const_cast<char*>(plaintext.data())),
-                               plaintext.size(), reinterpret_cast<CK_BYTE_PTR>(out.data() + kGcmIvSize),
-                               &out_len);
+                               plaintext.size(), reinterpret_cast<CK_BYTE_PTR>(out.data() + kGcmIvSize), &out_len);
         },
         /*decrypt=*/false);
     if (!status.ok()) {
@@ -464,18 +466,19 @@ class Pkcs11KeySource::Impl {
     // Checked here, before the token sees anything: SoftHSM would accept a short IV or a missing tag.
     if (wrapped.size() < kGcmIvSize + 1 + kGcmTagSize ||
         wrapped.size() > kGcmIvSize + kMaxWrapPlaintextSize + kGcmTagSize) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("pkcs11 wrapped key of ", wrapped.size(), " bytes is malformed (expected a 12-byte IV, 1..",
-                       kMaxWrapPlaintextSize, " bytes of ciphertext and a 16-byte tag)"));
+      return absl::InvalidArgumentError(absl::StrCat("pkcs11 wrapped key of ", wrapped.size(),
+                                                     " bytes is malformed (expected a 12-byte IV, 1..",
+                                                     kMaxWrapPlaintextSize, " bytes of ciphertext and a 16-byte tag)"));
     }
     if (auto decoded = DecodeKeyRef(key_ref); !decoded.ok()) {
       return absl::InvalidArgumentError(decoded.status().message());
     }
     if (auto known = Lookup(key_ref); !known.ok()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("pkcs11 key version ", DecodeKeyRef(key_ref)->version, " named by the ciphertext is not "
-                       "on the ", token_name_, " under label prefix \"", options_.key_label,
-                       "\" (another token, another environment, or a deleted key)"));
+      return absl::FailedPreconditionError(absl::StrCat("pkcs11 key version ", DecodeKeyRef(key_ref)->version,
+                                                        " named by the ciphertext is not "
+                                                        "on the ",
+                                                        token_name_, " under label prefix \"", options_.key_label,
+                                                        "\" (another token, another environment, or a deleted key)"));
     }
     const size_t body = wrapped.size() - kGcmIvSize;
     crypto::SecretBytes buffer(body);
@@ -547,38 +550,36 @@ class Pkcs11KeySource::Impl {
     const std::string label = absl::StrCat(options_.key_label, "-v", next);
     const std::string id = EncodeKeyRef(next, created);
     CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
-    auto status = WithSession(
-        deadline, "C_GenerateKey", [&](CK_SESSION_HANDLE session) -> CK_RV {
-          CK_OBJECT_CLASS klass = CKO_SECRET_KEY;
-          CK_KEY_TYPE key_type = CKK_AES;
-          CK_ULONG value_len = 32;
-          CK_BBOOL yes = CK_TRUE;
-          CK_BBOOL no = CK_FALSE;
-          CK_MECHANISM_TYPE allowed[] = {CKM_AES_GCM};
-          CK_ATTRIBUTE attributes[] = {
-              {CKA_CLASS, &klass, sizeof(klass)},
-              {CKA_KEY_TYPE, &key_type, sizeof(key_type)},
-              {CKA_VALUE_LEN, &value_len, sizeof(value_len)},
-              {CKA_TOKEN, &yes, sizeof(yes)},
-              {CKA_PRIVATE, &yes, sizeof(yes)},
-              {CKA_SENSITIVE, &yes, sizeof(yes)},
-              {CKA_EXTRACTABLE, &no, sizeof(no)},
-              {CKA_ENCRYPT, &yes, sizeof(yes)},
-              {CKA_DECRYPT, &yes, sizeof(yes)},
-              {CKA_WRAP, &no, sizeof(no)},
-              {CKA_UNWRAP, &no, sizeof(no)},
-              {CKA_DERIVE, &no, sizeof(no)},
-              {CKA_SIGN, &no, sizeof(no)},
-              {CKA_VERIFY, &no, sizeof(no)},
-              {CKA_MODIFIABLE, &no, sizeof(no)},
-              {CKA_LABEL, const_cast<char*>(label.data()), label.size()},
-              {CKA_ID, const_cast<char*>(id.data()), id.size()},
-              {CKA_ALLOWED_MECHANISMS, allowed, sizeof(allowed)},
-          };
-          CK_MECHANISM mechanism{CKM_AES_KEY_GEN, nullptr, 0};
-          return f_->C_GenerateKey(session, &mechanism, attributes, sizeof(attributes) / sizeof(attributes[0]),
-                                   &key);
-        });
+    auto status = WithSession(deadline, "C_GenerateKey", [&](CK_SESSION_HANDLE session) -> CK_RV {
+      CK_OBJECT_CLASS klass = CKO_SECRET_KEY;
+      CK_KEY_TYPE key_type = CKK_AES;
+      CK_ULONG value_len = 32;
+      CK_BBOOL yes = CK_TRUE;
+      CK_BBOOL no = CK_FALSE;
+      CK_MECHANISM_TYPE allowed[] = {CKM_AES_GCM};
+      CK_ATTRIBUTE attributes[] = {
+          {CKA_CLASS, &klass, sizeof(klass)},
+          {CKA_KEY_TYPE, &key_type, sizeof(key_type)},
+          {CKA_VALUE_LEN, &value_len, sizeof(value_len)},
+          {CKA_TOKEN, &yes, sizeof(yes)},
+          {CKA_PRIVATE, &yes, sizeof(yes)},
+          {CKA_SENSITIVE, &yes, sizeof(yes)},
+          {CKA_EXTRACTABLE, &no, sizeof(no)},
+          {CKA_ENCRYPT, &yes, sizeof(yes)},
+          {CKA_DECRYPT, &yes, sizeof(yes)},
+          {CKA_WRAP, &no, sizeof(no)},
+          {CKA_UNWRAP, &no, sizeof(no)},
+          {CKA_DERIVE, &no, sizeof(no)},
+          {CKA_SIGN, &no, sizeof(no)},
+          {CKA_VERIFY, &no, sizeof(no)},
+          {CKA_MODIFIABLE, &no, sizeof(no)},
+          {CKA_LABEL, const_cast<char*>(label.data()), label.size()},
+          {CKA_ID, const_cast<char*>(id.data()), id.size()},
+          {CKA_ALLOWED_MECHANISMS, allowed, sizeof(allowed)},
+      };
+      CK_MECHANISM mechanism{CKM_AES_KEY_GEN, nullptr, 0};
+      return f_->C_GenerateKey(session, &mechanism, attributes, sizeof(attributes) / sizeof(attributes[0]), &key);
+    });
     if (!status.ok()) {
       return status;
     }
@@ -656,13 +657,13 @@ class Pkcs11KeySource::Impl {
       }
     }
     if (matches.empty()) {
-      return MarkDeviceGoneLocked(absl::StrCat(
-          "no PKCS#11 ", token_name_, " in module ", module_->path(), " (tokens present: ",
-          seen.empty() ? "none" : absl::StrJoin(seen, ", "), ")"));
+      return MarkDeviceGoneLocked(absl::StrCat("no PKCS#11 ", token_name_, " in module ", module_->path(),
+                                               " (tokens present: ", seen.empty() ? "none" : absl::StrJoin(seen, ", "),
+                                               ")"));
     }
     if (matches.size() > 1) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "more than one PKCS#11 ", token_name_, "; fix: select the token with tokenSerial instead"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("more than one PKCS#11 ", token_name_, "; fix: select the token with tokenSerial instead"));
     }
     slot_ = matches[0];
     token_serial_ = serial;
@@ -698,9 +699,10 @@ class Pkcs11KeySource::Impl {
       switch (rv) {
         case CKR_PIN_LOCKED:
           why = "the user PIN is locked after too many wrong attempts";
-          fix = absl::StrCat("have the token's security officer reset the user PIN (e.g. pkcs11-tool --init-pin "
-                             "--login --login-type so), write it to ", options_.pin_file,
-                             ", then reload the plugin (SIGHUP) or rerun the command");
+          fix = absl::StrCat(
+              "have the token's security officer reset the user PIN (e.g. pkcs11-tool --init-pin "
+              "--login --login-type so), write it to ",
+              options_.pin_file, ", then reload the plugin (SIGHUP) or rerun the command");
           break;
         case CKR_PIN_EXPIRED:
           why = "the user PIN has expired";
@@ -713,10 +715,11 @@ class Pkcs11KeySource::Impl {
                              ", then reload the plugin (SIGHUP) or rerun the command");
           break;
       }
-      pin_error_ = absl::PermissionDeniedError(
-          absl::StrCat("PKCS#11 login to the ", token_name_, " failed: ", why, " (", Rv(rv), ", PIN from ",
-                       options_.pin_file, "); the plugin will not try this PIN again, because repeated attempts "
-                       "can lock or wipe a token; fix: ", fix));
+      pin_error_ = absl::PermissionDeniedError(absl::StrCat(
+          "PKCS#11 login to the ", token_name_, " failed: ", why, " (", Rv(rv), ", PIN from ", options_.pin_file,
+          "); the plugin will not try this PIN again, because repeated attempts "
+          "can lock or wipe a token; fix: ",
+          fix));
       return pin_error_;
     }
     if (IsSessionGone(rv)) {
@@ -747,9 +750,9 @@ class Pkcs11KeySource::Impl {
     if (need_reinit_) {
       const absl::Time now = absl::Now();
       if (now < next_reinit_) {
-        return absl::UnavailableError(absl::StrCat(
-            "PKCS#11 ", token_name_, " is unavailable (", unavailable_reason_, "); next re-initialisation in ",
-            absl::FormatDuration(next_reinit_ - now)));
+        return absl::UnavailableError(absl::StrCat("PKCS#11 ", token_name_, " is unavailable (", unavailable_reason_,
+                                                   "); next re-initialisation in ",
+                                                   absl::FormatDuration(next_reinit_ - now)));
       }
       absl::Status status = module_->Reinitialise(generation_);
       if (status.ok()) {
@@ -763,8 +766,8 @@ class Pkcs11KeySource::Impl {
         unavailable_reason_ = std::string(status.message());
         next_reinit_ = absl::Now() + backoff_;
         backoff_ = std::min(backoff_ * 2, options_.reinit_backoff_max);
-        return absl::UnavailableError(absl::StrCat("PKCS#11 ", token_name_, " is unavailable: ", status.message(),
-                                                   " (retrying with backoff)"));
+        return absl::UnavailableError(
+            absl::StrCat("PKCS#11 ", token_name_, " is unavailable: ", status.message(), " (retrying with backoff)"));
       }
       need_reinit_ = false;
       backoff_ = options_.reinit_backoff_initial;
@@ -915,8 +918,8 @@ class Pkcs11KeySource::Impl {
         continue;
       }
       const std::string failure = absl::StrCat("PKCS#11 ", what, " failed: ", Rv(rv));
-      if (decrypt && (rv == CKR_ENCRYPTED_DATA_INVALID || rv == CKR_ENCRYPTED_DATA_LEN_RANGE ||
-                      rv == CKR_GENERAL_ERROR)) {
+      if (decrypt &&
+          (rv == CKR_ENCRYPTED_DATA_INVALID || rv == CKR_ENCRYPTED_DATA_LEN_RANGE || rv == CKR_GENERAL_ERROR)) {
         return absl::InvalidArgumentError(
             "pkcs11 wrapped key does not authenticate under this key version and associated data (wrong "
             "environment, tampered bytes, or another key)");

@@ -52,7 +52,7 @@ struct Pkcs11Options {
   int session_pool_size = 9;
   // Stamps the creation time of new versions (CKA_ID, key_id). Deadlines and backoff are real time
   // (absl::Now()), as gRPC deadlines are.
-  core::Clock* clock = nullptr;    // defaults to SystemClock()
+  core::Clock* clock = nullptr;      // defaults to SystemClock()
   crypto::Random* random = nullptr;  // defaults to SystemRandom()
   // Backoff between full re-initialisation attempts after the device went away.
   absl::Duration reinit_backoff_initial = absl::Milliseconds(100);
@@ -101,9 +101,8 @@ class Pkcs11KeySource : public core::KeySource {
   // Session pool use, for metrics ("HSM session pool use").
   SessionPoolStats PoolStats() const;
 
-  class Impl;
-
  private:
+  class Impl;
   explicit Pkcs11KeySource(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

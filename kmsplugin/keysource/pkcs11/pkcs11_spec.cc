@@ -12,8 +12,7 @@ namespace {
 constexpr absl::Duration kOpenTimeout = absl::Seconds(30);
 
 bool IsLabelChar(char c) {
-  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_' ||
-         c == '.';
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.';
 }
 
 class Pkcs11Spec : public config::KeySourceSpec {
@@ -43,10 +42,10 @@ class Pkcs11Spec : public config::KeySourceSpec {
     }
     const std::string token = TokenName();
     if (!versions->empty()) {
-      return absl::AlreadyExistsError(absl::StrCat(
-          "the PKCS#11 ", token, " already holds key version ", versions->back().version, " (label \"",
-          KeyLabel(context), "-v", versions->back().version, "\", key_id ", versions->back().key_id,
-          "); init never overwrites key material; use `kmsplugin rotate` to add a version"));
+      return absl::AlreadyExistsError(
+          absl::StrCat("the PKCS#11 ", token, " already holds key version ", versions->back().version, " (label \"",
+                       KeyLabel(context), "-v", versions->back().version, "\", key_id ", versions->back().key_id,
+                       "); init never overwrites key material; use `kmsplugin rotate` to add a version"));
     }
     auto created = (*source)->Rotate(deadline);
     if (!created.ok()) {
@@ -109,8 +108,8 @@ absl::StatusOr<std::unique_ptr<config::KeySourceSpec>> ParseSpec(const YAML::Nod
     return status;
   }
   Pkcs11Options options;
-  auto module = context.RequiredString(
-      node, "module", "set it to the token's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so");
+  auto module = context.RequiredString(node, "module",
+                                       "set it to the token's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so");
   if (!module.ok()) {
     return module.status();
   }
@@ -139,14 +138,16 @@ absl::StatusOr<std::unique_ptr<config::KeySourceSpec>> ParseSpec(const YAML::Nod
   }
   if (token_label->has_value()) {
     if ((*token_label)->empty() || (*token_label)->size() > 32) {
-      return context.Child("tokenLabel").Error("must be 1 to 32 characters (the PKCS#11 token label field)",
-                                               "write the label given to softhsm2-util --init-token --label");
+      return context.Child("tokenLabel")
+          .Error("must be 1 to 32 characters (the PKCS#11 token label field)",
+                 "write the label given to softhsm2-util --init-token --label");
     }
     options.token_label = **token_label;
   } else {
     if ((*token_serial)->empty() || (*token_serial)->size() > 16) {
-      return context.Child("tokenSerial").Error("must be 1 to 16 characters (the PKCS#11 serial number field)",
-                                                "write the serial shown by pkcs11-tool --list-token-slots");
+      return context.Child("tokenSerial")
+          .Error("must be 1 to 16 characters (the PKCS#11 serial number field)",
+                 "write the serial shown by pkcs11-tool --list-token-slots");
     }
     options.token_serial = **token_serial;
   }
@@ -170,9 +171,9 @@ absl::StatusOr<std::unique_ptr<config::KeySourceSpec>> ParseSpec(const YAML::Nod
   if (key_label->has_value()) {
     const std::string& label = **key_label;
     if (label.empty() || label.size() > 64 || !std::all_of(label.begin(), label.end(), IsLabelChar)) {
-      return context.Child("keyLabel").Error(
-          absl::StrCat("\"", label, "\" is not 1 to 64 characters of [A-Za-z0-9._-]"),
-          "write a label prefix such as kmsplugin-prod; versions are stored as <keyLabel>-v1, -v2, ...");
+      return context.Child("keyLabel")
+          .Error(absl::StrCat("\"", label, "\" is not 1 to 64 characters of [A-Za-z0-9._-]"),
+                 "write a label prefix such as kmsplugin-prod; versions are stored as <keyLabel>-v1, -v2, ...");
     }
     options.key_label = label;
   }

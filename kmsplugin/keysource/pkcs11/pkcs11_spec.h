@@ -13,9 +13,9 @@
 //
 // Every error names the file, the field and the fix (FieldContext::Error).
 
-#include <memory>
-
 #include <yaml-cpp/yaml.h>
+
+#include <memory>
 
 #include "absl/status/statusor.h"
 #include "kmsplugin/config/field_context.h"

@@ -3,7 +3,6 @@
 // and any CKR_OPERATION_ACTIVE. It can also inject a return value into the next N calls of one function. Tests
 // reach the controls with dlopen() of this same file (dlopen returns the handle the key source already holds).
 #include <dlfcn.h>
-
 #include <p11-kit/pkcs11.h>
 
 #include <atomic>

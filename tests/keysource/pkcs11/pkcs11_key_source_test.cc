@@ -1,9 +1,8 @@
 #include "kmsplugin/keysource/pkcs11/pkcs11_key_source.h"
 
 #include <dlfcn.h>
-#include <sys/stat.h>
-
 #include <p11-kit/pkcs11.h>
+#include <sys/stat.h>
 
 #include <atomic>
 #include <cstdio>
@@ -287,8 +286,7 @@ TEST_CASE("Pkcs11KeySource: tampered IV, ciphertext, tag or associated data is r
   }
   CHECK_THAT(source->Unwrap(v1.key_ref, *wrapped, kAad + "x", Soon()),
              StatusIs(absl::StatusCode::kInvalidArgument, "does not authenticate"));
-  CHECK_THAT(source->Unwrap(v1.key_ref, *wrapped + "x", kAad, Soon()),
-             StatusIs(absl::StatusCode::kInvalidArgument));
+  CHECK_THAT(source->Unwrap(v1.key_ref, *wrapped + "x", kAad, Soon()), StatusIs(absl::StatusCode::kInvalidArgument));
   // The source still works after the failures (no session left in a half-finished operation).
   CHECK_THAT(source->Unwrap(v1.key_ref, *wrapped, kAad, Soon()), IsOk());
 }

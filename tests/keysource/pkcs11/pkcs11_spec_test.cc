@@ -1,7 +1,6 @@
 #include "kmsplugin/keysource/pkcs11/pkcs11_spec.h"
 
 #include <sys/stat.h>
-
 #include <yaml-cpp/yaml.h>
 
 #include "absl/strings/match.h"
@@ -20,8 +19,7 @@ absl::StatusOr<std::unique_ptr<config::KeySourceSpec>> Parse(const std::string& 
   return ParseSpec(YAML::Load(yaml), kContext);
 }
 
-constexpr char kValid[] =
-    "{module: /usr/lib/softhsm/libsofthsm2.so, tokenLabel: kms, pinFile: /etc/kmsplugin/kms.pin}";
+constexpr char kValid[] = "{module: /usr/lib/softhsm/libsofthsm2.so, tokenLabel: kms, pinFile: /etc/kmsplugin/kms.pin}";
 
 TEST_CASE("Pkcs11 spec: a minimal section parses", "[pkcs11]") {
   auto spec = Parse(kValid);
@@ -36,17 +34,15 @@ TEST_CASE("Pkcs11 spec: identity names the token and the key label", "[pkcs11]")
   CHECK((*spec)->BackendKeyIdentity() == "pkcs11:serial=1a2b/kek-prod");
 }
 
-TEST_CASE("Pkcs11 spec: default key labels of two environments on one token are different identities",
-          "[pkcs11]") {
+TEST_CASE("Pkcs11 spec: default key labels of two environments on one token are different identities", "[pkcs11]") {
   auto first = ParseSpec(YAML::Load(kValid), kContext);
-  auto second = ParseSpec(YAML::Load(kValid), config::FieldContext("/etc/kmsplugin/config.yaml",
-                                                                   "environments[1].keySource.pkcs11"));
+  auto second = ParseSpec(YAML::Load(kValid),
+                          config::FieldContext("/etc/kmsplugin/config.yaml", "environments[1].keySource.pkcs11"));
   REQUIRE_THAT(first, IsOk());
   REQUIRE_THAT(second, IsOk());
   CHECK((*first)->BackendKeyIdentity() != (*second)->BackendKeyIdentity());
   // The same explicit keyLabel on the same token is the same backend key.
-  const std::string explicit_label =
-      "{module: /m.so, tokenLabel: kms, pinFile: /p, keyLabel: shared}";
+  const std::string explicit_label = "{module: /m.so, tokenLabel: kms, pinFile: /p, keyLabel: shared}";
   auto a = ParseSpec(YAML::Load(explicit_label), kContext);
   auto b = ParseSpec(YAML::Load(explicit_label),
                      config::FieldContext("/etc/kmsplugin/config.yaml", "environments[1].keySource.pkcs11"));
