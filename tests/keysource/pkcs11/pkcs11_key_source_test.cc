@@ -398,7 +398,7 @@ TEST_CASE("Pkcs11KeySource: two tokens, bytes wrapped by one are rejected by the
   CHECK_THAT(a->Unwrap(va.key_ref, *wrapped, kAad, Soon()), IsOk());
 }
 
-TEST_CASE("Pkcs11KeySource: a token selected by serial works; an unknown label is refused naming it", "[pkcs11]") {
+TEST_CASE("Pkcs11KeySource: a token selected by serial works, an unknown label is refused naming it", "[pkcs11]") {
   TokenFixture token;
   auto options = token.Options();
   options.token_label.reset();
