@@ -53,7 +53,8 @@ class EtcdClient {
   EtcdClient(const EtcdClient&) = delete;
   EtcdClient& operator=(const EtcdClient&) = delete;
 
-  // Keys in [key, range_end) in key order, at most `limit` (> 0), read at `revision` (0: the newest).
+  // Keys in [key, range_end) in key order, at most `limit` (> 0), read at `revision` (0: the newest, a
+  // linearizable read; > 0: a serializable read of that revision, which needs no quorum round trip).
   absl::StatusOr<RangePage> Range(const std::string& key, const std::string& range_end, int64_t limit,
                                   int64_t revision);
 

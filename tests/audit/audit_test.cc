@@ -23,6 +23,7 @@
 #include "tests/audit/etcd_fixture.h"
 #include "tests/server/server_fixture.h"
 #include "tests/support/status_matchers.h"
+#include "tests/support/subprocess.h"
 
 namespace kmsplugin::testing {
 namespace {
@@ -574,6 +575,30 @@ TEST_CASE("Audit: bad flags and a bad config are usage errors (exit 2) naming th
   flags = w.Flags();
   flags.timeout_seconds = -1;
   CHECK(RunTable(flags).exit_code == 2);
+}
+
+TEST_CASE("audit_cli: the flags parse as `kmsplugin audit` takes them, and exit codes reach the shell", "[audit]") {
+  World w;
+  REQUIRE_THAT(w.writer.PutV2(SecretKey("ns", "s"), SecretPayload("s")), IsOk());
+  REQUIRE_THAT(w.writer.PutV2("/registry/configmaps/ns/c", SecretPayload("c")), IsOk());
+  const std::string cli = std::string(KMS_BINARY_DIR) + "/tests/audit/audit_cli";
+  RunResult ok = Run({cli, "--config", w.config, "--endpoints", w.etcd.endpoint(), "--prefix", "/registry/secrets/",
+                      "--prefix", "/registry/configmaps", "--page-size", "1", "--timeout", "5", "--json"},
+                     w.plugin.dir.path());
+  INFO(ok.out << ok.err);
+  CHECK(ok.exit_code == 0);
+  const json report = json::parse(ok.out);
+  REQUIRE(report["prefixes"].size() == 2);
+  CHECK(report["prefixes"][1]["prefix"] == "/registry/configmaps/");
+  CHECK(report["prefixes"][1]["objects"] == 1);
+
+  REQUIRE_THAT(w.writer.PutJson(SecretKey("ns", "plain"), "{}"), IsOk());
+  const RunResult problems = Run({cli, "--config", w.config, "--endpoints", w.etcd.endpoint()}, w.plugin.dir.path());
+  CHECK(problems.exit_code == 1);
+  CHECK(problems.out.find("NOT ENCRYPTED (1): ns/plain") != std::string::npos);
+
+  const RunResult usage = Run({cli, "--page-size", "many"}, w.plugin.dir.path());
+  CHECK(usage.exit_code == 2);
 }
 
 }  // namespace
