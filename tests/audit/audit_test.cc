@@ -1,6 +1,7 @@
 // The audit against a real etcd (Debian etcd-server) filled by ApiserverWriter through a real kmsplugin server.
 
 #include <algorithm>
+#include <cstdio>
 #include <chrono>
 #include <set>
 #include <sstream>
@@ -575,6 +576,16 @@ TEST_CASE("Audit: bad flags and a bad config are usage errors (exit 2) naming th
   flags = w.Flags();
   flags.timeout_seconds = -1;
   CHECK(RunTable(flags).exit_code == 2);
+
+  // A key source that cannot be opened: the audit would call its objects "unknown", so it stops instead.
+  flags = w.Flags();
+  const std::string keyring = w.plugin.dir.File("dev.keyring");
+  REQUIRE(std::rename(keyring.c_str(), (keyring + ".moved").c_str()) == 0);
+  run = RunTable(flags);
+  CHECK(run.exit_code == 2);
+  CHECK(run.out.empty());
+  CHECK(run.err.find("environment \"dev\"") != std::string::npos);
+  CHECK(run.err.find("dev.keyring") != std::string::npos);
 }
 
 TEST_CASE("audit_cli: the flags parse as `kmsplugin audit` takes them, and exit codes reach the shell", "[audit]") {
