@@ -144,8 +144,15 @@ absl::Status FieldContext::RejectUnknownKeys(const YAML::Node& node,
     return Error(absl::StrCat("must be a mapping, not ", NodeTypeName(node)),
                  absl::StrCat("write a mapping with the keys ", absl::StrJoin(names, ", ")));
   }
+  std::vector<std::string> seen;
   for (const auto& entry : node) {
     const std::string key = entry.first.Scalar();
+    if (std::find(seen.begin(), seen.end(), key) != seen.end()) {
+      // yaml-cpp keeps the first of two equal keys; YAML 1.2 forbids them, and a silent choice could serve the
+      // wrong socket or key.
+      return Child(key).Error("appears more than once", "keep exactly one value for it");
+    }
+    seen.push_back(key);
     if (std::find(allowed.begin(), allowed.end(), key) == allowed.end()) {
       return Child(key).Error("is not a known setting",
                               absl::StrCat("remove it or correct the spelling; known here: ",

@@ -11,11 +11,6 @@
 
 #include <catch2/catch.hpp>
 
-// Catch2 v2.13 declares MatcherUntypedBase only in Catch::Matchers::Impl; status_matchers.h expects it in Catch.
-namespace Catch {
-using Matchers::Impl::MatcherUntypedBase;
-}  // namespace Catch
-
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "kmsplugin/config/field_context.h"

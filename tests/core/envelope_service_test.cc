@@ -8,11 +8,6 @@
 
 #include <catch2/catch.hpp>
 
-// Catch2 v2.13 declares MatcherUntypedBase only in Catch::Matchers::Impl; status_matchers.h expects it in Catch.
-namespace Catch {
-using Matchers::Impl::MatcherUntypedBase;
-}  // namespace Catch
-
 #include "absl/strings/match.h"
 #include "crypto/envelope_format.h"
 #include "tests/support/fake_clock.h"

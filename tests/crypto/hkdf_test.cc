@@ -5,7 +5,7 @@
 #include <catch2/catch.hpp>
 
 #include "tests/crypto/crypto_test_util.h"
-#include "tests/crypto/crypto_matchers.h"
+#include "tests/support/status_matchers.h"
 
 namespace kmsplugin::crypto {
 namespace {

@@ -21,7 +21,7 @@
 #include "crypto/xchacha20_poly1305_aead.h"
 #include "tests/crypto/crypto_test_util.h"
 #include "tests/support/fake_random.h"
-#include "tests/crypto/crypto_matchers.h"
+#include "tests/support/status_matchers.h"
 
 namespace kmsplugin::crypto {
 namespace {

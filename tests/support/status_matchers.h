@@ -25,7 +25,7 @@ const absl::Status& GetStatus(const absl::StatusOr<T>& status_or) {
 }
 
 // Catch2 v2 calls match() by name, so one untyped matcher serves Status and every StatusOr<T>.
-class IsOk : public Catch::MatcherUntypedBase {
+class IsOk : public Catch::Matchers::Impl::MatcherUntypedBase {
  public:
   template <typename T>
   bool match(const T& value) const {
@@ -34,7 +34,7 @@ class IsOk : public Catch::MatcherUntypedBase {
   std::string describe() const override { return "is OK"; }
 };
 
-class StatusIs : public Catch::MatcherUntypedBase {
+class StatusIs : public Catch::Matchers::Impl::MatcherUntypedBase {
  public:
   explicit StatusIs(absl::StatusCode code, std::string substring = "")
       : code_(code), substring_(std::move(substring)) {}

@@ -459,11 +459,14 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
 absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes, bool exclusive) {
   const std::filesystem::path target(path);
   const std::filesystem::path dir = target.has_parent_path() ? target.parent_path() : ".";
-  const std::string temp = absl::StrCat(path, ".tmp-", getpid());
-  const int fd = open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  // mkstemp: a unique name created with O_EXCL and mode 0600, so a temp file a crashed writer left behind (even
+  // one with our pid, as PID 1 in a container) never blocks a later write.
+  std::string temp = absl::StrCat(path, ".tmp-XXXXXX");
+  const int fd = mkstemp(temp.data());
   if (fd < 0) {
-    return absl::FailedPreconditionError(absl::StrCat("cannot create ", temp, ": ", std::strerror(errno),
-                                                      "; fix: check that ", dir.string(), " is writable"));
+    return absl::FailedPreconditionError(absl::StrCat("cannot create a temporary file next to ", path, ": ",
+                                                      std::strerror(errno), "; fix: check that ", dir.string(),
+                                                      " exists and is writable"));
   }
   size_t written = 0;
   while (written < bytes.size()) {

@@ -69,6 +69,11 @@ absl::StatusOr<crypto::SecretBytes> LoadRootKey(const LocalOptions& options) {
   return DeriveRootKey(*passphrase, *params);
 }
 
+LocalKeySource::FileStamp LocalKeySource::StampOf(const struct stat& info) {
+  return FileStamp{info.st_dev, info.st_ino, info.st_size,
+                   int64_t{info.st_mtim.tv_sec} * 1'000'000'000 + info.st_mtim.tv_nsec, info.st_mode};
+}
+
 const LocalKeySource::Entry* LocalKeySource::View::Find(std::string_view key_ref) const {
   for (const Entry& entry : entries) {
     if (entry.info.key_ref == key_ref) {
@@ -129,8 +134,7 @@ absl::StatusOr<std::shared_ptr<const LocalKeySource::View>> LocalKeySource::Load
   }
   auto view = std::make_shared<View>();
   view->keyring_id = keyring->keyring_id;
-  view->stamp = FileStamp{info.st_dev, info.st_ino, info.st_size,
-                          int64_t{info.st_mtim.tv_sec} * 1'000'000'000 + info.st_mtim.tv_nsec};
+  view->stamp = StampOf(info);
   const std::string info_label = absl::StrCat(kWrapLabel, absl::string_view("\0", 1), environment_);
   view->entries.reserve(keyring->versions.size());
   for (KeyringVersion& version : keyring->versions) {
@@ -213,15 +217,14 @@ absl::StatusOr<core::KeyVersion> LocalKeySource::Lookup(std::string_view key_ref
 }
 
 absl::Status LocalKeySource::Refresh(absl::Time /*deadline*/) {
+  absl::MutexLock serial(&refresh_mu_);
   const std::shared_ptr<const View> old = Snapshot();
   struct stat info {};
   if (stat(options_.keyring.c_str(), &info) != 0) {
     return absl::NotFoundError(absl::StrCat("keyring ", options_.keyring, " is gone (", std::strerror(errno),
                                             "); still serving the versions loaded before; fix: restore it"));
   }
-  const FileStamp stamp{info.st_dev, info.st_ino, info.st_size,
-                        int64_t{info.st_mtim.tv_sec} * 1'000'000'000 + info.st_mtim.tv_nsec};
-  if (stamp == old->stamp) {
+  if (StampOf(info) == old->stamp) {
     return absl::OkStatus();
   }
   auto fresh = Load();

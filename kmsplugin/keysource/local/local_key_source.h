@@ -12,6 +12,8 @@
 // - Rotate() appends a version under an exclusive lock (keyring path + ".lock") and writes atomically.
 // The root key stays in locked memory for the life of the object; KEKs are never copied out. Thread-safe.
 
+#include <sys/stat.h>
+
 #include <memory>
 #include <string>
 
@@ -58,6 +60,7 @@ class LocalKeySource final : public core::KeySource {
     ino_t inode = 0;
     off_t size = 0;
     int64_t mtime_ns = 0;
+    mode_t mode = 0;  // a chmod to 0644 must be noticed (and refused) too
     bool operator==(const FileStamp&) const = default;
   };
   struct Entry {
@@ -72,6 +75,7 @@ class LocalKeySource final : public core::KeySource {
     const Entry* Find(std::string_view key_ref) const;
   };
 
+  static FileStamp StampOf(const struct stat& info);
   LocalKeySource(LocalOptions options, std::string environment, crypto::SecretBytes root_key, core::Clock& clock,
                  crypto::Random& random);
   absl::StatusOr<std::shared_ptr<const View>> Load() const;
@@ -83,6 +87,9 @@ class LocalKeySource final : public core::KeySource {
   core::Clock& clock_;
   crypto::Random& random_;
 
+  // Refresh (poll, SIGHUP, Rotate) runs one at a time, so a slow reload of an older file can never replace a
+  // newer view another reload installed.
+  absl::Mutex refresh_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   mutable absl::Mutex mu_;
   std::shared_ptr<const View> view_ ABSL_GUARDED_BY(mu_);
 };

@@ -13,11 +13,6 @@
 
 #include <catch2/catch.hpp>
 
-// Catch2 v2.13 declares MatcherUntypedBase only in Catch::Matchers::Impl; status_matchers.h expects it in Catch.
-namespace Catch {
-using Matchers::Impl::MatcherUntypedBase;
-}  // namespace Catch
-
 #include <yaml-cpp/yaml.h>
 
 #include "crypto/random.h"

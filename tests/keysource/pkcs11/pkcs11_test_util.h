@@ -14,13 +14,7 @@
 #include "kmsplugin/keysource/pkcs11/pkcs11_key_source.h"
 #include "tests/support/softhsm_harness.h"
 
-// tests/support/status_matchers.h derives from Catch::MatcherUntypedBase, which Catch2 v2.13 (Debian bookworm)
-// declares as Catch::Matchers::Impl::MatcherUntypedBase; this alias lets the shared header compile (as
-// tests/crypto/crypto_matchers.h does) until the shared header is fixed.
 #include <catch2/catch.hpp>
-namespace Catch {
-using Matchers::Impl::MatcherUntypedBase;
-}  // namespace Catch
 #include "tests/support/status_matchers.h"
 
 namespace kmsplugin::testing {

@@ -7,13 +7,6 @@
 
 #include <catch2/catch.hpp>
 
-// Catch2 v2.13 (bookworm) names the matcher base Catch::Matchers::Impl::MatcherUntypedBase, while
-// tests/support/status_matchers.h uses Catch::MatcherUntypedBase; bring the name into scope first (harmless once
-// the shared header is fixed).
-namespace Catch {
-using Matchers::Impl::MatcherUntypedBase;
-}  // namespace Catch
-
 #include "kmsplugin/core/clock.h"
 #include "kmsplugin/keysource/vault/vault_key_source.h"
 #include "tests/keysource/vault/vault_test_server.h"
