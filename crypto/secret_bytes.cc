@@ -5,9 +5,64 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <utility>
+#include <vector>
 
 namespace kmsplugin::crypto {
+namespace {
+
+// One sodium_malloc'd block (guard pages around it, locked, not dumped) cut into fixed slots.
+class SecretArena {
+ public:
+  static constexpr size_t kSlots = 1024;  // 128 KiB locked
+
+  static SecretArena& Get() {
+    static SecretArena* const arena = new SecretArena();  // lives as long as the process
+    return *arena;
+  }
+
+  uint8_t* Allocate() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_.empty()) {
+      return nullptr;
+    }
+    const uint32_t slot = free_.back();
+    free_.pop_back();
+    return base_ + size_t{slot} * SecretBytes::kArenaSlotSize;
+  }
+
+  bool Owns(const uint8_t* p) const {
+    return base_ != nullptr && p >= base_ && p < base_ + kSlots * SecretBytes::kArenaSlotSize;
+  }
+
+  void Release(uint8_t* p) {
+    sodium_memzero(p, SecretBytes::kArenaSlotSize);
+    const auto slot = static_cast<uint32_t>((p - base_) / SecretBytes::kArenaSlotSize);
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.push_back(slot);
+  }
+
+ private:
+  SecretArena() {
+    EnsureSodiumInitialised();
+    base_ = static_cast<uint8_t*>(sodium_malloc(kSlots * SecretBytes::kArenaSlotSize));
+    if (base_ == nullptr) {
+      return;  // every secret then gets its own sodium_malloc
+    }
+    sodium_memzero(base_, kSlots * SecretBytes::kArenaSlotSize);
+    free_.reserve(kSlots);
+    for (uint32_t slot = kSlots; slot > 0; --slot) {
+      free_.push_back(slot - 1);
+    }
+  }
+
+  uint8_t* base_ = nullptr;
+  std::mutex mu_;
+  std::vector<uint32_t> free_;
+};
+
+}  // namespace
 
 void EnsureSodiumInitialised() {
   // sodium_init is thread-safe and idempotent; the static makes the common path free.
@@ -26,7 +81,12 @@ SecretBytes::SecretBytes(size_t size) : size_(size) {
     return;
   }
   EnsureSodiumInitialised();
-  data_ = static_cast<uint8_t*>(sodium_malloc(size));
+  if (size <= kArenaSlotSize) {
+    data_ = SecretArena::Get().Allocate();
+  }
+  if (data_ == nullptr) {
+    data_ = static_cast<uint8_t*>(sodium_malloc(size));
+  }
   if (data_ == nullptr) {
     // Cannot keep a secret safely (RLIMIT_MEMLOCK or memory exhausted): a broken invariant, not an input error.
     std::fputs("kmsplugin: cannot allocate locked memory for a secret (check RLIMIT_MEMLOCK)\n", stderr);
@@ -62,11 +122,16 @@ SecretBytes& SecretBytes::operator=(SecretBytes&& other) noexcept {
 SecretBytes::~SecretBytes() { Release(); }
 
 void SecretBytes::Release() {
-  if (data_ != nullptr) {
-    sodium_free(data_);  // zeroes, unlocks and unmaps
-    data_ = nullptr;
-    size_ = 0;
+  if (data_ == nullptr) {
+    return;
   }
+  if (SecretArena::Get().Owns(data_)) {
+    SecretArena::Get().Release(data_);  // wipes the whole slot
+  } else {
+    sodium_free(data_);  // zeroes, unlocks and unmaps
+  }
+  data_ = nullptr;
+  size_ = 0;
 }
 
 bool SecretBytes::Equals(const SecretBytes& other) const {

@@ -4,6 +4,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include <catch2/catch.hpp>
 
@@ -166,6 +167,51 @@ TEST_CASE("Random: the system generator gives distinct secrets") {
   SecretBytes b = SystemRandom().NewSecret(32);
   CHECK_FALSE(a.Equals(b));
   CHECK_FALSE(a.Equals(SecretBytes(32)));
+}
+
+}  // namespace
+}  // namespace kmsplugin::crypto
+
+namespace kmsplugin::crypto {
+namespace {
+
+TEST_CASE("SecretBytes: a small secret's arena slot is wiped before it is handed out again") {
+  const uint8_t* first_address = nullptr;
+  {
+    SecretBytes secret(32);
+    std::memset(secret.data(), 0xA5, secret.size());
+    first_address = secret.data();
+  }
+  // The arena's free list is LIFO: the next small secret takes the slot just released.
+  SecretBytes again(SecretBytes::kArenaSlotSize);
+  REQUIRE(again.data() == first_address);
+  for (size_t i = 0; i < again.size(); ++i) {
+    INFO("byte " << i);
+    REQUIRE(again.data()[i] == 0);
+  }
+}
+
+TEST_CASE("SecretBytes: more small secrets than the arena holds still get locked memory of their own") {
+  std::vector<SecretBytes> secrets;
+  for (int i = 0; i < 1500; ++i) {
+    secrets.emplace_back(32);
+    secrets.back().data()[0] = static_cast<uint8_t>(i);
+  }
+  for (int i = 0; i < 1500; ++i) {
+    INFO("secret " << i);
+    CHECK(secrets[i].data()[0] == static_cast<uint8_t>(i));
+  }
+  secrets.clear();
+  SecretBytes after(16);
+  CHECK(after.data()[0] == 0);
+}
+
+TEST_CASE("SecretBytes: a secret larger than an arena slot round-trips and moves") {
+  const std::string big(SecretBytes::kArenaSlotSize + 1, 'b');
+  SecretBytes secret = SecretBytes::CopyOf(big);
+  SecretBytes moved = std::move(secret);
+  CHECK(moved.view() == big);
+  CHECK(secret.empty());
 }
 
 }  // namespace
