@@ -11,7 +11,8 @@ build_packages=(
   nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libspdlog-dev libcpp-httplib-dev libp11-kit-dev
 )
 test_packages=(
-  catch2 softhsm2 opensc openssl python3 python3-cryptography procps
+  catch2 softhsm2 opensc openssl python3 python3-cryptography python3-yaml procps prometheus
+  etcd-server etcd-client time
 )
 
 wanted=("${build_packages[@]}")

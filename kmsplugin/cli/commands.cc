@@ -6,22 +6,27 @@
 
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <CLI/CLI.hpp>
 #include <grpcpp/create_channel.h>
 #include <nlohmann/json.hpp>
-#include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "crypto/random.h"
 #include "kms_v2.grpc.pb.h"
+#include "kmsplugin/audit/audit_command.h"
 #include "kmsplugin/cli/key_sources.h"
 #include "kmsplugin/config/config.h"
 #include "kmsplugin/core/clock.h"
 #include "kmsplugin/core/envelope_service.h"
+#include "kmsplugin/observe/http_endpoint.h"
+#include "kmsplugin/observe/instrumented_key_source.h"
+#include "kmsplugin/observe/log.h"
+#include "kmsplugin/observe/metrics.h"
 #include "kmsplugin/server/server_runner.h"
 
 namespace kmsplugin::cli {
@@ -44,13 +49,6 @@ void HardenProcess() {
   umask(077);
 }
 
-void SetUpLogging(const std::string& level) {
-  auto logger = spdlog::stderr_logger_mt("kmsplugin");
-  logger->set_pattern("%Y-%m-%dT%H:%M:%S.%fZ %l %v", spdlog::pattern_time_type::utc);
-  logger->set_level(spdlog::level::from_str(level));
-  spdlog::set_default_logger(logger);
-}
-
 config::OpenContext ContextFor(const std::string& environment, int worker_threads) {
   config::OpenContext context;
   context.environment = environment;
@@ -69,6 +67,64 @@ absl::StatusOr<std::shared_ptr<core::KeySource>> OpenEnvironment(const config::C
   return (*env)->key_source->Open(ContextFor((*env)->name, config.server.max_threads));
 }
 
+// Gauges read from state at scrape time, so an old key_id disappears from kmsplugin_key_info after a rotation.
+void RegisterStateMetrics(observe::Registry& registry,
+                          const std::vector<std::shared_ptr<core::EnvelopeService>>& services) {
+  registry.AddGaugeCollector("kmsplugin_build_info", "Always 1; the version label names the build.", [] {
+    return std::vector<observe::Sample>{{{{"version", KMSPLUGIN_VERSION}}, 1}};
+  });
+  registry.AddGaugeCollector(
+      "kmsplugin_key_info", "Always 1; names each environment's current key_id (the one Status reports).",
+      [services] {
+        std::vector<observe::Sample> samples;
+        for (const auto& service : services) {
+          samples.push_back({{{"environment", service->environment()},
+                              {"key_source", crypto::KeySourceKindName(service->key_source().Kind())},
+                              {"key_id", service->Status().key_id}},
+                             1});
+        }
+        return samples;
+      });
+  registry.AddGaugeCollector("kmsplugin_environment_healthy",
+                             "1 when the environment's last wrap+unwrap health probe succeeded recently.", [services] {
+                               std::vector<observe::Sample> samples;
+                               for (const auto& service : services) {
+                                 samples.push_back({{{"environment", service->environment()}},
+                                                    service->Status().healthz == "ok" ? 1.0 : 0.0});
+                               }
+                               return samples;
+                             });
+  registry.AddGaugeCollector(
+      "kmsplugin_key_last_rotation_timestamp_seconds", "Creation time of each environment's current key version.",
+      [services] {
+        std::vector<observe::Sample> samples;
+        for (const auto& service : services) {
+          if (auto current = service->key_source().Current(); current.ok()) {
+            samples.push_back({{{"environment", service->environment()}},
+                               static_cast<double>(absl::ToUnixSeconds(current->created))});
+          }
+        }
+        return samples;
+      });
+  registry.AddGaugeCollector("kmsplugin_key_versions", "Key versions by environment and state.", [services] {
+    std::vector<observe::Sample> samples;
+    for (const auto& service : services) {
+      auto versions = service->key_source().Versions();
+      if (!versions.ok()) {
+        continue;
+      }
+      std::map<std::string, double> by_state{{"current", 0}, {"active", 0}, {"retired", 0}};
+      for (const core::KeyVersion& v : *versions) {
+        by_state[std::string(core::KeyStateName(v.state))] += 1;
+      }
+      for (const auto& [state, count] : by_state) {
+        samples.push_back({{{"environment", service->environment()}, {"state", state}}, count});
+      }
+    }
+    return samples;
+  });
+}
+
 int Serve(const std::string& config_path) {
   HardenProcess();
   server::BlockServerSignals();
@@ -76,34 +132,57 @@ int Serve(const std::string& config_path) {
   if (!config.ok()) {
     return Fail(config.status());
   }
+  observe::Registry registry;
   std::vector<server::ServedEnvironment> served;
+  std::vector<std::shared_ptr<core::EnvelopeService>> services;
   for (const config::EnvironmentConfig& env : config->environments) {
-    auto source = env.key_source->Open(ContextFor(env.name, config->server.max_threads));
-    if (!source.ok()) {
-      return Fail(absl::Status(source.status().code(), absl::StrCat("environment \"", env.name, "\": ",
-                                                                    source.status().message())));
+    auto opened = env.key_source->Open(ContextFor(env.name, config->server.max_threads));
+    if (!opened.ok()) {
+      return Fail(absl::Status(opened.status().code(), absl::StrCat("environment \"", env.name, "\": ",
+                                                                    opened.status().message())));
     }
+    auto source = std::make_shared<observe::InstrumentedKeySource>(std::move(*opened), env.name, registry);
     core::EnvelopeService::Options options;
     options.environment = env.name;
     options.status_version = env.status_version;
     // Two missed probes are tolerated before Status turns unhealthy on age alone.
     options.health_max_age = 3 * config->server.poll_interval + kProbeTimeout;
-    served.push_back(server::ServedEnvironment{
-        env.socket, env.socket_group,
-        std::make_shared<core::EnvelopeService>(options, std::move(*source), core::SystemClock(),
-                                                crypto::SystemRandom())});
+    services.push_back(std::make_shared<core::EnvelopeService>(options, std::move(source), core::SystemClock(),
+                                                               crypto::SystemRandom()));
+    served.push_back(server::ServedEnvironment{env.socket, env.socket_group, services.back()});
   }
+  RegisterStateMetrics(registry, services);
   server::RunnerOptions options;
   options.poll_interval = config->server.poll_interval;
   options.shutdown_grace_period = config->server.shutdown_grace_period;
   options.probe_timeout = kProbeTimeout;
   options.tuning.max_threads = config->server.max_threads;
+  options.registry = &registry;
   server::ServerRunner runner(options, std::move(served));
   if (auto status = runner.Start(); !status.ok()) {
     return Fail(status);
   }
-  spdlog::info("kmsplugin {} ready: {} environment(s); SIGHUP refreshes keys, SIGTERM drains and stops",
-               KMSPLUGIN_VERSION, config->environments.size());
+  std::unique_ptr<observe::HttpEndpoint> http;
+  if (config->http.enabled) {
+    auto endpoint = observe::HttpEndpoint::Start(config->http.listen, registry, [services] {
+      std::vector<observe::Readiness> report;
+      for (const auto& service : services) {
+        const core::StatusResult status = service->Status();
+        report.push_back({service->environment(), status.healthz == "ok", status.healthz});
+      }
+      return report;
+    });
+    if (!endpoint.ok()) {
+      runner.Shutdown();
+      return Fail(endpoint.status());
+    }
+    http = std::move(*endpoint);
+    observe::Log(spdlog::level::info, "http listening",
+                 {{"address", config->http.listen}, {"port", http->port()},
+                  {"paths", "/metrics /healthz /readyz"}});
+  }
+  observe::Log(spdlog::level::info, "ready",
+               {{"version", KMSPLUGIN_VERSION}, {"environments", config->environments.size()}});
   return runner.RunUntilSignalled().ok() ? 0 : 1;
 }
 
@@ -152,6 +231,12 @@ int Rotate(const std::string& config_path, const std::string& env_name) {
   if (!created.ok()) {
     return Fail(created.status());
   }
+  observe::Log(spdlog::level::info, "key rotated",
+               {{"event", "rotate"},
+                {"environment", env_name},
+                {"old_key_id", before.ok() ? before->key_id : std::string()},
+                {"key_id", created->key_id},
+                {"version", created->version}});
   std::cout << "environment " << env_name << ": rotated from "
             << (before.ok() ? before->key_id : std::string("(none)")) << " to version " << created->version << " ("
             << created->key_id << ")\n"
@@ -160,7 +245,8 @@ int Rotate(const std::string& config_path, const std::string& env_name) {
   return 0;
 }
 
-int Keys(const std::string& config_path, const std::string& env_name, bool as_json) {
+// With etcd flags (audit.endpoints non-empty), also counts the objects etcd holds under each version.
+int Keys(const std::string& config_path, const std::string& env_name, bool as_json, audit::AuditFlags* etcd) {
   HardenProcess();
   auto config = config::LoadConfig(config_path, BuiltInKeySources());
   if (!config.ok()) {
@@ -174,6 +260,14 @@ int Keys(const std::string& config_path, const std::string& env_name, bool as_js
   if (!versions.ok()) {
     return Fail(versions.status());
   }
+  std::optional<audit::KeyUsageReport> usage;
+  if (etcd != nullptr) {
+    auto counted = audit::KeyUsageFromEtcd(*etcd, *config, env_name);
+    if (!counted.ok()) {
+      return Fail(counted.status());
+    }
+    usage = std::move(*counted);
+  }
   if (as_json) {
     nlohmann::json out = nlohmann::json::array();
     for (const core::KeyVersion& v : *versions) {
@@ -182,7 +276,11 @@ int Keys(const std::string& config_path, const std::string& env_name, bool as_js
                      {"created", absl::FormatTime(absl::RFC3339_sec, v.created, absl::UTCTimeZone())},
                      {"state", std::string(core::KeyStateName(v.state))}});
     }
-    std::cout << nlohmann::json{{"environment", env_name}, {"versions", out}}.dump(2) << "\n";
+    nlohmann::json doc{{"environment", env_name}, {"versions", out}};
+    if (usage.has_value()) {
+      doc["etcd"] = audit::KeyUsageJson(*usage);
+    }
+    std::cout << doc.dump(2) << "\n";
     return 0;
   }
   std::cout << "environment " << env_name << "\n";
@@ -194,6 +292,9 @@ int Keys(const std::string& config_path, const std::string& env_name, bool as_js
     std::cout.width(9);
     std::cout << v.version << state << " "
               << absl::FormatTime(absl::RFC3339_sec, v.created, absl::UTCTimeZone()) << "  " << v.key_id << "\n";
+  }
+  if (usage.has_value()) {
+    std::cout << "\n" << audit::RenderKeyUsage(*usage);
   }
   return 0;
 }
@@ -288,6 +389,20 @@ int Main(int argc, char** argv) {
   keys->add_option("--config", config_path, "config file")->capture_default_str();
   keys->add_option("--env", env_name, "environment")->required();
   keys->add_flag("--json", as_json, "machine-readable output");
+  audit::AuditFlags keys_etcd;
+  keys_etcd.endpoints.clear();
+  keys->add_option("--etcd", keys_etcd.endpoints,
+                   "also count the objects etcd holds under each version: host:port[,host:port] (read-only)");
+  keys->add_option("--cacert", keys_etcd.cacert, "etcd CA bundle (like etcdctl --cacert)");
+  keys->add_option("--cert", keys_etcd.cert, "etcd client certificate");
+  keys->add_option("--key", keys_etcd.key, "etcd client key");
+  keys->add_option("--prefix", keys_etcd.prefixes, "etcd key prefix to scan (repeatable; default /registry/secrets/)");
+
+  audit::AuditFlags audit_flags;
+  CLI::App* audit_command = app.add_subcommand(
+      "audit", "Report, from etcd (read-only), how Secrets are stored: by provider and key_id, unencrypted objects, "
+               "unknown or retired keys; non-zero exit when anything needs attention");
+  audit::AddAuditFlags(*audit_command, audit_flags);
 
   std::string socket;
   double timeout_seconds = 3;
@@ -310,7 +425,7 @@ int Main(int argc, char** argv) {
                    "also read unencrypted Secrets (while migrating from no encryption)");
 
   CLI11_PARSE(app, argc, argv);
-  SetUpLogging(log_level);
+  observe::SetUpJsonLogging(log_level);
 
   if (*serve) {
     return Serve(config_path);
@@ -322,7 +437,10 @@ int Main(int argc, char** argv) {
     return Rotate(config_path, env_name);
   }
   if (*keys) {
-    return Keys(config_path, env_name, as_json);
+    return Keys(config_path, env_name, as_json, keys_etcd.endpoints.empty() ? nullptr : &keys_etcd);
+  }
+  if (*audit_command) {
+    return audit::RunAudit(audit_flags, BuiltInKeySources());
   }
   if (*status) {
     return StatusCommand(socket, as_json, timeout_seconds);

@@ -2,11 +2,13 @@
 
 #include <sys/un.h>
 
+#include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kmsplugin/config/file_checks.h"
@@ -45,6 +47,33 @@ absl::Status ParseServer(const YAML::Node& node, const FieldContext& context, Se
   }
   if (threads->has_value()) {
     server.max_threads = static_cast<int>(**threads);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseHttp(const YAML::Node& node, const FieldContext& context, HttpConfig& http) {
+  if (auto status = context.RejectUnknownKeys(node, {"listen", "enabled"}); !status.ok()) {
+    return status;
+  }
+  auto enabled = context.OptionalBool(node, "enabled");
+  if (!enabled.ok()) {
+    return enabled.status();
+  }
+  http.enabled = enabled->value_or(true);
+  auto listen = context.OptionalString(node, "listen");
+  if (!listen.ok()) {
+    return listen.status();
+  }
+  if (listen->has_value()) {
+    const std::string& value = **listen;
+    const size_t colon = value.rfind(':');
+    int64_t port = -1;
+    if (colon == std::string::npos || colon == 0 || !absl::SimpleAtoi(value.substr(colon + 1), &port) || port < 0 ||
+        port > 65535) {
+      return context.Child("listen").Error(absl::StrCat("\"", value, "\" is not HOST:PORT"),
+                                           "write an address such as 127.0.0.1:9880 (loopback keeps metrics private)");
+    }
+    http.listen = value;
   }
   return absl::OkStatus();
 }
@@ -110,11 +139,14 @@ absl::StatusOr<EnvironmentConfig> ParseEnvironment(const YAML::Node& node, const
         absl::StrCat("is ", socket->size(), " bytes; a Unix socket path holds at most ", kMaxSocketPath),
         "choose a shorter path");
   }
-  env.socket = *socket;
+  env.socket = std::filesystem::path(*socket).lexically_normal().string();
 
   auto group = context.OptionalString(node, "socketGroup");
   if (!group.ok()) {
     return group.status();
+  }
+  if (group->has_value() && (*group)->empty()) {
+    return context.Child("socketGroup").Error("is empty", "name a group, or remove socketGroup for a 0600 socket");
   }
   env.socket_group = *group;
 
@@ -185,13 +217,18 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml, const std::string& f
   if (!root.IsMap()) {
     return top.Error("is not a YAML mapping", "start the file with \"environments:\"");
   }
-  if (auto status = top.RejectUnknownKeys(root, {"server", "environments"}); !status.ok()) {
+  if (auto status = top.RejectUnknownKeys(root, {"http", "server", "environments"}); !status.ok()) {
     return status;
   }
   Config config;
   config.file = file;
   if (root["server"]) {
     if (auto status = ParseServer(root["server"], top.Child("server"), config.server); !status.ok()) {
+      return status;
+    }
+  }
+  if (root["http"]) {
+    if (auto status = ParseHttp(root["http"], top.Child("http"), config.http); !status.ok()) {
       return status;
     }
   }

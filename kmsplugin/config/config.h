@@ -2,6 +2,9 @@
 
 // Config: the validated contents of kmsplugin's YAML file.
 //
+//   http:                        # optional: /metrics, /healthz, /readyz
+//     listen: 127.0.0.1:9880     # HOST:PORT, loopback by default; port 0 picks a free one
+//     enabled: true
 //   server:                      # optional
 //     pollInterval: 10s          # how often each key source is refreshed and health-probed (SIGHUP: at once)
 //     shutdownGracePeriod: 10s   # SIGTERM drains in-flight calls for at most this long
@@ -44,9 +47,15 @@ struct ServerConfig {
   int max_threads = 32;
 };
 
+struct HttpConfig {
+  bool enabled = true;
+  std::string listen = "127.0.0.1:9880";
+};
+
 struct Config {
   std::string file;
   ServerConfig server;
+  HttpConfig http;
   std::vector<EnvironmentConfig> environments;
 
   // The environment called `name`; NOT_FOUND listing the names there are.

@@ -1,9 +1,8 @@
 #include "kmsplugin/server/kms_services.h"
 
-#include <spdlog/spdlog.h>
-
 #include "absl/strings/str_cat.h"
 #include "crypto/secret_bytes.h"
+#include "kmsplugin/observe/log.h"
 #include "kmsplugin/server/grpc_status.h"
 
 namespace kmsplugin::server {
@@ -16,18 +15,6 @@ void WipeRequestBytes(const std::string& bytes) {
   crypto::Wipe(const_cast<char*>(bytes.data()), bytes.size());
 }
 
-grpc::Status Finish(const absl::Status& status, std::string_view environment, std::string_view rpc,
-                    std::string_view uid, absl::Time start) {
-  const double ms = absl::ToDoubleMilliseconds(absl::Now() - start);
-  if (status.ok()) {
-    spdlog::debug("rpc env={} rpc={} uid={} code=OK latency_ms={:.3f}", environment, rpc, uid, ms);
-  } else {
-    spdlog::warn("rpc env={} rpc={} uid={} code={} latency_ms={:.3f} error=\"{}\"", environment, rpc, uid,
-                 absl::StatusCodeToString(status.code()), ms, std::string(status.message()));
-  }
-  return ToGrpcStatus(status);
-}
-
 absl::Status CheckV1Version(const std::string& version) {
   if (!version.empty() && version != kV1beta1) {
     return absl::InvalidArgumentError(absl::StrCat("unsupported KMS API version \"", version.substr(0, 32),
@@ -38,12 +25,41 @@ absl::Status CheckV1Version(const std::string& version) {
 
 }  // namespace
 
+grpc::Status RpcRecorder::Finish(const absl::Status& status, const char* rpc, const std::string& uid,
+                                 const std::string& key_id, absl::Time start) const {
+  const absl::Duration latency = absl::Now() - start;
+  const std::string code = status.ok() ? "OK" : absl::StatusCodeToString(status.code());
+  if (registry_ != nullptr) {
+    registry_
+        ->GetCounter("kmsplugin_grpc_requests_total", "KMS gRPC calls by environment, API, RPC and status code.",
+                     {{"environment", environment_}, {"api", api_}, {"rpc", rpc}, {"code", code}})
+        .Increment();
+    registry_
+        ->GetHistogram("kmsplugin_grpc_request_duration_seconds", "KMS gRPC call latency in the plugin.",
+                       {{"environment", environment_}, {"api", api_}, {"rpc", rpc}})
+        .Observe(latency);
+  }
+  const auto level = status.ok() ? spdlog::level::debug : spdlog::level::warn;
+  if (spdlog::should_log(level)) {
+    observe::Log(level, status.ok() ? "rpc" : "rpc failed",
+                 {{"environment", environment_},
+                  {"rpc", api_ + "." + rpc},
+                  {"uid", uid},
+                  {"key_id", key_id},
+                  {"code", code},
+                  {"latency_ms", absl::ToDoubleMilliseconds(latency)},
+                  {"error", std::string(status.message())}});
+  }
+  return ToGrpcStatus(status);
+}
+
 grpc::Status KmsV2Service::Status(grpc::ServerContext*, const v2::StatusRequest*, v2::StatusResponse* response) {
+  const absl::Time start = absl::Now();
   const core::StatusResult status = service_.Status();
   response->set_version(status.version);
   response->set_healthz(status.healthz);
   response->set_key_id(status.key_id);
-  return grpc::Status::OK;
+  return recorder_.Finish(absl::OkStatus(), "Status", "", status.key_id, start);
 }
 
 grpc::Status KmsV2Service::Encrypt(grpc::ServerContext* context, const v2::EncryptRequest* request,
@@ -58,7 +74,7 @@ grpc::Status KmsV2Service::Encrypt(grpc::ServerContext* context, const v2::Encry
       (*response->mutable_annotations())[key] = std::move(value);
     }
   }
-  return Finish(result.status(), service_.environment(), "v2.Encrypt", request->uid(), start);
+  return recorder_.Finish(result.status(), "Encrypt", request->uid(), response->key_id(), start);
 }
 
 grpc::Status KmsV2Service::Decrypt(grpc::ServerContext* context, const v2::DecryptRequest* request,
@@ -72,18 +88,19 @@ grpc::Status KmsV2Service::Decrypt(grpc::ServerContext* context, const v2::Decry
   if (plaintext.ok()) {
     response->set_plaintext(plaintext->data(), plaintext->size());
   }
-  return Finish(plaintext.status(), service_.environment(), "v2.Decrypt", request->uid(), start);
+  return recorder_.Finish(plaintext.status(), "Decrypt", request->uid(), request->key_id(), start);
 }
 
 grpc::Status KmsV1beta1Service::Version(grpc::ServerContext*, const v1beta1::VersionRequest* request,
                                         v1beta1::VersionResponse* response) {
+  const absl::Time start = absl::Now();
   if (auto status = CheckV1Version(request->version()); !status.ok()) {
-    return ToGrpcStatus(status);
+    return recorder_.Finish(status, "Version", "", "", start);
   }
   response->set_version(kV1beta1);
   response->set_runtime_name("kmsplugin");
   response->set_runtime_version(KMSPLUGIN_VERSION);
-  return grpc::Status::OK;
+  return recorder_.Finish(absl::OkStatus(), "Version", "", "", start);
 }
 
 grpc::Status KmsV1beta1Service::Encrypt(grpc::ServerContext* context, const v1beta1::EncryptRequest* request,
@@ -98,7 +115,7 @@ grpc::Status KmsV1beta1Service::Encrypt(grpc::ServerContext* context, const v1be
     status = result.status();
   }
   WipeRequestBytes(request->plain());
-  return Finish(status, service_.environment(), "v1beta1.Encrypt", "", start);
+  return recorder_.Finish(status, "Encrypt", "", "", start);
 }
 
 grpc::Status KmsV1beta1Service::Decrypt(grpc::ServerContext* context, const v1beta1::DecryptRequest* request,
@@ -113,7 +130,7 @@ grpc::Status KmsV1beta1Service::Decrypt(grpc::ServerContext* context, const v1be
     }
     status = plaintext.status();
   }
-  return Finish(status, service_.environment(), "v1beta1.Decrypt", "", start);
+  return recorder_.Finish(status, "Decrypt", "", "", start);
 }
 
 }  // namespace kmsplugin::server

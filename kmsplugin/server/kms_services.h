@@ -11,12 +11,29 @@
 #include "kms_v1beta1.grpc.pb.h"
 #include "kms_v2.grpc.pb.h"
 #include "kmsplugin/core/envelope_service.h"
+#include "kmsplugin/observe/metrics.h"
 
 namespace kmsplugin::server {
 
+// Logs each call (uid, environment, rpc, key_id, code, latency) and records
+// kmsplugin_grpc_requests_total{environment,api,rpc,code} and kmsplugin_grpc_request_duration_seconds.
+class RpcRecorder {
+ public:
+  RpcRecorder(std::string environment, std::string api, observe::Registry* registry)
+      : environment_(std::move(environment)), api_(std::move(api)), registry_(registry) {}
+  grpc::Status Finish(const absl::Status& status, const char* rpc, const std::string& uid, const std::string& key_id,
+                      absl::Time start) const;
+
+ private:
+  const std::string environment_;
+  const std::string api_;
+  observe::Registry* const registry_;
+};
+
 class KmsV2Service final : public v2::KeyManagementService::Service {
  public:
-  explicit KmsV2Service(core::EnvelopeService& service) : service_(service) {}
+  KmsV2Service(core::EnvelopeService& service, observe::Registry* registry)
+      : service_(service), recorder_(service.environment(), "v2", registry) {}
 
   grpc::Status Status(grpc::ServerContext* context, const v2::StatusRequest* request,
                       v2::StatusResponse* response) override;
@@ -27,11 +44,13 @@ class KmsV2Service final : public v2::KeyManagementService::Service {
 
  private:
   core::EnvelopeService& service_;
+  const RpcRecorder recorder_;
 };
 
 class KmsV1beta1Service final : public v1beta1::KeyManagementService::Service {
  public:
-  explicit KmsV1beta1Service(core::EnvelopeService& service) : service_(service) {}
+  KmsV1beta1Service(core::EnvelopeService& service, observe::Registry* registry)
+      : service_(service), recorder_(service.environment(), "v1beta1", registry) {}
 
   grpc::Status Version(grpc::ServerContext* context, const v1beta1::VersionRequest* request,
                        v1beta1::VersionResponse* response) override;
@@ -42,6 +61,7 @@ class KmsV1beta1Service final : public v1beta1::KeyManagementService::Service {
 
  private:
   core::EnvelopeService& service_;
+  const RpcRecorder recorder_;
 };
 
 }  // namespace kmsplugin::server

@@ -4,9 +4,9 @@
 #include <signal.h>
 
 #include <grpcpp/server_builder.h>
-#include <spdlog/spdlog.h>
 
 #include "absl/strings/str_cat.h"
+#include "kmsplugin/observe/log.h"
 #include "kmsplugin/server/unix_socket.h"
 
 namespace kmsplugin::server {
@@ -54,8 +54,8 @@ absl::Status ServerRunner::Start() {
       Shutdown();
       return status;
     }
-    listener.v2 = std::make_unique<KmsV2Service>(*env.service);
-    listener.v1beta1 = std::make_unique<KmsV1beta1Service>(*env.service);
+    listener.v2 = std::make_unique<KmsV2Service>(*env.service, options_.registry);
+    listener.v1beta1 = std::make_unique<KmsV1beta1Service>(*env.service, options_.registry);
     grpc::ServerBuilder builder;
     ApplyServerTuning(options_.tuning, builder);
     builder.AddListeningPort(absl::StrCat("unix:", env.socket), grpc::InsecureServerCredentials());
@@ -74,8 +74,11 @@ absl::Status ServerRunner::Start() {
     }
     listener.inode = *inode;
     const core::StatusResult status = env.service->Status();
-    spdlog::info("serving environment={} socket={} key_id={} healthz=\"{}\"", env.service->environment(),
-                 env.socket, status.key_id, status.healthz);
+    observe::Log(spdlog::level::info, "serving",
+                 {{"environment", env.service->environment()},
+                  {"socket", env.socket},
+                  {"key_id", status.key_id},
+                  {"healthz", status.healthz}});
   }
   maintenance_ = std::thread([this] { MaintenanceLoop(); });
   return absl::OkStatus();
@@ -86,16 +89,25 @@ void ServerRunner::MaintainOnce() {
     core::EnvelopeService& service = *listener.environment.service;
     const std::string before = service.Status().key_id;
     if (auto status = service.key_source().Refresh(absl::Now() + options_.probe_timeout); !status.ok()) {
-      spdlog::error("refresh environment={} error=\"{}\"", service.environment(), std::string(status.message()));
+      observe::Log(spdlog::level::err, "key source refresh failed",
+                   {{"environment", service.environment()}, {"error", std::string(status.message())}});
     }
     const core::Health health = service.Probe(absl::Now() + options_.probe_timeout);
     const std::string after = service.Status().key_id;
     if (after != before) {
-      spdlog::info("key rotation noticed environment={} old_key_id={} key_id={}", service.environment(), before,
-                   after);
+      observe::Log(spdlog::level::info, "key rotation noticed",
+                   {{"event", "rotation"}, {"environment", service.environment()}, {"old_key_id", before},
+                    {"key_id", after}});
+      if (options_.registry != nullptr) {
+        options_.registry
+            ->GetCounter("kmsplugin_key_rotations_total", "Key rotations this process noticed, by environment.",
+                         {{"environment", service.environment()}})
+            .Increment();
+      }
     }
     if (!health.ok) {
-      spdlog::error("health probe failed environment={} error=\"{}\"", service.environment(), health.message);
+      observe::Log(spdlog::level::err, "health probe failed",
+                   {{"environment", service.environment()}, {"error", health.message}});
     }
   }
 }
@@ -147,8 +159,9 @@ void ServerRunner::Shutdown() {
     if (listener.server != nullptr) {
       listener.server->Wait();
       RemoveSocket(listener.environment.socket, listener.inode);
-      spdlog::info("stopped environment={} socket={}", listener.environment.service->environment(),
-                   listener.environment.socket);
+      observe::Log(spdlog::level::info, "stopped",
+                   {{"environment", listener.environment.service->environment()},
+                    {"socket", listener.environment.socket}});
     }
   }
 }
@@ -161,12 +174,13 @@ absl::Status ServerRunner::RunUntilSignalled() {
       continue;
     }
     if (signal == SIGHUP) {
-      spdlog::info("SIGHUP: refreshing key sources now");
+      observe::Log(spdlog::level::info, "SIGHUP: refreshing key sources now", {{"event", "reload"}});
       RequestRefresh();
       continue;
     }
-    spdlog::info("{}: draining in-flight calls for at most {}", signal == SIGTERM ? "SIGTERM" : "SIGINT",
-                 absl::FormatDuration(options_.shutdown_grace_period));
+    observe::Log(spdlog::level::info, signal == SIGTERM ? "SIGTERM: draining in-flight calls"
+                                                        : "SIGINT: draining in-flight calls",
+                 {{"grace_period", absl::FormatDuration(options_.shutdown_grace_period)}});
     Shutdown();
     return absl::OkStatus();
   }

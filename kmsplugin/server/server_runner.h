@@ -25,6 +25,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "kmsplugin/core/envelope_service.h"
+#include "kmsplugin/observe/metrics.h"
 #include "kmsplugin/server/kms_services.h"
 #include "kmsplugin/server/server_tuning.h"
 
@@ -41,6 +42,8 @@ struct RunnerOptions {
   absl::Duration shutdown_grace_period = absl::Seconds(10);
   absl::Duration probe_timeout = absl::Seconds(5);
   ServerTuning tuning;
+  // Where RPC metrics and rotations are counted; null for none.
+  observe::Registry* registry = nullptr;
 };
 
 void BlockServerSignals();

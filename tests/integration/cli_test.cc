@@ -2,8 +2,10 @@
 // bad file the issue lists. Each case checks the exit code and that the message names the problem and the fix.
 
 #include <signal.h>
+#include <sstream>
 #include <sys/stat.h>
 
+#include <httplib.h>
 #include <nlohmann/json.hpp>
 #include <catch2/catch.hpp>
 
@@ -22,7 +24,8 @@ struct Setup {
   // One local environment; `extra` is appended to the environment entry, `key` picks the root key setting.
   explicit Setup(const std::string& key_setting = "", const std::string& server = "  pollInterval: 1s\n") {
     const std::string key = key_setting.empty() ? "rootKeyFile: " + dir.File("state/dev.rootkey") : key_setting;
-    config = dir.Write("config.yaml", "server:\n" + server +
+    config = dir.Write("config.yaml", "http:\n  listen: 127.0.0.1:0\n"
+                                      "server:\n" + server +
                                           "environments:\n"
                                           "  - name: dev\n"
                                           "    socket: " + dir.File("run/dev.sock") + "\n"
@@ -109,6 +112,68 @@ TEST_CASE("CLI: serve answers Status and both APIs; SIGTERM exits 0 and removes 
   struct stat info {};
   CHECK(lstat(s.socket.c_str(), &info) != 0);
   CHECK(Has(server->Stderr(), "SIGTERM"));
+}
+
+// The HTTP port the server logged ("http listening" ... "port":N).
+int LoggedHttpPort(Subprocess& server) {
+  for (int i = 0; i < 200; ++i) {
+    std::istringstream lines(server.Stderr());
+    std::string line;
+    while (std::getline(lines, line)) {
+      if (nlohmann::json::accept(line)) {
+        const auto entry = nlohmann::json::parse(line);
+        if (entry.value("msg", "") == "http listening") {
+          return entry["port"].get<int>();
+        }
+      }
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return -1;
+}
+
+TEST_CASE("CLI: serve exposes /metrics, /healthz and /readyz and logs JSON lines", "[cli][observe]") {
+  Setup s;
+  REQUIRE(s.Init().exit_code == 0);
+  auto server = s.Serve();
+  REQUIRE(s.WaitServing(*server));
+  const int port = LoggedHttpPort(*server);
+  REQUIRE(port > 0);
+  KmsClient client(s.socket);
+  v2::EncryptResponse encrypted;
+  REQUIRE(client.Encrypt(std::string(32, 'm'), encrypted).ok());
+  v2::DecryptResponse decrypted;
+  CHECK(client.Decrypt("garbage", encrypted.key_id(), {}, decrypted).error_code() ==
+        grpc::StatusCode::INVALID_ARGUMENT);
+  httplib::Client http("127.0.0.1", port);
+  auto metrics = http.Get("/metrics");
+  REQUIRE(metrics);
+  CHECK(metrics->status == 200);
+  const std::string& body = metrics->body;
+  CHECK(Has(body, "kmsplugin_key_info{environment=\"dev\",key_source=\"local\",key_id=\"" + encrypted.key_id() +
+                      "\"} 1"));
+  CHECK(Has(body, "kmsplugin_grpc_requests_total{environment=\"dev\",api=\"v2\",rpc=\"Encrypt\",code=\"OK\"} 1"));
+  CHECK(Has(body, "rpc=\"Decrypt\",code=\"INVALID_ARGUMENT\"} 1"));
+  CHECK(Has(body, "kmsplugin_backend_requests_total{environment=\"dev\",key_source=\"local\",operation=\"wrap\""));
+  CHECK(Has(body, "kmsplugin_environment_healthy{environment=\"dev\"} 1"));
+  CHECK(Has(body, "kmsplugin_build_info"));
+  CHECK(http.Get("/healthz")->status == 200);
+  auto ready = http.Get("/readyz");
+  REQUIRE(ready);
+  CHECK(ready->status == 200);
+  CHECK(Has(ready->body, "dev: ok"));
+  server->Signal(SIGTERM);
+  REQUIRE(server->Wait(std::chrono::seconds(15)) == std::optional<int>(0));
+  std::istringstream lines(server->Stderr());
+  std::string line;
+  int count = 0;
+  while (std::getline(lines, line)) {
+    INFO(line);
+    CHECK(nlohmann::json::accept(line));
+    ++count;
+  }
+  CHECK(count >= 4);
+  CHECK(Has(server->Stderr(), "\"code\":\"INVALID_ARGUMENT\""));
 }
 
 TEST_CASE("CLI: SIGINT also drains and exits 0", "[cli]") {
@@ -292,6 +357,12 @@ TEST_CASE("CLI: config errors name the file, the field and the fix", "[cli][bad-
   result = s.Cli({"serve", "--config", s.config});
   CHECK(result.exit_code != 0);
   CHECK(Has(result.err, "chmod go-w"));
+  chmod(s.config.c_str(), 0600);
+  const std::string bad_http = s.dir.Write("http.yaml", "http:\n  listen: nowhere\n" + ReadWholeFile(s.config).substr(
+                                                            ReadWholeFile(s.config).find("server:")));
+  result = s.Cli({"serve", "--config", bad_http});
+  CHECK(result.exit_code != 0);
+  CHECK(Has(result.err, "http.listen"));
   result = s.Cli({"serve", "--config", s.dir.File("missing.yaml")});
   CHECK(result.exit_code != 0);
   CHECK(Has(result.err, "missing.yaml"));

@@ -1,0 +1,48 @@
+#pragma once
+
+// InstrumentedKeySource: wraps any KeySource and counts and times every backend call, so all three key sources
+// get the same backend metrics without knowing about metrics:
+//   kmsplugin_backend_requests_total{environment,key_source,operation,outcome}
+//   kmsplugin_backend_request_duration_seconds{environment,key_source,operation}
+// `outcome` is "ok" or the status code name. Thread-safe; adds two atomic updates per call.
+
+#include <memory>
+#include <string>
+
+#include "kmsplugin/core/key_source.h"
+#include "kmsplugin/observe/metrics.h"
+
+namespace kmsplugin::observe {
+
+class InstrumentedKeySource final : public core::KeySource {
+ public:
+  InstrumentedKeySource(std::shared_ptr<core::KeySource> inner, std::string environment, Registry& registry);
+
+  crypto::KeySourceKind Kind() const override { return inner_->Kind(); }
+  absl::StatusOr<core::KeyVersion> Current() const override { return inner_->Current(); }
+  absl::StatusOr<std::string> Wrap(const core::KeyVersion& version, std::string_view plaintext,
+                                   std::string_view associated_data, absl::Time deadline) override;
+  absl::StatusOr<crypto::SecretBytes> Unwrap(std::string_view key_ref, std::string_view wrapped,
+                                             std::string_view associated_data, absl::Time deadline) override;
+  absl::StatusOr<core::KeyVersion> Lookup(std::string_view key_ref) const override { return inner_->Lookup(key_ref); }
+  absl::Status Refresh(absl::Time deadline) override;
+  absl::StatusOr<core::KeyVersion> Rotate(absl::Time deadline) override;
+  absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override { return inner_->Versions(); }
+
+ private:
+  struct Operation {
+    Counter* ok = nullptr;
+    Histogram* latency = nullptr;
+    std::string name;
+  };
+  Operation MakeOperation(const std::string& name);
+  void Record(Operation& operation, const absl::Status& status, absl::Time start);
+
+  const std::shared_ptr<core::KeySource> inner_;
+  const std::string environment_;
+  const std::string kind_;
+  Registry& registry_;
+  Operation wrap_, unwrap_, refresh_, rotate_;
+};
+
+}  // namespace kmsplugin::observe
