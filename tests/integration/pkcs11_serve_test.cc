@@ -1,0 +1,548 @@
+// The pkcs11 key source end to end: the real `kmsplugin` binary (init, serve, rotate, keys) on SoftHSM2 tokens made
+// by SoftHsmHarness, called over real gRPC on Unix sockets with both KMS APIs. The harness points SOFTHSM2_CONF at
+// a private token directory; the daemon and the CLI inherit it.
+
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <atomic>
+#include <mutex>
+#include <regex>
+#include <set>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+#include <catch2/catch.hpp>
+
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "tests/support/kms_client.h"
+#include "tests/support/softhsm_harness.h"
+#include "tests/support/subprocess.h"
+#include "tests/support/temp_dir.h"
+
+namespace kmsplugin::testing {
+namespace {
+
+const std::string kBinary = std::string(KMS_BINARY_DIR) + "/kmsplugin/cli/kmsplugin";
+constexpr char kPin[] = "1234";
+
+bool Has(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+// "pkcs11:<serial>/<keyLabel>-v<N>@<created>" -> N (0 when the key_id has another shape).
+unsigned long VersionOf(const std::string& key_id) {
+  static const std::regex shape(R"(-v([0-9]+)@)");
+  std::smatch m;
+  return std::regex_search(key_id, m, shape) ? std::stoul(m[1].str()) : 0;
+}
+
+// One or two SoftHSM tokens and a config whose environments use them; the daemon and CLI are the real binary.
+struct P11Env {
+  P11Env(std::string n, std::string t, std::string k, bool s = false)
+      : name(std::move(n)), token(std::move(t)), key_label(std::move(k)), shared(s) {}
+  std::string name, token, key_label;
+  bool shared;  // allowSharedBackendKey: true
+};
+
+struct Hsm {
+  using Env = P11Env;
+
+  explicit Hsm(std::vector<std::string> tokens = {"kms"}) {
+    for (const std::string& label : tokens) {
+      serials[label] = hsm.InitToken(label, kPin);
+    }
+    pin_file = dir.Write("user.pin", std::string(kPin) + "\n");
+  }
+  std::string Socket(const std::string& env) const { return dir.File(env + ".sock"); }
+
+  // Writes config.yaml for `envs` (default: one environment "test" on token "kms").
+  void Configure(std::vector<Env> envs = {{"test", "kms", "kmsplugin-test"}},
+                 const std::string& server = "  pollInterval: 1h\n", const std::string& pin = "") {
+    std::string yaml = "http:\n  listen: 127.0.0.1:0\nserver:\n" + server + "environments:\n";
+    for (const Env& e : envs) {
+      yaml += "  - name: " + e.name + "\n    socket: " + Socket(e.name) + "\n" +
+              (e.shared ? "    allowSharedBackendKey: true\n" : "") +
+              "    keySource:\n      pkcs11:\n        module: " + kSoftHsmModule + "\n        tokenLabel: " + e.token +
+              "\n        pinFile: " + (pin.empty() ? pin_file : pin) + "\n        keyLabel: " + e.key_label + "\n";
+    }
+    config = dir.Write("config.yaml", yaml);
+  }
+  RunResult Cli(std::vector<std::string> args) const {
+    args.insert(args.begin(), kBinary);
+    return Run(args, dir.path());
+  }
+  RunResult Init() const { return Cli({"init", "--config", config}); }
+  RunResult Rotate(const std::string& env = "test") const { return Cli({"rotate", "--config", config, "--env", env}); }
+  std::unique_ptr<Subprocess> Serve() const {
+    return std::make_unique<Subprocess>(std::vector<std::string>{kBinary, "serve", "--config", config}, dir.path());
+  }
+  // Waits until `socket` answers Status (false if the daemon died or 6 s passed).
+  bool WaitServing(Subprocess& process, const std::string& socket) const {
+    for (int i = 0; i < 300; ++i) {
+      KmsClient client(socket);
+      v2::StatusResponse status;
+      if (client.Status(status, std::chrono::milliseconds(100)).ok()) {
+        return true;
+      }
+      if (!process.Running()) {
+        return false;
+      }
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    return false;
+  }
+  v2::StatusResponse Status(const std::string& socket) const {
+    KmsClient client(socket);
+    v2::StatusResponse status;
+    REQUIRE(client.Status(status).ok());
+    return status;
+  }
+  // Status key_id after SIGHUP, once it differs from `before` (or `before` after 2 s).
+  std::string KeyIdAfterHup(Subprocess& server, const std::string& socket, const std::string& before) const {
+    server.Signal(SIGHUP);
+    std::string after = before;
+    for (int i = 0; i < 100 && after == before; ++i) {
+      absl::SleepFor(absl::Milliseconds(20));
+      after = Status(socket).key_id();
+    }
+    return after;
+  }
+  // Secret key objects on token `label`, as pkcs11-tool lists them.
+  std::string TokenObjects(const std::string& label = "kms") {
+    return hsm.Run(std::string("pkcs11-tool --module ") + kSoftHsmModule + " --token-label " + label +
+                   " --login --pin " + kPin + " --list-objects --type secrkey");
+  }
+
+  SoftHsmHarness hsm;
+  TempDir dir;
+  std::map<std::string, std::string> serials;
+  std::string pin_file, config;
+};
+
+TEST_CASE("PKCS#11 serve: init creates version 1 in the token, a second init leaves it, both APIs round-trip",
+          "[pkcs11][serve]") {
+  Hsm h;
+  h.Configure();
+  const RunResult first = h.Init();
+  INFO(first.out << first.err);
+  REQUIRE(first.exit_code == 0);
+  std::string objects = h.TokenObjects();
+  CHECK(Has(objects, "kmsplugin-test-v1"));
+  const RunResult second = h.Init();
+  CHECK(second.exit_code == 0);
+  CHECK(Has(second.out, "left untouched"));
+  objects = h.TokenObjects();
+  CHECK(!Has(objects, "kmsplugin-test-v2"));
+
+  auto server = h.Serve();
+  REQUIRE(h.WaitServing(*server, h.Socket("test")));
+  const v2::StatusResponse status = h.Status(h.Socket("test"));
+  CHECK(status.healthz() == "ok");
+  CHECK(VersionOf(status.key_id()) == 1);
+  CHECK(Has(status.key_id(), h.serials["kms"]));
+  KmsClient client(h.Socket("test"));
+  v2::EncryptResponse encrypted;
+  REQUIRE(client.Encrypt(std::string(32, 'p'), encrypted).ok());
+  CHECK(encrypted.key_id() == status.key_id());
+  v2::DecryptResponse decrypted;
+  REQUIRE(client.DecryptResponseOf(encrypted, decrypted).ok());
+  CHECK(decrypted.plaintext() == std::string(32, 'p'));
+
+  v1beta1::EncryptResponse v1_encrypted;
+  REQUIRE(client.V1Encrypt(std::string(48, 'q'), v1_encrypted).ok());
+  v1beta1::DecryptResponse v1_decrypted;
+  REQUIRE(client.V1Decrypt(v1_encrypted.cipher(), v1_decrypted).ok());
+  CHECK(v1_decrypted.plain() == std::string(48, 'q'));
+
+  // Tampered ciphertexts are refused by the token's GCM check, not retried or crashed on.
+  std::string tampered = encrypted.ciphertext();
+  tampered[tampered.size() - 1] ^= 0x01;
+  std::map<std::string, std::string> annotations(encrypted.annotations().begin(), encrypted.annotations().end());
+  CHECK(client.Decrypt(tampered, encrypted.key_id(), annotations, decrypted).error_code() ==
+        grpc::StatusCode::INVALID_ARGUMENT);
+  std::string v1_tampered = v1_encrypted.cipher();
+  v1_tampered[v1_tampered.size() / 2] ^= 0x20;
+  CHECK(client.V1Decrypt(v1_tampered, v1_decrypted).error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+  CHECK(h.Status(h.Socket("test")).healthz() == "ok");
+  server->Signal(SIGTERM);
+  CHECK(server->Wait(std::chrono::seconds(15)) == std::optional<int>(0));
+  CHECK(!Has(server->Stderr(), kPin + std::string("\n")));
+}
+
+TEST_CASE("PKCS#11 serve: before init the daemon serves unhealthy and says to run init, then recovers on SIGHUP",
+          "[pkcs11][serve][bad-input]") {
+  Hsm h;
+  h.Configure();
+  auto server = h.Serve();
+  const std::string socket = h.Socket("test");
+  REQUIRE(h.WaitServing(*server, socket));
+  const v2::StatusResponse status = h.Status(socket);
+  CHECK(status.healthz() != "ok");
+  CHECK(Has(status.healthz(), "kmsplugin init"));
+  CHECK(Has(status.healthz(), "kmsplugin-test-v"));
+  KmsClient client(socket);
+  v2::EncryptResponse encrypted;
+  const grpc::Status refused = client.Encrypt(std::string(32, 'z'), encrypted);
+  INFO(refused.error_code() << " " << refused.error_message());
+  CHECK(refused.error_code() == grpc::StatusCode::FAILED_PRECONDITION);
+  CHECK(Has(refused.error_message(), "kmsplugin init"));
+  CHECK(encrypted.ciphertext().empty());
+  // init while serving, then SIGHUP: healthy without a restart.
+  REQUIRE(h.Init().exit_code == 0);
+  server->Signal(SIGHUP);
+  std::string healthz;
+  for (int i = 0; i < 100 && healthz != "ok"; ++i) {
+    absl::SleepFor(absl::Milliseconds(20));
+    healthz = h.Status(socket).healthz();
+  }
+  CHECK(healthz == "ok");
+  REQUIRE(client.Encrypt(std::string(32, 'z'), encrypted).ok());
+  CHECK(VersionOf(encrypted.key_id()) == 1);
+}
+
+TEST_CASE("PKCS#11 serve: rotate then SIGHUP changes the Status key_id at once, old ciphertexts keep decrypting",
+          "[pkcs11][serve][rotation]") {
+  Hsm h;
+  h.Configure();
+  REQUIRE(h.Init().exit_code == 0);
+  auto server = h.Serve();
+  REQUIRE(h.WaitServing(*server, h.Socket("test")));
+  const std::string socket = h.Socket("test");
+  const std::string before = h.Status(socket).key_id();
+  KmsClient client(socket);
+  v2::EncryptResponse old_ciphertext;
+  REQUIRE(client.Encrypt(std::string(32, 'o'), old_ciphertext).ok());
+  v1beta1::EncryptResponse old_v1;
+  REQUIRE(client.V1Encrypt(std::string(32, 'O'), old_v1).ok());
+
+  const RunResult rotate = h.Rotate();
+  INFO(rotate.out << rotate.err);
+  REQUIRE(rotate.exit_code == 0);
+  CHECK(h.Status(socket).key_id() == before);  // a poll interval of an hour: nothing yet
+  const std::string after = h.KeyIdAfterHup(*server, socket, before);
+  CHECK(after != before);
+  CHECK(VersionOf(after) == 2);
+  CHECK(Has(rotate.out, after));
+
+  v2::EncryptResponse fresh;
+  REQUIRE(client.Encrypt(std::string(32, 'n'), fresh).ok());
+  CHECK(fresh.key_id() == after);
+  v2::DecryptResponse decrypted;
+  REQUIRE(client.DecryptResponseOf(old_ciphertext, decrypted).ok());
+  CHECK(decrypted.plaintext() == std::string(32, 'o'));
+  v1beta1::DecryptResponse v1_decrypted;
+  REQUIRE(client.V1Decrypt(old_v1.cipher(), v1_decrypted).ok());
+  CHECK(v1_decrypted.plain() == std::string(32, 'O'));
+
+  // The old key_id with the new ciphertext (or the reverse) is a mismatch, not a silent success.
+  std::map<std::string, std::string> annotations(fresh.annotations().begin(), fresh.annotations().end());
+  CHECK(client.Decrypt(fresh.ciphertext(), before, annotations, decrypted).error_code() ==
+        grpc::StatusCode::INVALID_ARGUMENT);
+
+  // keys --env lists both versions, the new one current, as a table and as JSON.
+  const RunResult table = h.Cli({"keys", "--config", h.config, "--env", "test"});
+  CHECK(table.exit_code == 0);
+  CHECK(Has(table.out, before));
+  CHECK(Has(table.out, after));
+  const RunResult json = h.Cli({"keys", "--config", h.config, "--env", "test", "--json"});
+  REQUIRE(json.exit_code == 0);
+  const auto doc = nlohmann::json::parse(json.out);
+  REQUIRE(doc["versions"].size() == 2);
+  CHECK(doc["versions"][0]["keyId"] == before);
+  CHECK(doc["versions"][0]["state"] == "active");
+  CHECK(doc["versions"][1]["keyId"] == after);
+  CHECK(doc["versions"][1]["state"] == "current");
+  CHECK(server->Running());
+}
+
+TEST_CASE("PKCS#11 keys: an unknown environment is refused, listing the ones there are", "[pkcs11][bad-input]") {
+  Hsm h;
+  h.Configure();
+  REQUIRE(h.Init().exit_code == 0);
+  const RunResult result = h.Cli({"keys", "--config", h.config, "--env", "prod"});
+  CHECK(result.exit_code != 0);
+  CHECK(Has(result.err, "no environment named \"prod\""));
+  CHECK(Has(result.err, "test"));
+}
+
+TEST_CASE("PKCS#11 serve: rotation under load keeps Status and Encrypt in agreement, with zero failed decrypts",
+          "[pkcs11][serve][rotation]") {
+  Hsm h;
+  h.Configure();
+  REQUIRE(h.Init().exit_code == 0);
+  auto server = h.Serve();
+  const std::string socket = h.Socket("test");
+  REQUIRE(h.WaitServing(*server, socket));
+  std::atomic<bool> stop{false};
+  std::atomic<int> failures{0};
+  std::atomic<int> disagreements{0};
+  std::atomic<int> rounds{0};
+  std::mutex mu;
+  std::vector<v2::EncryptResponse> written;
+  std::vector<std::thread> workers;
+  for (int w = 0; w < 4; ++w) {
+    workers.emplace_back([&] {
+      KmsClient client(socket);
+      while (!stop.load()) {
+        v2::EncryptResponse encrypted;
+        if (!client.Encrypt(std::string(32, 'w'), encrypted).ok()) {
+          ++failures;
+          continue;
+        }
+        v2::DecryptResponse decrypted;
+        if (!client.DecryptResponseOf(encrypted, decrypted).ok() || decrypted.plaintext() != std::string(32, 'w')) {
+          ++failures;
+        }
+        std::lock_guard<std::mutex> lock(mu);
+        written.push_back(std::move(encrypted));
+      }
+    });
+  }
+  // kube-apiserver's view: Status, Encrypt, Status. Encrypt's key_id lies between the two Status key_ids (equal
+  // to them when they are equal), and no key_id ever moves backwards.
+  workers.emplace_back([&] {
+    KmsClient client(socket);
+    unsigned long last = 0;
+    while (!stop.load()) {
+      v2::StatusResponse s1, s2;
+      v2::EncryptResponse e;
+      if (!client.Status(s1).ok() || !client.Encrypt(std::string(32, 'a'), e).ok() || !client.Status(s2).ok()) {
+        ++failures;
+        continue;
+      }
+      const unsigned long a = VersionOf(s1.key_id()), b = VersionOf(e.key_id()), c = VersionOf(s2.key_id());
+      if (a == 0 || a > b || b > c || (s1.key_id() == s2.key_id() && e.key_id() != s1.key_id()) || a < last ||
+          s1.healthz() != "ok") {
+        ++disagreements;
+      }
+      last = c;
+      ++rounds;
+    }
+  });
+  for (int r = 0; r < 3; ++r) {
+    absl::SleepFor(absl::Milliseconds(200));
+    const RunResult rotate = h.Rotate();
+    INFO(rotate.err);
+    CHECK(rotate.exit_code == 0);
+    server->Signal(SIGHUP);
+  }
+  absl::SleepFor(absl::Milliseconds(400));
+  stop = true;
+  for (std::thread& worker : workers) {
+    worker.join();
+  }
+  CHECK(failures.load() == 0);
+  CHECK(disagreements.load() == 0);
+  CHECK(rounds.load() > 10);
+  CHECK(VersionOf(h.Status(socket).key_id()) == 4);
+  std::set<std::string> key_ids;
+  KmsClient client(socket);
+  int failed_later = 0;
+  for (const v2::EncryptResponse& encrypted : written) {
+    key_ids.insert(encrypted.key_id());
+    v2::DecryptResponse decrypted;
+    failed_later += client.DecryptResponseOf(encrypted, decrypted).ok() ? 0 : 1;
+  }
+  CHECK(failed_later == 0);
+  CHECK(key_ids.size() >= 3);
+}
+
+TEST_CASE("PKCS#11 serve: 32 concurrent client streams finish with zero failed calls", "[pkcs11][serve][load]") {
+  Hsm h;
+  h.Configure();
+  REQUIRE(h.Init().exit_code == 0);
+  auto server = h.Serve();
+  const std::string socket = h.Socket("test");
+  REQUIRE(h.WaitServing(*server, socket));
+  std::atomic<int> failures{0}, calls{0};
+  std::mutex mu;
+  std::set<std::string> errors;
+  std::vector<std::thread> streams;
+  for (int t = 0; t < 32; ++t) {
+    streams.emplace_back([&, t] {
+      KmsClient client(socket);  // its own channel: its own HTTP/2 connection
+      const std::string plaintext(32, static_cast<char>('A' + t % 26));
+      for (int i = 0; i < 25; ++i) {
+        v2::EncryptResponse encrypted;
+        v2::DecryptResponse decrypted;
+        grpc::Status status = client.Encrypt(plaintext, encrypted);
+        if (status.ok()) {
+          status = client.DecryptResponseOf(encrypted, decrypted);
+        }
+        if (!status.ok() || decrypted.plaintext() != plaintext) {
+          ++failures;
+          std::lock_guard<std::mutex> lock(mu);
+          errors.insert(std::to_string(status.error_code()) + " " + status.error_message());
+        }
+        calls += 2;
+      }
+    });
+  }
+  for (std::thread& stream : streams) {
+    stream.join();
+  }
+  std::string seen;
+  for (const std::string& error : errors) {
+    seen += error + "\n";
+  }
+  INFO(seen);
+  CHECK(failures.load() == 0);
+  CHECK(calls.load() == 32 * 25 * 2);
+  CHECK(h.Status(socket).healthz() == "ok");
+  CHECK(!Has(server->Stderr(), "CKR_OPERATION_ACTIVE"));
+  CHECK(!Has(server->Stderr(), "\"level\":\"error\""));
+}
+
+TEST_CASE("PKCS#11 serve: a ciphertext of one token's environment sent to the other's socket is "
+          "FAILED_PRECONDITION naming both environments",
+          "[pkcs11][serve][bad-input]") {
+  Hsm h({"kms-a", "kms-b"});
+  h.Configure({{"alpha", "kms-a", "kmsplugin-alpha"}, {"beta", "kms-b", "kmsplugin-beta"}});
+  const RunResult init = h.Init();
+  INFO(init.out << init.err);
+  REQUIRE(init.exit_code == 0);
+  CHECK(Has(h.TokenObjects("kms-a"), "kmsplugin-alpha-v1"));
+  CHECK(Has(h.TokenObjects("kms-b"), "kmsplugin-beta-v1"));
+  auto server = h.Serve();
+  REQUIRE(h.WaitServing(*server, h.Socket("alpha")));
+  REQUIRE(h.WaitServing(*server, h.Socket("beta")));
+  KmsClient alpha(h.Socket("alpha")), beta(h.Socket("beta"));
+  CHECK(Has(h.Status(h.Socket("alpha")).key_id(), h.serials["kms-a"]));
+  CHECK(Has(h.Status(h.Socket("beta")).key_id(), h.serials["kms-b"]));
+  v2::EncryptResponse of_alpha;
+  REQUIRE(alpha.Encrypt(std::string(32, 'a'), of_alpha).ok());
+  v2::DecryptResponse decrypted;
+  const grpc::Status crossed = beta.DecryptResponseOf(of_alpha, decrypted);
+  CHECK(crossed.error_code() == grpc::StatusCode::FAILED_PRECONDITION);
+  CHECK(Has(crossed.error_message(), "alpha"));
+  CHECK(Has(crossed.error_message(), "beta"));
+  v1beta1::EncryptResponse v1_of_beta;
+  REQUIRE(beta.V1Encrypt(std::string(32, 'b'), v1_of_beta).ok());
+  v1beta1::DecryptResponse v1_decrypted;
+  CHECK(alpha.V1Decrypt(v1_of_beta.cipher(), v1_decrypted).error_code() == grpc::StatusCode::FAILED_PRECONDITION);
+  // Each still decrypts its own.
+  REQUIRE(alpha.DecryptResponseOf(of_alpha, decrypted).ok());
+  CHECK(decrypted.plaintext() == std::string(32, 'a'));
+  // Rotating one environment leaves the other's key untouched.
+  REQUIRE(h.Rotate("alpha").exit_code == 0);
+  const std::string beta_before = h.Status(h.Socket("beta")).key_id();
+  CHECK(VersionOf(h.KeyIdAfterHup(*server, h.Socket("alpha"), h.Status(h.Socket("alpha")).key_id())) == 2);
+  CHECK(h.Status(h.Socket("beta")).key_id() == beta_before);
+}
+
+TEST_CASE("PKCS#11 serve: two environments on the same token and keyLabel with allowSharedBackendKey still refuse "
+          "each other's ciphertexts",
+          "[pkcs11][serve][bad-input]") {
+  Hsm h;
+  h.Configure({{"one", "kms", "kmsplugin-shared"}, {"two", "kms", "kmsplugin-shared", /*shared=*/true}});
+  const RunResult init = h.Init();
+  INFO(init.out << init.err);
+  REQUIRE(init.exit_code == 0);
+  auto server = h.Serve();
+  REQUIRE(h.WaitServing(*server, h.Socket("one")));
+  REQUIRE(h.WaitServing(*server, h.Socket("two")));
+  KmsClient one(h.Socket("one")), two(h.Socket("two"));
+  // The very same HSM key object serves both...
+  CHECK(h.Status(h.Socket("one")).key_id() == h.Status(h.Socket("two")).key_id());
+  v2::EncryptResponse of_one, of_two;
+  REQUIRE(one.Encrypt(std::string(32, '1'), of_one).ok());
+  REQUIRE(two.Encrypt(std::string(32, '2'), of_two).ok());
+  // ...yet the environment bound into each ciphertext keeps them apart, both ways.
+  v2::DecryptResponse decrypted;
+  grpc::Status crossed = two.DecryptResponseOf(of_one, decrypted);
+  CHECK(crossed.error_code() == grpc::StatusCode::FAILED_PRECONDITION);
+  CHECK(Has(crossed.error_message(), "\"one\""));
+  CHECK(Has(crossed.error_message(), "\"two\""));
+  crossed = one.DecryptResponseOf(of_two, decrypted);
+  CHECK(crossed.error_code() == grpc::StatusCode::FAILED_PRECONDITION);
+  // A ciphertext rewritten to claim the other environment fails authentication (the header is associated data).
+  std::string forged = of_one.ciphertext();
+  const size_t at = forged.find("one");
+  if (at != std::string::npos) {
+    forged.replace(at, 3, "two");
+    std::map<std::string, std::string> annotations(of_one.annotations().begin(), of_one.annotations().end());
+    const grpc::Status status = two.Decrypt(forged, of_one.key_id(), annotations, decrypted);
+    CHECK(!status.ok());
+    CHECK(decrypted.plaintext().empty());
+  }
+}
+
+TEST_CASE("PKCS#11 config: two environments on the same token and keyLabel without allowSharedBackendKey are "
+          "refused, naming the field",
+          "[pkcs11][bad-input]") {
+  Hsm h;
+  h.Configure({{"one", "kms", "kmsplugin-shared"}, {"two", "kms", "kmsplugin-shared"}});
+  for (const std::string command : {"init", "serve"}) {
+    const RunResult result = h.Cli({command, "--config", h.config});
+    INFO(command << ": " << result.err);
+    CHECK(result.exit_code != 0);
+    CHECK(Has(result.err, h.config));
+    CHECK(Has(result.err, "allowSharedBackendKey"));
+    CHECK(Has(result.err, "environments[1].keySource"));
+    CHECK(Has(result.err, "\"one\""));
+  }
+  CHECK(!Has(h.TokenObjects(), "kmsplugin-shared"));  // nothing was created
+}
+
+TEST_CASE("PKCS#11 serve: a wrong PIN is reported as a PIN problem, and the PIN is never printed",
+          "[pkcs11][serve][bad-input]") {
+  Hsm h;
+  h.Configure();
+  REQUIRE(h.Init().exit_code == 0);
+  const std::string wrong = "wrong-pin-7c3e91";
+  const std::string wrong_file = h.dir.Write("wrong.pin", wrong + "\n");
+  h.Configure({{"test", "kms", "kmsplugin-test"}}, "  pollInterval: 1s\n", wrong_file);
+  // The code refuses at start (one C_Login, never retried) rather than serving unhealthy.
+  const absl::Time started = absl::Now();
+  const RunResult serve = Run({kBinary, "serve", "--config", h.config}, h.dir.path(), std::chrono::seconds(10));
+  CHECK(absl::Now() - started < absl::Seconds(10));
+  CHECK(serve.exit_code > 0);
+  const std::string output = serve.out + serve.err;
+  INFO(output);
+  CHECK(serve.exit_code != 0);
+  CHECK(Has(serve.err, "CKR_PIN_INCORRECT"));
+  CHECK(Has(serve.err, wrong_file));
+  CHECK(Has(serve.err, "will not try this PIN again"));
+  CHECK(Has(serve.err, "fix:"));
+  CHECK(!Has(output, wrong));
+  struct stat info {};
+  CHECK(lstat(h.Socket("test").c_str(), &info) != 0);  // no socket left behind
+  // The CLI says the same, without the PIN.
+  const RunResult keys = h.Cli({"rotate", "--config", h.config, "--env", "test"});
+  CHECK(keys.exit_code != 0);
+  CHECK(Has(keys.err, "PIN"));
+  CHECK(!Has(keys.out + keys.err, wrong));
+  // The token is not locked by retries: the right PIN still works.
+  CHECK(Has(h.TokenObjects(), "kmsplugin-test-v1"));
+  CHECK(!Has(h.TokenObjects(), "kmsplugin-test-v2"));
+}
+
+TEST_CASE("PKCS#11 serve: a PIN file readable by others is refused, naming the file and the fix",
+          "[pkcs11][serve][bad-input]") {
+  Hsm h;
+  h.Configure();
+  REQUIRE(h.Init().exit_code == 0);
+  chmod(h.pin_file.c_str(), 0644);
+  const RunResult result = h.Cli({"serve", "--config", h.config});
+  INFO(result.err);
+  CHECK(result.exit_code != 0);
+  CHECK(Has(result.err, h.pin_file));
+  CHECK(Has(result.err, "chmod 600"));
+  CHECK(!Has(result.err, std::string(kPin) + "\n"));
+}
+
+TEST_CASE("PKCS#11 serve: a token label that no slot has is refused at start, naming the label",
+          "[pkcs11][serve][bad-input]") {
+  Hsm h;
+  h.Configure({{"test", "no-such-token", "kmsplugin-test"}});
+  const RunResult result = h.Cli({"serve", "--config", h.config});
+  INFO(result.err);
+  CHECK(result.exit_code != 0);
+  CHECK(Has(result.err, "no-such-token"));
+  const RunResult init = h.Init();
+  CHECK(init.exit_code != 0);
+  CHECK(Has(init.err, "no-such-token"));
+}
+
+}  // namespace
+}  // namespace kmsplugin::testing
