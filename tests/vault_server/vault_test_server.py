@@ -354,6 +354,9 @@ class Api:
 def make_handler(api, listener, args):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes; with Nagle on, the body waits for the client's delayed ACK of the
+        # headers (~40 ms per keep-alive request), which real Vault (Go, TCP_NODELAY) never does.
+        disable_nagle_algorithm = True
 
         def log_message(self, fmt, *a):
             if args.verbose:
