@@ -106,6 +106,26 @@ void RegisterStateMetrics(observe::Registry& registry,
         }
         return samples;
       });
+  // Backend numbers (Vault token TTL, HSM session pool): one family per name any key source reports.
+  std::map<std::string, std::string> backend_families;
+  for (const auto& service : services) {
+    for (const core::BackendGauge& gauge : service->key_source().BackendGauges()) {
+      backend_families.emplace(gauge.name, gauge.help);
+    }
+  }
+  for (const auto& [name, help] : backend_families) {
+    registry.AddGaugeCollector(name, help, [services, name = name] {
+      std::vector<observe::Sample> samples;
+      for (const auto& service : services) {
+        for (const core::BackendGauge& gauge : service->key_source().BackendGauges()) {
+          if (gauge.name == name) {
+            samples.push_back({{{"environment", service->environment()}}, gauge.value});
+          }
+        }
+      }
+      return samples;
+    });
+  }
   registry.AddGaugeCollector("kmsplugin_key_versions", "Key versions by environment and state.", [services] {
     std::vector<observe::Sample> samples;
     for (const auto& service : services) {

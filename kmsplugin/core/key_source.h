@@ -44,6 +44,13 @@ struct KeyVersion {
   KeyState state = KeyState::kActive;
 };
 
+// A number about the backend worth exporting as a metric (Vault token time-to-live, HSM session pool).
+struct BackendGauge {
+  std::string name;  // Prometheus name with unit, e.g. kmsplugin_vault_token_ttl_seconds
+  std::string help;
+  double value = 0;
+};
+
 class KeySource {
  public:
   virtual ~KeySource() = default;
@@ -73,6 +80,9 @@ class KeySource {
 
   // Every version, oldest first.
   virtual absl::StatusOr<std::vector<KeyVersion>> Versions() const = 0;
+
+  // Backend numbers for /metrics. A source with nothing of its own to report (the local keyring) keeps this.
+  virtual std::vector<BackendGauge> BackendGauges() const { return {}; }
 };
 
 }  // namespace kmsplugin::core

@@ -28,6 +28,7 @@ class InstrumentedKeySource final : public core::KeySource {
   absl::Status Refresh(absl::Time deadline) override;
   absl::StatusOr<core::KeyVersion> Rotate(absl::Time deadline) override;
   absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override { return inner_->Versions(); }
+  std::vector<core::BackendGauge> BackendGauges() const override { return inner_->BackendGauges(); }
 
  private:
   struct Operation {

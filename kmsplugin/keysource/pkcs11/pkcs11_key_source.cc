@@ -1172,3 +1172,17 @@ std::string Pkcs11KeySource::TokenSerial() const { return impl_->TokenSerial(); 
 SessionPoolStats Pkcs11KeySource::PoolStats() const { return impl_->PoolStats(); }
 
 }  // namespace kmsplugin::keysource::pkcs11
+
+namespace kmsplugin::keysource::pkcs11 {
+
+std::vector<core::BackendGauge> Pkcs11KeySource::BackendGauges() const {
+  const SessionPoolStats stats = PoolStats();
+  return {{"kmsplugin_pkcs11_session_pool_size", "Configured maximum of PKCS#11 sessions for calls.",
+           static_cast<double>(stats.size)},
+          {"kmsplugin_pkcs11_sessions_open", "PKCS#11 sessions open now, idle or in use (the anchor not counted).",
+           static_cast<double>(stats.open)},
+          {"kmsplugin_pkcs11_sessions_in_use", "PKCS#11 sessions running a call now.",
+           static_cast<double>(stats.open - stats.idle)}};
+}
+
+}  // namespace kmsplugin::keysource::pkcs11

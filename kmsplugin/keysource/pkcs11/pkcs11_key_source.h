@@ -100,6 +100,8 @@ class Pkcs11KeySource : public core::KeySource {
 
   // Session pool use, for metrics ("HSM session pool use").
   SessionPoolStats PoolStats() const;
+  // kmsplugin_pkcs11_session_pool_size, kmsplugin_pkcs11_sessions_open, kmsplugin_pkcs11_sessions_in_use.
+  std::vector<core::BackendGauge> BackendGauges() const override;
 
  private:
   class Impl;

@@ -1,6 +1,7 @@
 #include "kmsplugin/keysource/vault/vault_key_source.h"
 
 #include <algorithm>
+#include <limits>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
@@ -386,6 +387,16 @@ absl::StatusOr<crypto::SecretBytes> VaultKeySource::Unwrap(std::string_view key_
   crypto::SecretBytes out = crypto::SecretBytes::CopyOf(decoded);
   WipeString(decoded);
   return out;
+}
+
+}  // namespace kmsplugin::keysource::vault
+
+namespace kmsplugin::keysource::vault {
+
+std::vector<core::BackendGauge> VaultKeySource::BackendGauges() const {
+  const absl::Duration ttl = client_->TokenTimeToLive();
+  return {{"kmsplugin_vault_token_ttl_seconds", "Seconds left on the Vault token (+Inf: it does not expire).",
+           ttl == absl::InfiniteDuration() ? std::numeric_limits<double>::infinity() : absl::ToDoubleSeconds(ttl)}};
 }
 
 }  // namespace kmsplugin::keysource::vault

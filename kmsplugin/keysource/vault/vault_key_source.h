@@ -52,6 +52,8 @@ class VaultKeySource : public core::KeySource {
   absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override;
 
   VaultClient& client() { return *client_; }
+  // kmsplugin_vault_token_ttl_seconds (+Inf for a token that does not expire).
+  std::vector<core::BackendGauge> BackendGauges() const override;
 
  private:
   VaultKeySource(std::unique_ptr<VaultClient> client, core::Clock* clock);

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 
 #include <atomic>
+#include <map>
 #include <cstdio>
 #include <set>
 #include <thread>
@@ -669,6 +670,14 @@ TEST_CASE("Pkcs11KeySource: 32 concurrent threads never fail and never hit CKR_O
   CHECK(stats.open >= 1);
   CHECK(stats.open <= 9);  // 32 callers share 9 sessions: the pool is bounded
   CHECK(stats.idle == stats.open);
+  // The same numbers reach /metrics.
+  std::map<std::string, double> gauges;
+  for (const core::BackendGauge& gauge : source->BackendGauges()) {
+    gauges[gauge.name] = gauge.value;
+  }
+  CHECK(gauges["kmsplugin_pkcs11_session_pool_size"] == 9);
+  CHECK(gauges["kmsplugin_pkcs11_sessions_open"] == stats.open);
+  CHECK(gauges["kmsplugin_pkcs11_sessions_in_use"] == 0);
 }
 
 TEST_CASE("Pkcs11KeySource: rotation while 8 threads wrap and unwrap has zero failures", "[pkcs11]") {

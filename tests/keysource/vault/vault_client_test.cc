@@ -113,6 +113,11 @@ TEST_CASE("VaultClient: a token is renewed at about two thirds of its TTL", "[va
   }
   CHECK(server.Requests(0, "/v1/auth/token/renew-self") >= 2);
   CHECK(source->client().TokenTimeToLive() > absl::ZeroDuration());
+  const auto gauges = source->BackendGauges();
+  REQUIRE(gauges.size() == 1);
+  CHECK(gauges[0].name == "kmsplugin_vault_token_ttl_seconds");
+  CHECK(gauges[0].value > 0);
+  CHECK(gauges[0].value <= 3);
 }
 
 TEST_CASE("VaultClient: AppRole logs in, renews, and logs in again after its tokens are revoked", "[vault]") {
