@@ -2,13 +2,15 @@
 // bad file the issue lists. Each case checks the exit code and that the message names the problem and the fix.
 
 #include <signal.h>
-#include <sstream>
 #include <sys/stat.h>
 
+#include <sstream>
+
+#include <catch2/catch.hpp>
 #include <httplib.h>
 #include <nlohmann/json.hpp>
-#include <catch2/catch.hpp>
 
+#include "absl/strings/escaping.h"
 #include "tests/support/kms_client.h"
 #include "tests/support/subprocess.h"
 #include "tests/support/temp_dir.h"
@@ -174,6 +176,69 @@ TEST_CASE("CLI: serve exposes /metrics, /healthz and /readyz and logs JSON lines
   }
   CHECK(count >= 4);
   CHECK(Has(server->Stderr(), "\"code\":\"INVALID_ARGUMENT\""));
+}
+
+// Every form a secret could leak in.
+std::vector<std::string> Forms(const std::string& secret) {
+  return {secret, absl::BytesToHexString(secret), absl::Base64Escape(secret), absl::WebSafeBase64Escape(secret)};
+}
+
+TEST_CASE("Secrets: no root key or seed appears in any log line, CLI output, error message or metric",
+          "[cli][secrets]") {
+  Setup s("", "  pollInterval: 1s\n");
+  std::string everything;
+  auto keep = [&everything](const RunResult& result) { everything += result.out + result.err; };
+  keep(s.Init());
+  const std::string root_key = ReadWholeFile(s.root_key);
+  REQUIRE(root_key.size() == 32);
+  auto server = std::make_unique<Subprocess>(
+      std::vector<std::string>{kBinary, "--log-level", "debug", "serve", "--config", s.config}, s.dir.path());
+  REQUIRE(s.WaitServing(*server));
+  KmsClient client(s.socket);
+  std::vector<std::string> seeds;
+  for (int i = 0; i < 5; ++i) {
+    std::string seed(32, '\0');
+    for (char& c : seed) {
+      c = static_cast<char>(std::rand());
+    }
+    seeds.push_back(seed);
+    v2::EncryptResponse encrypted;
+    REQUIRE(client.Encrypt(seed, encrypted).ok());
+    v2::DecryptResponse decrypted;
+    REQUIRE(client.DecryptResponseOf(encrypted, decrypted).ok());
+    // Failures carry messages: make some, with the seed-bearing ciphertext damaged and with wrong metadata.
+    std::string damaged = encrypted.ciphertext();
+    damaged.back() = static_cast<char>(damaged.back() ^ 1);
+    const grpc::Status bad = client.Decrypt(damaged, encrypted.key_id(), {{"format.kmsplugin.io", "1"}}, decrypted);
+    everything += bad.error_message();
+    everything += client.Decrypt(encrypted.ciphertext(), "wrong", {}, decrypted).error_message();
+    v2::EncryptResponse too_long;
+    everything += client.Encrypt(seed + seed + seed + seed + seed, too_long).error_message();
+  }
+  keep(s.Cli({"rotate", "--config", s.config, "--env", "dev"}));
+  server->Signal(SIGHUP);
+  keep(s.Cli({"keys", "--config", s.config, "--env", "dev", "--json"}));
+  keep(s.Cli({"status", "--socket", s.socket, "--json"}));
+  const int port = LoggedHttpPort(*server);
+  REQUIRE(port > 0);
+  httplib::Client http("127.0.0.1", port);
+  auto metrics = http.Get("/metrics");
+  REQUIRE(metrics);
+  everything += metrics->body;
+  everything += http.Get("/readyz")->body;
+  server->Signal(SIGTERM);
+  REQUIRE(server->Wait(std::chrono::seconds(15)) == std::optional<int>(0));
+  everything += server->Stdout() + server->Stderr();
+  everything += ReadWholeFile(s.keyring);  // sealed: the keyring file itself must not hold the root key either
+  REQUIRE(everything.size() > 2000);       // the search covers a real amount of output
+  for (const std::string& form : Forms(root_key)) {
+    CHECK(everything.find(form) == std::string::npos);
+  }
+  for (const std::string& seed : seeds) {
+    for (const std::string& form : Forms(seed)) {
+      CHECK(everything.find(form) == std::string::npos);
+    }
+  }
 }
 
 TEST_CASE("CLI: SIGINT also drains and exits 0", "[cli]") {
