@@ -16,6 +16,9 @@
 #   KMSPLUGIN_BIN=PATH      plugin binary to use instead of the one in the build directory
 #   BENCH_NULL_VS_NULL=1    ignore the plugin and compare two null servers (sanity check: ratios ~1.0)
 #   BENCH_STRICT=1          exit 3 when a target is missed
+#   BENCH_BACKENDS="pkcs11 vault"   after the local-vs-null matrix, bench/run_backends.sh compares the pkcs11 key
+#                           source (SoftHSM2) with local and the vault key source with a raw libcurl round trip
+#                           (about 4 more minutes); BENCH_BACKENDS=none skips it
 # Output: a table on stdout, bench/results/latest.json, and raw per-run lines in bench/results/latest.raw.jsonl.
 set -euo pipefail
 
@@ -40,8 +43,8 @@ log() { echo "run.sh: $*" >&2; }
 if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
   log "configuring $BUILD (Release)"
   cmake -S "$ROOT" -B "$BUILD" -DKMSPLUGIN_TESTS=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
-  log "building kms_loadgen kms_null_server"
-  cmake --build "$BUILD" -j2 --target kms_loadgen kms_null_server >/dev/null
+  log "building kms_loadgen kms_null_server kms_vault_raw"
+  cmake --build "$BUILD" -j2 --target kms_loadgen kms_null_server kms_vault_raw >/dev/null
   if [[ -z ${KMSPLUGIN_BIN:-} && ${BENCH_NULL_VS_NULL:-0} != 1 ]]; then
     if ! cmake --build "$BUILD" --target help 2>/dev/null | grep -qE '(^|[ .])kmsplugin(:|$| )'; then
       log "no kmsplugin target in this tree yet"
@@ -101,6 +104,8 @@ MODE=plugin-vs-null
 CAND=plugin
 if [[ -n $PLUGIN ]]; then
   cat >"$TMP/config.yaml" <<EOF
+http:
+  listen: 127.0.0.1:0
 environments:
   - name: bench
     socket: $TMP/plugin.sock
@@ -178,7 +183,8 @@ export BENCH_MODE=$MODE BENCH_CAND=$CAND BENCH_SECS=$SECS BENCH_WARM=$WARM BENCH
 export BENCH_CLK_TCK=$(getconf CLK_TCK) BENCH_PLUGIN=${PLUGIN:-}
 export BENCH_LOAD_BEFORE="$LOAD_BEFORE" BENCH_LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
 export BENCH_COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo none)
-"$PY" - "$RAW" "$RESULTS/latest.json" <<'PYEOF'
+RC=0
+"$PY" - "$RAW" "$RESULTS/latest.json" <<'PYEOF' || RC=$?
 import json, os, statistics, sys, time, platform
 
 raw_path, out_path = sys.argv[1], sys.argv[2]
@@ -307,3 +313,11 @@ for t in targets:
 print(f"\nwrote {out_path}")
 sys.exit(3 if os.environ.get("BENCH_STRICT") == "1" and any(t["result"] == "MISS" for t in targets) else 0)
 PYEOF
+
+# ---- key sources with a backend (issues 3, 4) -----------------------------------------------------------------
+if [[ ${BENCH_BACKENDS:-pkcs11 vault} != none && $MODE = plugin-vs-null ]]; then
+  cleanup
+  PIDS=()
+  BENCH_SKIP_BUILD=1 BENCH_BUILD_DIR=$BUILD KMSPLUGIN_BIN=$PLUGIN "$ROOT/bench/run_backends.sh" || RC=$((RC ? RC : $?))
+fi
+exit "$RC"
