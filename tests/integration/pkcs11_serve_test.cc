@@ -393,6 +393,45 @@ TEST_CASE("PKCS#11 serve: 32 concurrent client streams finish with zero failed c
   CHECK(!Has(server->Stderr(), "\"level\":\"error\""));
 }
 
+TEST_CASE("PKCS#11 serve: the token directory moved away makes calls UNAVAILABLE and Status unhealthy, and the "
+          "daemon recovers by itself when it is back",
+          "[pkcs11][serve][fault]") {
+  Hsm h;
+  h.Configure({{"test", "kms", "kmsplugin-test"}}, "  pollInterval: 1s\n");
+  REQUIRE(h.Init().exit_code == 0);
+  auto server = h.Serve();
+  const std::string socket = h.Socket("test");
+  REQUIRE(h.WaitServing(*server, socket));
+  KmsClient client(socket);
+  v2::EncryptResponse before;
+  REQUIRE(client.Encrypt(std::string(32, 'm'), before).ok());
+  const std::string moved = h.hsm.dir() + "/tokens.away";
+  REQUIRE(std::rename(h.hsm.token_dir().c_str(), moved.c_str()) == 0);
+  v2::EncryptResponse encrypted;
+  const grpc::Status down = client.Encrypt(std::string(32, 'm'), encrypted);
+  INFO(down.error_code() << " " << down.error_message());
+  CHECK(down.error_code() == grpc::StatusCode::UNAVAILABLE);
+  CHECK(Has(down.error_message(), "kms"));
+  std::string healthz = "ok";
+  for (int i = 0; i < 60 && healthz == "ok"; ++i) {
+    absl::SleepFor(absl::Milliseconds(100));
+    healthz = h.Status(socket).healthz();
+  }
+  CHECK(healthz != "ok");
+  CHECK(h.Status(socket).key_id() == before.key_id());  // the known versions stay in force
+  REQUIRE(std::rename(moved.c_str(), h.hsm.token_dir().c_str()) == 0);
+  for (int i = 0; i < 60 && healthz != "ok"; ++i) {
+    absl::SleepFor(absl::Milliseconds(100));
+    healthz = h.Status(socket).healthz();
+  }
+  CHECK(healthz == "ok");
+  v2::DecryptResponse decrypted;
+  REQUIRE(client.DecryptResponseOf(before, decrypted).ok());
+  CHECK(decrypted.plaintext() == std::string(32, 'm'));
+  REQUIRE(client.Encrypt(std::string(32, 'm'), encrypted).ok());
+  CHECK(server->Running());
+}
+
 TEST_CASE("PKCS#11 serve: a ciphertext of one token's environment sent to the other's socket is "
           "FAILED_PRECONDITION naming both environments",
           "[pkcs11][serve][bad-input]") {

@@ -220,7 +220,7 @@ TEST_CASE("Vault serve: init creates the transit key, a second init leaves it, b
   CheckNoToken(*server);
 }
 
-TEST_CASE("Vault serve: exactly one Vault request per Encrypt and per Decrypt, none per Status; /metrics counts "
+TEST_CASE("Vault serve: exactly one Vault request per Encrypt and per Decrypt, none per Status, and /metrics counts "
           "them",
           "[vault][serve][observe]") {
   VaultE2E v;
@@ -513,6 +513,82 @@ TEST_CASE("Vault serve: with the first of two addresses sealed, calls fail over 
   }
   CHECK(v.Requests(kEncryptPath, 1) - second_before == 5);
   CHECK(v.Status(socket).healthz() == "ok");
+  CheckNoToken(*server);
+}
+
+TEST_CASE("Vault serve: with the first of two addresses hanging, calls fail over inside a 3 s deadline",
+          "[vault][serve][fault]") {
+  VaultE2E v(VaultTestServer::Options::Listeners(2));
+  v.Configure({{"prod"}}, "  pollInterval: 1h\n", "", "");
+  REQUIRE(v.Init().exit_code == 0);
+  auto server = v.Serve();
+  const std::string socket = v.Socket("prod");
+  REQUIRE(v.WaitServing(*server, socket));
+  v.vault.Control({{"listener", 0}, {"hang", true}});
+  KmsClient client(socket);
+  const absl::Time start = absl::Now();
+  v2::EncryptResponse encrypted;
+  const grpc::Status status = client.Encrypt(std::string(32, 'g'), encrypted, std::chrono::milliseconds(3000));
+  INFO(status.error_code() << " " << status.error_message());
+  CHECK(status.ok());
+  CHECK(absl::Now() - start < absl::Milliseconds(3000));
+  CHECK(v.Requests(kEncryptPath, 1) >= 1);
+  v.vault.Control({{"listener", 0}, {"hang", false}});
+  v2::DecryptResponse decrypted;
+  REQUIRE(client.DecryptResponseOf(encrypted, decrypted).ok());
+  CHECK(decrypted.plaintext() == std::string(32, 'g'));
+}
+
+TEST_CASE("Vault serve: a short 429 storm is retried inside the call, a long one ends UNAVAILABLE in time",
+          "[vault][serve][fault]") {
+  VaultE2E v;
+  v.Configure();
+  REQUIRE(v.Init().exit_code == 0);
+  auto server = v.Serve();
+  const std::string socket = v.Socket("prod");
+  REQUIRE(v.WaitServing(*server, socket));
+  KmsClient client(socket);
+  const int before = v.Requests(kEncryptPath);
+  v.vault.Control({{"rate_limit_count", 2}, {"retry_after", 0}});
+  v2::EncryptResponse encrypted;
+  REQUIRE(client.Encrypt(std::string(32, 'l'), encrypted).ok());
+  CHECK(v.Requests(kEncryptPath) - before == 3);
+  v.vault.Control({{"rate_limit_count", 100000}, {"retry_after", 0}});
+  const absl::Time start = absl::Now();
+  const grpc::Status storm = client.Encrypt(std::string(32, 'l'), encrypted, std::chrono::milliseconds(3000));
+  CHECK((storm.error_code() == grpc::StatusCode::UNAVAILABLE ||
+         storm.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED));
+  CHECK(absl::Now() - start < absl::Milliseconds(3500));
+  CHECK(v.Requests(kEncryptPath) - before < 40);  // bounded retries, not a hot loop
+  v.vault.Control({{"rate_limit_count", 0}});
+  REQUIRE(client.Encrypt(std::string(32, 'l'), encrypted).ok());
+}
+
+TEST_CASE("Vault serve: a 3 s token is renewed in the background and calls keep working past its TTL",
+          "[vault][serve][auth]") {
+  VaultE2E v;
+  const std::string short_token = "hvs.E2E-TOKEN-SECRET-short";
+  v.vault.Control({{"add_token", {{"id", short_token}, {"ttl", 3}, {"renewable", true}, {"max_ttl", 0}}}});
+  v.dir.Write("vault-token", short_token + "\n");
+  v.Configure();
+  REQUIRE(v.Init().exit_code == 0);
+  auto server = v.Serve();
+  const std::string socket = v.Socket("prod");
+  REQUIRE(v.WaitServing(*server, socket));
+  KmsClient client(socket);
+  int failed = 0;
+  for (int i = 0; i < 10; ++i) {  // 5 s: past the 3 s TTL
+    absl::SleepFor(absl::Milliseconds(500));
+    v2::EncryptResponse encrypted;
+    v2::DecryptResponse decrypted;
+    failed += client.Encrypt(std::string(32, 't'), encrypted).ok() && client.DecryptResponseOf(encrypted, decrypted).ok()
+                  ? 0
+                  : 1;
+  }
+  CHECK(failed == 0);
+  CHECK(v.Requests("/v1/auth/token/renew-self") >= 2);
+  CHECK(v.Status(socket).healthz() == "ok");
+  CHECK(!Has(server->Stderr(), short_token));
   CheckNoToken(*server);
 }
 
