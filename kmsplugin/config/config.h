@@ -8,7 +8,7 @@
 //   server:                      # optional
 //     pollInterval: 10s          # how often each key source is refreshed and health-probed (SIGHUP: at once)
 //     shutdownGracePeriod: 10s   # SIGTERM drains in-flight calls for at most this long
-//     maxThreads: 32             # gRPC threads per socket
+//     maxThreads: 128            # gRPC threads per socket; calls beyond it get RESOURCE_EXHAUSTED
 //   environments:
 //     - name: dev                # [a-z0-9-], 1..63; bound into every ciphertext
 //       socket: /run/kmsplugin/dev.sock
@@ -44,7 +44,7 @@ struct EnvironmentConfig {
 struct ServerConfig {
   absl::Duration poll_interval = absl::Seconds(10);
   absl::Duration shutdown_grace_period = absl::Seconds(10);
-  int max_threads = 32;
+  int max_threads = 128;
 };
 
 struct HttpConfig {

@@ -15,7 +15,10 @@
 namespace kmsplugin::server {
 
 struct ServerTuning {
-  int max_threads = 32;                   // gRPC sync server threads (pollers and handlers) per socket
+  // gRPC sync server threads (pollers and handlers) per socket. Each in-flight call holds one; a call that
+  // arrives while all are busy is refused with RESOURCE_EXHAUSTED ("Server Threadpool Exhausted"), not queued.
+  // kube-apiserver makes few concurrent calls (one seed per key_id), so 128 leaves wide room for a slow backend.
+  int max_threads = 128;
   int max_receive_bytes = 64 * 1024;      // larger requests get RESOURCE_EXHAUSTED
   int max_send_bytes = 64 * 1024;
 };

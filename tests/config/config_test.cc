@@ -75,7 +75,7 @@ TEST_CASE("Config: a minimal file parses with defaults", "[config]") {
   CHECK(dev.key_source->Kind() == "local");
   CHECK(config->server.poll_interval == absl::Seconds(10));
   CHECK(config->server.shutdown_grace_period == absl::Seconds(10));
-  CHECK(config->server.max_threads == 32);
+  CHECK(config->server.max_threads == 128);
 }
 
 TEST_CASE("Config: every setting is read", "[config]") {
