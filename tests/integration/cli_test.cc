@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/escaping.h"
+#include "tests/support/daemon.h"
 #include "tests/support/kms_client.h"
 #include "tests/support/subprocess.h"
 #include "tests/support/temp_dir.h"
@@ -18,11 +19,11 @@
 namespace kmsplugin::testing {
 namespace {
 
-const std::string kBinary = std::string(KMS_BINARY_DIR) + "/kmsplugin/cli/kmsplugin";
+const std::string kBinary = DaemonDriver::Binary();
 
 bool Has(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
-struct Setup {
+struct Setup : DaemonDriver {
   // One local environment; `extra` is appended to the environment entry, `key` picks the root key setting.
   explicit Setup(const std::string& key_setting = "", const std::string& server = "  pollInterval: 1s\n") {
     const std::string key = key_setting.empty() ? "rootKeyFile: " + dir.File("state/dev.rootkey") : key_setting;
@@ -39,39 +40,11 @@ struct Setup {
     keyring = dir.File("state/dev.keyring");
     root_key = dir.File("state/dev.rootkey");
   }
-  RunResult Cli(std::vector<std::string> args) const {
-    args.insert(args.begin(), kBinary);
-    return Run(args, dir.path());
-  }
-  RunResult Init() const { return Cli({"init", "--config", config}); }
-  std::unique_ptr<Subprocess> Serve() const {
-    auto process = std::make_unique<Subprocess>(std::vector<std::string>{kBinary, "serve", "--config", config}, dir.path());
-    return process;
-  }
-  // Waits until the socket answers Status (or the process died).
-  bool WaitServing(Subprocess& process) const {
-    for (int i = 0; i < 300; ++i) {
-      KmsClient client(socket);
-      v2::StatusResponse status;
-      if (client.Status(status, std::chrono::milliseconds(100)).ok()) {
-        return true;
-      }
-      if (!process.Running()) {
-        return false;
-      }
-      absl::SleepFor(absl::Milliseconds(20));
-    }
-    return false;
-  }
-  std::string StatusKeyId() const {
-    KmsClient client(socket);
-    v2::StatusResponse status;
-    REQUIRE(client.Status(status).ok());
-    return status.key_id();
-  }
 
-  TempDir dir;
-  std::string config, socket, keyring, root_key;
+  bool WaitServing(Subprocess& process) const { return DaemonDriver::WaitServing(process, socket); }
+  std::string StatusKeyId() const { return Status(socket).key_id(); }
+
+  std::string socket, keyring, root_key;
 };
 
 TEST_CASE("CLI: init creates a 0600 root key and keyring, and a second init leaves them untouched", "[cli]") {
@@ -116,30 +89,13 @@ TEST_CASE("CLI: serve answers Status and both APIs; SIGTERM exits 0 and removes 
   CHECK(Has(server->Stderr(), "SIGTERM"));
 }
 
-// The HTTP port the server logged ("http listening" ... "port":N).
-int LoggedHttpPort(Subprocess& server) {
-  for (int i = 0; i < 200; ++i) {
-    std::istringstream lines(server.Stderr());
-    std::string line;
-    while (std::getline(lines, line)) {
-      if (nlohmann::json::accept(line)) {
-        const auto entry = nlohmann::json::parse(line);
-        if (entry.value("msg", "") == "http listening") {
-          return entry["port"].get<int>();
-        }
-      }
-    }
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-  return -1;
-}
 
 TEST_CASE("CLI: serve exposes /metrics, /healthz and /readyz and logs JSON lines", "[cli][observe]") {
   Setup s;
   REQUIRE(s.Init().exit_code == 0);
   auto server = s.Serve();
   REQUIRE(s.WaitServing(*server));
-  const int port = LoggedHttpPort(*server);
+  const int port = DaemonDriver::LoggedHttpPort(*server);
   REQUIRE(port > 0);
   KmsClient client(s.socket);
   v2::EncryptResponse encrypted;
@@ -219,7 +175,7 @@ TEST_CASE("Secrets: no root key or seed appears in any log line, CLI output, err
   server->Signal(SIGHUP);
   keep(s.Cli({"keys", "--config", s.config, "--env", "dev", "--json"}));
   keep(s.Cli({"status", "--socket", s.socket, "--json"}));
-  const int port = LoggedHttpPort(*server);
+  const int port = DaemonDriver::LoggedHttpPort(*server);
   REQUIRE(port > 0);
   httplib::Client http("127.0.0.1", port);
   auto metrics = http.Get("/metrics");

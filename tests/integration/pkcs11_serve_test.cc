@@ -16,6 +16,7 @@
 
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "tests/support/daemon.h"
 #include "tests/support/kms_client.h"
 #include "tests/support/softhsm_harness.h"
 #include "tests/support/subprocess.h"
@@ -24,7 +25,7 @@
 namespace kmsplugin::testing {
 namespace {
 
-const std::string kBinary = std::string(KMS_BINARY_DIR) + "/kmsplugin/cli/kmsplugin";
+const std::string kBinary = DaemonDriver::Binary();
 constexpr char kPin[] = "1234";
 
 bool Has(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
@@ -44,7 +45,7 @@ struct P11Env {
   bool shared;  // allowSharedBackendKey: true
 };
 
-struct Hsm {
+struct Hsm : DaemonDriver {
   using Env = P11Env;
 
   explicit Hsm(std::vector<std::string> tokens = {"kms"}) {
@@ -67,56 +68,17 @@ struct Hsm {
     }
     config = dir.Write("config.yaml", yaml);
   }
-  RunResult Cli(std::vector<std::string> args) const {
-    args.insert(args.begin(), kBinary);
-    return Run(args, dir.path());
-  }
-  RunResult Init() const { return Cli({"init", "--config", config}); }
-  RunResult Rotate(const std::string& env = "test") const { return Cli({"rotate", "--config", config, "--env", env}); }
-  std::unique_ptr<Subprocess> Serve() const {
-    return std::make_unique<Subprocess>(std::vector<std::string>{kBinary, "serve", "--config", config}, dir.path());
-  }
-  // Waits until `socket` answers Status (false if the daemon died or 6 s passed).
-  bool WaitServing(Subprocess& process, const std::string& socket) const {
-    for (int i = 0; i < 300; ++i) {
-      KmsClient client(socket);
-      v2::StatusResponse status;
-      if (client.Status(status, std::chrono::milliseconds(100)).ok()) {
-        return true;
-      }
-      if (!process.Running()) {
-        return false;
-      }
-      absl::SleepFor(absl::Milliseconds(20));
-    }
-    return false;
-  }
-  v2::StatusResponse Status(const std::string& socket) const {
-    KmsClient client(socket);
-    v2::StatusResponse status;
-    REQUIRE(client.Status(status).ok());
-    return status;
-  }
-  // Status key_id after SIGHUP, once it differs from `before` (or `before` after 2 s).
-  std::string KeyIdAfterHup(Subprocess& server, const std::string& socket, const std::string& before) const {
-    server.Signal(SIGHUP);
-    std::string after = before;
-    for (int i = 0; i < 100 && after == before; ++i) {
-      absl::SleepFor(absl::Milliseconds(20));
-      after = Status(socket).key_id();
-    }
-    return after;
-  }
   // Secret key objects on token `label`, as pkcs11-tool lists them.
   std::string TokenObjects(const std::string& label = "kms") {
     return hsm.Run(std::string("pkcs11-tool --module ") + kSoftHsmModule + " --token-label " + label +
                    " --login --pin " + kPin + " --list-objects --type secrkey");
   }
 
+  RunResult Rotate(const std::string& env = "test") const { return DaemonDriver::Rotate(env); }
+
   SoftHsmHarness hsm;
-  TempDir dir;
   std::map<std::string, std::string> serials;
-  std::string pin_file, config;
+  std::string pin_file;
 };
 
 TEST_CASE("PKCS#11 serve: init creates version 1 in the token, a second init leaves it, both APIs round-trip",

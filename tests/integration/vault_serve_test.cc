@@ -12,13 +12,13 @@
 #include <sstream>
 #include <thread>
 
-#include <curl/curl.h>
 #include <nlohmann/json.hpp>
 #include <catch2/catch.hpp>
 
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "tests/keysource/vault/vault_test_server.h"
+#include "tests/support/daemon.h"
 #include "tests/support/kms_client.h"
 #include "tests/support/subprocess.h"
 #include "tests/support/temp_dir.h"
@@ -26,7 +26,7 @@
 namespace kmsplugin::testing {
 namespace {
 
-const std::string kBinary = std::string(KMS_BINARY_DIR) + "/kmsplugin/cli/kmsplugin";
+const std::string kBinary = DaemonDriver::Binary();
 constexpr char kToken[] = "hvs.E2E-TOKEN-SECRET-5d2a9b";
 const std::string kEncryptPath = "/v1/transit/encrypt/kms";
 const std::string kDecryptPath = "/v1/transit/decrypt/kms";
@@ -40,44 +40,6 @@ unsigned long VersionOf(const std::string& key_id) {
   return std::regex_search(key_id, m, shape) ? std::stoul(m[1].str()) : 0;
 }
 
-size_t Collect(char* data, size_t size, size_t n, void* user) {
-  static_cast<std::string*>(user)->append(data, size * n);
-  return size * n;
-}
-// GET http://127.0.0.1:PORT/PATH; the body ("" on failure).
-std::string HttpGet(int port, const std::string& path) {
-  std::string body;
-  CURL* curl = curl_easy_init();
-  const std::string url = "http://127.0.0.1:" + std::to_string(port) + path;
-  curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
-  curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, 5000L);
-  curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, Collect);
-  curl_easy_setopt(curl, CURLOPT_WRITEDATA, &body);
-  if (curl_easy_perform(curl) != CURLE_OK) {
-    body.clear();
-  }
-  curl_easy_cleanup(curl);
-  return body;
-}
-
-// The HTTP port the daemon logged ("http listening" ... "port":N).
-int LoggedHttpPort(Subprocess& server) {
-  for (int i = 0; i < 200; ++i) {
-    std::istringstream lines(server.Stderr());
-    std::string line;
-    while (std::getline(lines, line)) {
-      if (nlohmann::json::accept(line)) {
-        const auto entry = nlohmann::json::parse(line);
-        if (entry.value("msg", "") == "http listening") {
-          return entry["port"].get<int>();
-        }
-      }
-    }
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-  return -1;
-}
 
 // A Vault test server, a token (or AppRole) registered on it, and a config whose environments use it.
 struct VaultEnv {
@@ -86,7 +48,7 @@ struct VaultEnv {
   std::string name, key, auth;  // auth "" = the token file
 };
 
-struct VaultE2E {
+struct VaultE2E : DaemonDriver {
   using Env = VaultEnv;
 
   explicit VaultE2E(VaultTestServer::Options options = {}) : vault(options) {
@@ -114,44 +76,6 @@ struct VaultE2E {
     }
     config = dir.Write("config.yaml", yaml);
   }
-  RunResult Cli(std::vector<std::string> args) const {
-    args.insert(args.begin(), kBinary);
-    return Run(args, dir.path());
-  }
-  RunResult Init() const { return Cli({"init", "--config", config}); }
-  RunResult Rotate(const std::string& env = "prod") const { return Cli({"rotate", "--config", config, "--env", env}); }
-  std::unique_ptr<Subprocess> Serve() const {
-    return std::make_unique<Subprocess>(std::vector<std::string>{kBinary, "serve", "--config", config}, dir.path());
-  }
-  bool WaitServing(Subprocess& process, const std::string& socket) const {
-    for (int i = 0; i < 300; ++i) {
-      KmsClient client(socket);
-      v2::StatusResponse status;
-      if (client.Status(status, std::chrono::milliseconds(100)).ok()) {
-        return true;
-      }
-      if (!process.Running()) {
-        return false;
-      }
-      absl::SleepFor(absl::Milliseconds(20));
-    }
-    return false;
-  }
-  v2::StatusResponse Status(const std::string& socket) const {
-    KmsClient client(socket);
-    v2::StatusResponse status;
-    REQUIRE(client.Status(status).ok());
-    return status;
-  }
-  std::string KeyIdAfterHup(Subprocess& server, const std::string& socket, const std::string& before) const {
-    server.Signal(SIGHUP);
-    std::string after = before;
-    for (int i = 0; i < 100 && after == before; ++i) {
-      absl::SleepFor(absl::Milliseconds(20));
-      after = Status(socket).key_id();
-    }
-    return after;
-  }
   // Polls Status until its healthz satisfies `want` or `limit` passes; the last healthz seen.
   std::string WaitHealth(const std::string& socket, bool healthy, absl::Duration limit) const {
     const absl::Time end = absl::Now() + limit;
@@ -167,9 +91,10 @@ struct VaultE2E {
   }
   int Requests(const std::string& path, int listener = 0) { return vault.Requests(listener, path); }
 
+  RunResult Rotate(const std::string& env = "prod") const { return DaemonDriver::Rotate(env); }
+
   VaultTestServer vault;
-  TempDir dir;
-  std::string token_file, config;
+  std::string token_file;
 };
 
 // Nothing the daemon printed holds the Vault token.
@@ -260,9 +185,9 @@ TEST_CASE("Vault serve: exactly one Vault request per Encrypt and per Decrypt, n
   // Keep-alive: all of it on the connections opened at start.
   CHECK(v.vault.Connections(0) <= 4);
 
-  const int port = LoggedHttpPort(*server);
+  const int port = DaemonDriver::LoggedHttpPort(*server);
   REQUIRE(port > 0);
-  const std::string metrics = HttpGet(port, "/metrics");
+  const std::string metrics = DaemonDriver::HttpGet(port, "/metrics");
   INFO(metrics);
   CHECK(Has(metrics, "kmsplugin_backend_requests_total{environment=\"prod\",key_source=\"vault\",operation=\"wrap\""));
   CHECK(Has(metrics, "kmsplugin_backend_requests_total{environment=\"prod\",key_source=\"vault\",operation=\"unwrap\""));
