@@ -12,7 +12,7 @@ build_packages=(
 )
 test_packages=(
   catch2 softhsm2 opensc openssl python3 python3-cryptography python3-yaml procps prometheus
-  etcd-server etcd-client time
+  etcd-server etcd-client time systemd binutils
 )
 
 wanted=("${build_packages[@]}")
