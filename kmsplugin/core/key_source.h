@@ -44,6 +44,15 @@ struct KeyVersion {
   KeyState state = KeyState::kActive;
 };
 
+// The versions Retire(version) changes, from `versions` (oldest first): `version` and every older one not retired
+// yet. FAILED_PRECONDITION when `version` is the current version or newer than it, NOT_FOUND when it is not there.
+// Every key source retires by this rule.
+absl::StatusOr<std::vector<KeyVersion>> VersionsToRetire(const std::vector<KeyVersion>& versions, uint64_t version);
+// The versions Reinstate(version) changes: `version` and every newer retired one. NOT_FOUND when `version` is not
+// there, FAILED_PRECONDITION when it is not retired.
+absl::StatusOr<std::vector<KeyVersion>> VersionsToReinstate(const std::vector<KeyVersion>& versions,
+                                                            uint64_t version);
+
 // A number about the backend worth exporting as a metric (Vault token time-to-live, HSM session pool).
 struct BackendGauge {
   std::string name;  // Prometheus name with unit, e.g. kmsplugin_vault_token_ttl_seconds
@@ -80,6 +89,23 @@ class KeySource {
 
   // Every version, oldest first.
   virtual absl::StatusOr<std::vector<KeyVersion>> Versions() const = 0;
+
+  // Retires `version` and every older version not retired yet: from then on Unwrap refuses them
+  // (FAILED_PRECONDITION) and Versions() reports them kRetired, in this process and in every other one after its
+  // next Refresh. Always a floor, never a single version, because Vault's min_decryption_version is one.
+  // The current version is refused (FAILED_PRECONDITION: rotate first); a version the source does not have is
+  // NOT_FOUND. Returns the versions this call retired, oldest first (empty when all already were).
+  // Callers check first that nothing in etcd still uses them (the `retire` command does).
+  virtual absl::StatusOr<std::vector<KeyVersion>> Retire(uint64_t version, absl::Time deadline) = 0;
+
+  // Undoes Retire for `version` and every newer retired version: they decrypt again (state kActive). Returns the
+  // versions reinstated, oldest first. A version whose key material was destroyed cannot come back (NOT_FOUND).
+  virtual absl::StatusOr<std::vector<KeyVersion>> Reinstate(uint64_t version, absl::Time deadline) = 0;
+
+  // Destroys, for good, the key material of `version` and every older version, all of which must be retired
+  // already (FAILED_PRECONDITION otherwise). Only a source with an explicit deletion step has it (PKCS#11);
+  // the others answer UNIMPLEMENTED saying why.
+  virtual absl::StatusOr<std::vector<KeyVersion>> DestroyRetired(uint64_t version, absl::Time deadline);
 
   // Backend numbers for /metrics. A source with nothing of its own to report (the local keyring) keeps this.
   virtual std::vector<BackendGauge> BackendGauges() const { return {}; }

@@ -27,6 +27,15 @@ class InstrumentedKeySource final : public core::KeySource {
   absl::StatusOr<core::KeyVersion> Lookup(std::string_view key_ref) const override { return inner_->Lookup(key_ref); }
   absl::Status Refresh(absl::Time deadline) override;
   absl::StatusOr<core::KeyVersion> Rotate(absl::Time deadline) override;
+  absl::StatusOr<std::vector<core::KeyVersion>> Retire(uint64_t version, absl::Time deadline) override {
+    return inner_->Retire(version, deadline);
+  }
+  absl::StatusOr<std::vector<core::KeyVersion>> Reinstate(uint64_t version, absl::Time deadline) override {
+    return inner_->Reinstate(version, deadline);
+  }
+  absl::StatusOr<std::vector<core::KeyVersion>> DestroyRetired(uint64_t version, absl::Time deadline) override {
+    return inner_->DestroyRetired(version, deadline);
+  }
   absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override { return inner_->Versions(); }
   std::vector<core::BackendGauge> BackendGauges() const override { return inner_->BackendGauges(); }
 

@@ -36,7 +36,7 @@ namespace kmsplugin::testing {
 
 class FakeKeySource : public core::KeySource {
  public:
-  enum class Call { kCurrent, kWrap, kUnwrap, kLookup, kRefresh, kRotate, kVersions };
+  enum class Call { kCurrent, kWrap, kUnwrap, kLookup, kRefresh, kRotate, kVersions, kRetire, kReinstate };
 
   static constexpr size_t kNonceSize = 8;
   static constexpr size_t kTagSize = 32;
@@ -198,6 +198,22 @@ class FakeKeySource : public core::KeySource {
     return versions_;
   }
 
+  absl::StatusOr<std::vector<core::KeyVersion>> Retire(uint64_t version, absl::Time /*deadline*/) override {
+    absl::MutexLock lock(&mu_);
+    if (auto status = Enter(Call::kRetire); !status.ok()) {
+      return status;
+    }
+    return SetStatesLocked(core::VersionsToRetire(versions_, version), core::KeyState::kRetired);
+  }
+
+  absl::StatusOr<std::vector<core::KeyVersion>> Reinstate(uint64_t version, absl::Time /*deadline*/) override {
+    absl::MutexLock lock(&mu_);
+    if (auto status = Enter(Call::kReinstate); !status.ok()) {
+      return status;
+    }
+    return SetStatesLocked(core::VersionsToReinstate(versions_, version), core::KeyState::kActive);
+  }
+
  private:
   core::KeyVersion AddVersionLocked(absl::Time created) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     for (core::KeyVersion& v : versions_) {
@@ -213,6 +229,19 @@ class FakeKeySource : public core::KeySource {
     v.state = core::KeyState::kCurrent;
     versions_.push_back(v);
     return v;
+  }
+
+  absl::StatusOr<std::vector<core::KeyVersion>> SetStatesLocked(absl::StatusOr<std::vector<core::KeyVersion>> picked,
+                                                                 core::KeyState state)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!picked.ok()) {
+      return picked;
+    }
+    for (core::KeyVersion& pick : *picked) {
+      versions_.at(pick.version - 1).state = state;
+      pick.state = state;
+    }
+    return picked;
   }
 
   const core::KeyVersion* FindLocked(std::string_view key_ref) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {

@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <functional>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
@@ -255,8 +256,7 @@ absl::Status LocalKeySource::Refresh(absl::Time /*deadline*/) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<core::KeyVersion> LocalKeySource::Rotate(absl::Time deadline) {
-  core::KeyVersion created;
+absl::Status LocalKeySource::EditKeyring(const std::function<absl::Status(Keyring&)>& edit, absl::Time deadline) {
   {
     auto lock = KeyringLock::Acquire(options_.keyring);
     if (!lock.ok()) {
@@ -270,7 +270,9 @@ absl::StatusOr<core::KeyVersion> LocalKeySource::Rotate(absl::Time deadline) {
     if (!keyring.ok()) {
       return keyring.status();
     }
-    created = AppendVersion(*keyring, clock_.Now(), random_).info;
+    if (auto status = edit(*keyring); !status.ok()) {
+      return status;
+    }
     auto sealed = SealKeyring(*keyring, root_key_, random_);
     if (!sealed.ok()) {
       return sealed.status();
@@ -279,10 +281,62 @@ absl::StatusOr<core::KeyVersion> LocalKeySource::Rotate(absl::Time deadline) {
       return status;
     }
   }
-  if (auto status = Refresh(deadline); !status.ok()) {
+  return Refresh(deadline);
+}
+
+absl::StatusOr<core::KeyVersion> LocalKeySource::Rotate(absl::Time deadline) {
+  core::KeyVersion created;
+  auto status = EditKeyring(
+      [&](Keyring& keyring) {
+        created = AppendVersion(keyring, clock_.Now(), random_).info;
+        return absl::OkStatus();
+      },
+      deadline);
+  if (!status.ok()) {
     return status;
   }
   return created;
+}
+
+absl::StatusOr<std::vector<core::KeyVersion>> LocalKeySource::SetStates(
+    uint64_t version, core::KeyState state,
+    absl::StatusOr<std::vector<core::KeyVersion>> (*select)(const std::vector<core::KeyVersion>&, uint64_t),
+    absl::Time deadline) {
+  std::vector<core::KeyVersion> changed;
+  auto status = EditKeyring(
+      [&](Keyring& keyring) -> absl::Status {
+        // Decided on the file as it is under the lock, not on this process's view, which may lag behind.
+        std::vector<core::KeyVersion> infos;
+        for (const KeyringVersion& v : keyring.versions) {
+          infos.push_back(v.info);
+        }
+        auto selected = select(infos, version);
+        if (!selected.ok()) {
+          return selected.status();
+        }
+        for (KeyringVersion& v : keyring.versions) {
+          for (const core::KeyVersion& pick : *selected) {
+            if (pick.version == v.info.version) {
+              v.info.state = state;
+              changed.push_back(v.info);
+            }
+          }
+        }
+        return absl::OkStatus();
+      },
+      deadline);
+  if (!status.ok()) {
+    return status;
+  }
+  return changed;
+}
+
+absl::StatusOr<std::vector<core::KeyVersion>> LocalKeySource::Retire(uint64_t version, absl::Time deadline) {
+  return SetStates(version, core::KeyState::kRetired, core::VersionsToRetire, deadline);
+}
+
+absl::StatusOr<std::vector<core::KeyVersion>> LocalKeySource::Reinstate(uint64_t version, absl::Time deadline) {
+  return SetStates(version, core::KeyState::kActive, core::VersionsToReinstate, deadline);
 }
 
 absl::StatusOr<std::vector<core::KeyVersion>> LocalKeySource::Versions() const {

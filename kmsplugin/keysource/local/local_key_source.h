@@ -9,11 +9,13 @@
 // - Refresh() re-reads the keyring only when the file changed (device, inode, size, mtime). A reload that would
 //   drop a version, change a version's key_id or move the current version backwards is refused and the old view
 //   stays in force: key_ids never flip-flop and nothing that decrypted stops decrypting.
-// - Rotate() appends a version under an exclusive lock (keyring path + ".lock") and writes atomically.
+// - Rotate(), Retire() and Reinstate() change the keyring under an exclusive lock (keyring path + ".lock") and
+//   write it atomically; a retired version keeps its sealed KEK, so Reinstate() can bring it back.
 // The root key stays in locked memory for the life of the object; KEKs are never copied out. Thread-safe.
 
 #include <sys/stat.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -53,6 +55,9 @@ class LocalKeySource final : public core::KeySource {
   absl::Status Refresh(absl::Time deadline) override;
   absl::StatusOr<core::KeyVersion> Rotate(absl::Time deadline) override;
   absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override;
+  // Mark versions retired (or active again) in the keyring file, under the rotation lock.
+  absl::StatusOr<std::vector<core::KeyVersion>> Retire(uint64_t version, absl::Time deadline) override;
+  absl::StatusOr<std::vector<core::KeyVersion>> Reinstate(uint64_t version, absl::Time deadline) override;
 
  private:
   struct FileStamp {
@@ -79,6 +84,12 @@ class LocalKeySource final : public core::KeySource {
   LocalKeySource(LocalOptions options, std::string environment, crypto::SecretBytes root_key, core::Clock& clock,
                  crypto::Random& random);
   absl::StatusOr<std::shared_ptr<const View>> Load() const;
+  // Reads the keyring under the exclusive lock, applies `edit`, writes it back atomically, then Refresh()es.
+  absl::Status EditKeyring(const std::function<absl::Status(Keyring&)>& edit, absl::Time deadline);
+  absl::StatusOr<std::vector<core::KeyVersion>> SetStates(
+      uint64_t version, core::KeyState state,
+      absl::StatusOr<std::vector<core::KeyVersion>> (*select)(const std::vector<core::KeyVersion>&, uint64_t),
+      absl::Time deadline);
   std::shared_ptr<const View> Snapshot() const;
 
   const LocalOptions options_;

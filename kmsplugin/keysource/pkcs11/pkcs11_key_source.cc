@@ -1185,4 +1185,12 @@ std::vector<core::BackendGauge> Pkcs11KeySource::BackendGauges() const {
            static_cast<double>(stats.open - stats.idle)}};
 }
 
+// IN PROGRESS (this session): CKA_DECRYPT=false marking replaces these two.
+absl::StatusOr<std::vector<core::KeyVersion>> Pkcs11KeySource::Retire(uint64_t, absl::Time) {
+  return absl::UnimplementedError("pkcs11: retire is not implemented yet");
+}
+absl::StatusOr<std::vector<core::KeyVersion>> Pkcs11KeySource::Reinstate(uint64_t, absl::Time) {
+  return absl::UnimplementedError("pkcs11: reinstate is not implemented yet");
+}
+
 }  // namespace kmsplugin::keysource::pkcs11

@@ -94,6 +94,8 @@ class Pkcs11KeySource : public core::KeySource {
   absl::Status Refresh(absl::Time deadline) override;
   absl::StatusOr<core::KeyVersion> Rotate(absl::Time deadline) override;
   absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override;
+  absl::StatusOr<std::vector<core::KeyVersion>> Retire(uint64_t version, absl::Time deadline) override;
+  absl::StatusOr<std::vector<core::KeyVersion>> Reinstate(uint64_t version, absl::Time deadline) override;
 
   // The token's serial number as the token reports it (trimmed), for key ids and identities.
   std::string TokenSerial() const;

@@ -266,6 +266,52 @@ absl::StatusOr<core::KeyVersion> VaultKeySource::Rotate(absl::Time deadline) {
   return Current();
 }
 
+absl::StatusOr<std::vector<core::KeyVersion>> VaultKeySource::SetMinDecryptionVersion(
+    uint64_t version, absl::StatusOr<std::vector<core::KeyVersion>> (*select)(const std::vector<core::KeyVersion>&,
+                                                                               uint64_t),
+    uint64_t floor, absl::Time deadline) {
+  // Decided on Vault's metadata as it is now, not on a view up to a poll interval old.
+  if (absl::Status s = Refresh(deadline); !s.ok()) {
+    return s;
+  }
+  auto versions = Versions();
+  if (!versions.ok()) {
+    return versions.status();
+  }
+  auto changed = select(*versions, version);
+  if (!changed.ok() || changed->empty()) {
+    return changed;
+  }
+  auto response = client_->Call("POST", absl::StrCat(KeyPath("keys"), "/config"),
+                                absl::StrCat("{\"min_decryption_version\":", floor, "}"), deadline);
+  if (!response.ok()) {
+    return response.status();
+  }
+  if (response->status != 200 && response->status != 204) {
+    return VaultClient::ErrorStatus(*response, absl::StrCat("setting min_decryption_version of ", Describe(),
+                                                            " to ", floor));
+  }
+  if (absl::Status s = Refresh(deadline); !s.ok()) {
+    return s;
+  }
+  for (core::KeyVersion& v : *changed) {
+    auto now = Lookup(v.key_ref);
+    if (!now.ok()) {
+      return now.status();
+    }
+    v = *now;
+  }
+  return changed;
+}
+
+absl::StatusOr<std::vector<core::KeyVersion>> VaultKeySource::Retire(uint64_t version, absl::Time deadline) {
+  return SetMinDecryptionVersion(version, core::VersionsToRetire, version + 1, deadline);
+}
+
+absl::StatusOr<std::vector<core::KeyVersion>> VaultKeySource::Reinstate(uint64_t version, absl::Time deadline) {
+  return SetMinDecryptionVersion(version, core::VersionsToReinstate, version, deadline);
+}
+
 absl::StatusOr<std::string> VaultKeySource::Wrap(const core::KeyVersion& version, std::string_view plaintext,
                                                  std::string_view associated_data, absl::Time deadline) {
   uint64_t number;

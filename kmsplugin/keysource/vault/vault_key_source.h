@@ -50,6 +50,10 @@ class VaultKeySource : public core::KeySource {
   absl::Status Refresh(absl::Time deadline) override;
   absl::StatusOr<core::KeyVersion> Rotate(absl::Time deadline) override;
   absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override;
+  // `POST /v1/<mount>/keys/<key>/config` with min_decryption_version = version + 1 (Retire) or = version
+  // (Reinstate); Vault keeps every version, so a retired one can always come back.
+  absl::StatusOr<std::vector<core::KeyVersion>> Retire(uint64_t version, absl::Time deadline) override;
+  absl::StatusOr<std::vector<core::KeyVersion>> Reinstate(uint64_t version, absl::Time deadline) override;
 
   VaultClient& client() { return *client_; }
   // kmsplugin_vault_token_ttl_seconds (+Inf for a token that does not expire).
@@ -58,6 +62,10 @@ class VaultKeySource : public core::KeySource {
  private:
   VaultKeySource(std::unique_ptr<VaultClient> client, core::Clock* clock);
   std::string KeyPath(absl::string_view op) const;
+  absl::StatusOr<std::vector<core::KeyVersion>> SetMinDecryptionVersion(
+      uint64_t version,
+      absl::StatusOr<std::vector<core::KeyVersion>> (*select)(const std::vector<core::KeyVersion>&, uint64_t),
+      uint64_t floor, absl::Time deadline);
   std::string Describe() const;  // "Vault transit key '<mount>/keys/<key>'"
   core::KeyVersion MakeVersion(uint64_t version, int64_t created) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void BackgroundTick();
