@@ -26,7 +26,7 @@ may be combined):
     jwt_role: {mount, role, jwt}
     cert_role: {mount, name}
     token_ttl / token_max_ttl: TTLs of tokens issued by logins
-    create_key: {namespace, mount, name}, delete_key: {...}, key_config: {...,min_decryption_version}
+    create_key: {namespace, mount, name}, delete_key: {...}, key_config: {...,min_decryption_version, min_encryption_version}
     reset_stats: true
 GET /stats -> {"listeners": [{"connections": n, "requests": {path: n}}, ...]}
 
@@ -247,16 +247,20 @@ class Api:
                     raise UserError(400, ["no existing key named %s could be found" % name])
                 mdv = to_int(body.get("min_decryption_version"), "min_decryption_version")
                 mev = to_int(body.get("min_encryption_version"), "min_encryption_version")
+                new_mdv, new_mev = key["min_decryption"], key["min_encryption"]
                 if mdv:
                     if mdv > key["latest"]:
                         raise UserError(400, ["cannot set min decryption version of %d, latest key version is %d"
                                               % (mdv, key["latest"])])
-                    key["min_decryption"] = mdv
+                    new_mdv = mdv
                 if "min_encryption_version" in body:
-                    if mev and mev < key["min_decryption"]:
-                        raise UserError(400, ["minimum decryption version is greater than minimum encryption "
-                                              "version"])
-                    key["min_encryption"] = mev
+                    new_mev = mev
+                # The rule holds for the resulting pair, whichever field the request changed
+                # (backends.md: min_encryption_version is 0 or >= min_decryption_version).
+                if new_mev and new_mev < new_mdv:
+                    raise UserError(400, ["minimum decryption version is greater than minimum encryption "
+                                          "version"])
+                key["min_decryption"], key["min_encryption"] = new_mdv, new_mev
                 return 200, envelope(data=key_data(name, key))
             raise UserError(405, ["unsupported operation"])
         if op == "encrypt" and len(parts) == 3 and method in ("POST", "PUT"):
@@ -587,6 +591,8 @@ def make_control(state, listeners):
                         key = state.keys[ident]
                         if "min_decryption_version" in k:
                             key["min_decryption"] = int(k["min_decryption_version"])
+                        if "min_encryption_version" in k:
+                            key["min_encryption"] = int(k["min_encryption_version"])
 
     return Control
 

@@ -288,8 +288,10 @@ absl::StatusOr<std::vector<core::KeyVersion>> VaultKeySource::SetMinDecryptionVe
     return response.status();
   }
   if (response->status != 200 && response->status != 204) {
-    return VaultClient::ErrorStatus(*response, absl::StrCat("setting min_decryption_version of ", Describe(),
-                                                            " to ", floor));
+    absl::Status refused = VaultClient::ErrorStatus(
+        *response, absl::StrCat("setting min_decryption_version of ", Describe(), " to ", floor));
+    // 400: the key's own settings forbid it (e.g. min_encryption_version below the new floor).
+    return response->status == 400 ? absl::FailedPreconditionError(refused.message()) : refused;
   }
   if (absl::Status s = Refresh(deadline); !s.ok()) {
     return s;

@@ -470,6 +470,62 @@ TEST_CASE("LocalKeySource: a retired version no longer unwraps after Refresh", "
   CHECK(looked_up->state == core::KeyState::kRetired);
 }
 
+TEST_CASE("LocalKeySource: Retire(N) retires N and older; Reinstate brings them back", "[local][retire]") {
+  Env env;
+  auto source = env.Open();
+  std::vector<core::KeyVersion> versions{MustCurrent(*source)};
+  std::vector<std::string> wrapped{MustWrap(*source, versions[0])};
+  for (int i = 0; i < 2; ++i) {
+    auto rotated = source->Rotate(env.Deadline());
+    REQUIRE_THAT(rotated, IsOk());
+    versions.push_back(*rotated);
+    wrapped.push_back(MustWrap(*source, *rotated));
+  }
+  auto other = env.Open();  // another process on the same keyring: sees the change after Refresh
+
+  CHECK_THAT(source->Retire(3, env.Deadline()), StatusIs(Code::kFailedPrecondition, "current version"));
+  CHECK_THAT(source->Retire(4, env.Deadline()), StatusIs(Code::kNotFound, "no key version 4"));
+  CHECK_THAT(source->Reinstate(1, env.Deadline()), StatusIs(Code::kFailedPrecondition, "not retired"));
+
+  auto retired = source->Retire(2, env.Deadline());
+  REQUIRE_THAT(retired, IsOk());
+  REQUIRE(retired->size() == 2);
+  CHECK((*retired)[0].version == 1);
+  CHECK((*retired)[1].version == 2);
+  CHECK((*retired)[1].state == core::KeyState::kRetired);
+  for (int i : {0, 1}) {
+    CHECK_THAT(source->Unwrap(versions[i].key_ref, wrapped[i], kAad, absl::InfiniteFuture()),
+               StatusIs(Code::kFailedPrecondition, "retired"));
+  }
+  CheckUnwraps(*source, versions[2], wrapped[2]);
+  CHECK(ModeOf(env.world.keyring) == 0600);
+
+  REQUIRE_THAT(other->Refresh(env.Deadline()), IsOk());
+  CHECK_THAT(other->Unwrap(versions[1].key_ref, wrapped[1], kAad, absl::InfiniteFuture()),
+             StatusIs(Code::kFailedPrecondition, "retired"));
+  // Retiring again changes nothing and says so with an empty list.
+  auto again = other->Retire(2, env.Deadline());
+  REQUIRE_THAT(again, IsOk());
+  CHECK(again->empty());
+
+  auto reinstated = other->Reinstate(2, env.Deadline());
+  REQUIRE_THAT(reinstated, IsOk());
+  REQUIRE(reinstated->size() == 1);
+  CHECK((*reinstated)[0].version == 2);
+  CHECK((*reinstated)[0].state == core::KeyState::kActive);
+  REQUIRE_THAT(source->Refresh(env.Deadline()), IsOk());
+  CheckUnwraps(*source, versions[1], wrapped[1]);
+  CHECK_THAT(source->Unwrap(versions[0].key_ref, wrapped[0], kAad, absl::InfiniteFuture()),
+             StatusIs(Code::kFailedPrecondition, "retired"));
+  // key_ids never change with the state.
+  auto listed = source->Versions();
+  REQUIRE_THAT(listed, IsOk());
+  for (size_t i = 0; i < versions.size(); ++i) {
+    CHECK((*listed)[i].key_id == versions[i].key_id);
+  }
+  CHECK_THAT(source->DestroyRetired(1, env.Deadline()), StatusIs(Code::kUnimplemented, "reinstate"));
+}
+
 // ---------------------------------------------------------------------------------------------- Concurrency
 
 TEST_CASE("LocalKeySource: concurrent wrap/unwrap from 8 threads while another thread rotates", "[local]") {

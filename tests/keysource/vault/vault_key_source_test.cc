@@ -124,6 +124,70 @@ TEST_CASE("VaultKeySource: a version below min_decryption_version is retired, na
   CHECK_THAT(source->Wrap(*v1, kSeed, kAad, In(absl::Seconds(5))), StatusIs(Code::kFailedPrecondition, "retired"));
 }
 
+TEST_CASE("VaultKeySource: Retire sets min_decryption_version; Reinstate lowers it again", "[vault][retire]") {
+  VaultTestServer server;
+  CreateKey(server);
+  auto source = MustOpen(TokenOptions(server, MakeTempDir()));
+  std::vector<core::KeyVersion> versions;
+  std::vector<std::string> wrapped;
+  for (int i = 0; i < 3; ++i) {
+    auto current = i == 0 ? source->Current() : source->Rotate(In(absl::Seconds(5)));
+    REQUIRE_THAT(current, IsOk());
+    versions.push_back(*current);
+    auto w = source->Wrap(*current, kSeed, kAad, In(absl::Seconds(5)));
+    REQUIRE_THAT(w, IsOk());
+    wrapped.push_back(*w);
+  }
+  CHECK_THAT(source->Retire(3, In(absl::Seconds(5))), StatusIs(Code::kFailedPrecondition, "current version"));
+  CHECK_THAT(source->Retire(7, In(absl::Seconds(5))), StatusIs(Code::kNotFound, "no key version 7"));
+  CHECK(server.Requests(0, "/v1/transit/keys/kms/config") == 0);  // refused before asking Vault
+
+  auto retired = source->Retire(2, In(absl::Seconds(5)));
+  REQUIRE_THAT(retired, IsOk());
+  REQUIRE(retired->size() == 2);
+  CHECK((*retired)[0].version == 1);
+  CHECK((*retired)[1].version == 2);
+  CHECK((*retired)[1].state == core::KeyState::kRetired);
+  CHECK(server.Requests(0, "/v1/transit/keys/kms/config") == 1);
+  // Vault itself refuses now, so another instance that has not refreshed cannot decrypt either.
+  auto other = MustOpen(TokenOptions(server, MakeTempDir()));
+  CHECK_THAT(other->Unwrap(versions[1].key_ref, wrapped[1], kAad, In(absl::Seconds(5))),
+             StatusIs(Code::kFailedPrecondition, "version 2"));
+  auto unwrapped = other->Unwrap(versions[2].key_ref, wrapped[2], kAad, In(absl::Seconds(5)));
+  REQUIRE_THAT(unwrapped, IsOk());
+  CHECK(unwrapped->view() == kSeed);
+
+  auto reinstated = source->Reinstate(2, In(absl::Seconds(5)));
+  REQUIRE_THAT(reinstated, IsOk());
+  REQUIRE(reinstated->size() == 1);
+  CHECK((*reinstated)[0].version == 2);
+  CHECK((*reinstated)[0].state == core::KeyState::kActive);
+  auto back = source->Unwrap(versions[1].key_ref, wrapped[1], kAad, In(absl::Seconds(5)));
+  REQUIRE_THAT(back, IsOk());
+  CHECK(back->view() == kSeed);
+  CHECK_THAT(source->Unwrap(versions[0].key_ref, wrapped[0], kAad, In(absl::Seconds(5))),
+             StatusIs(Code::kFailedPrecondition, "version 1"));
+  CHECK_THAT(source->DestroyRetired(1, In(absl::Seconds(5))), StatusIs(Code::kUnimplemented, "vault"));
+}
+
+TEST_CASE("VaultKeySource: Retire that Vault refuses reports Vault's reason and changes nothing", "[vault][retire]") {
+  VaultTestServer server;
+  CreateKey(server);
+  auto source = MustOpen(TokenOptions(server, MakeTempDir()));
+  for (int i = 0; i < 3; ++i) {
+    REQUIRE_THAT(source->Rotate(In(absl::Seconds(5))), IsOk());
+  }
+  // An operator pinned encryption to version 2; retiring 2 would make min_decryption (3) exceed it.
+  server.Control({{"key_config", {{"name", "kms"}, {"min_encryption_version", 2}}}});
+  CHECK_THAT(source->Retire(2, In(absl::Seconds(5))),
+             StatusIs(Code::kFailedPrecondition, "minimum decryption version is greater than minimum encryption"));
+  auto versions = source->Versions();
+  REQUIRE_THAT(versions, IsOk());
+  for (const core::KeyVersion& v : *versions) {
+    CHECK(v.state != core::KeyState::kRetired);
+  }
+}
+
 TEST_CASE("VaultKeySource: rotation while threads wrap and unwrap loses nothing", "[vault]") {
   VaultTestServer server;
   CreateKey(server);
