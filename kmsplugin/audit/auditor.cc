@@ -32,8 +32,8 @@ void AddName(std::vector<std::string>& names, std::string_view name, size_t max_
 
 class PrefixAuditor {
  public:
-  PrefixAuditor(PrefixReport& report, const KeyCatalog* catalog, size_t max_names)
-      : report_(report), catalog_(catalog), max_names_(max_names) {}
+  PrefixAuditor(PrefixReport& report, const KeyCatalog* catalog, size_t max_names, size_t max_names_per_key)
+      : report_(report), catalog_(catalog), max_names_(max_names), max_names_per_key_(max_names_per_key) {}
 
   void Visit(std::string_view key, std::string_view value) {
     std::string_view name = key.substr(std::min(key.size(), report_.prefix.size()));
@@ -90,6 +90,7 @@ class PrefixAuditor {
       }
     }
     ++group.objects;
+    AddName(group.names, name, max_names_per_key_);
     if (c.kind == StorageKind::kKmsV2) {
       ++group.by_dek_source_type[c.dek_source_type];
     }
@@ -106,6 +107,7 @@ class PrefixAuditor {
   PrefixReport& report_;
   const KeyCatalog* catalog_;
   size_t max_names_;
+  size_t max_names_per_key_;
 };
 
 std::string Pad(std::string text, size_t width) {
@@ -175,7 +177,7 @@ absl::StatusOr<AuditReport> RunAuditScan(EtcdClient& client, const KeyCatalog* c
   for (const std::string& prefix : options.prefixes) {
     PrefixReport prefix_report;
     prefix_report.prefix = prefix;
-    PrefixAuditor auditor(prefix_report, catalog, options.max_names);
+    PrefixAuditor auditor(prefix_report, catalog, options.max_names, options.max_names_per_key);
     ScanOptions scan;
     scan.prefix = prefix;
     scan.page_size = options.page_size;
@@ -317,6 +319,7 @@ absl::StatusOr<KeyUsageReport> CountKeyUsage(EtcdClient& client, const KeyCatalo
     return absl::NotFoundError(absl::StrCat("environment \"", environment, "\" has no known key versions"));
   }
   AuditOptions scan_options = options;
+  scan_options.max_names_per_key = options.max_names;
   scan_options.max_names = 0;
   auto report = RunAuditScan(client, &catalog, scan_options);
   if (!report.ok()) {
@@ -331,6 +334,11 @@ absl::StatusOr<KeyUsageReport> CountKeyUsage(EtcdClient& client, const KeyCatalo
       for (KeyUsage& u : usage.keys) {
         if (u.key.key_id == key.key_id) {
           u.objects += group.objects;
+          for (const std::string& name : group.names) {
+            if (u.names.size() < options.max_names) {
+              u.names.push_back(p.prefix + name);
+            }
+          }
         }
       }
     }

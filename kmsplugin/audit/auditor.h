@@ -34,6 +34,7 @@ struct AuditOptions {
   std::vector<std::string> prefixes = {kDefaultPrefix};
   int64_t page_size = kDefaultPageSize;
   size_t max_names = 1000;  // object names listed per problem kind and prefix; counts are always exact
+  size_t max_names_per_key = 0;  // object names kept per key_id group (GroupCount::names); 0: none
 };
 
 // How a key_id relates to the configured environments.
@@ -60,6 +61,7 @@ struct GroupCount {
   KeyStatus status = KeyStatus::kNotKms;
   uint64_t objects = 0;
   std::map<int, uint64_t> by_dek_source_type;  // KMS v2 only
+  std::vector<std::string> names;               // at most AuditOptions::max_names_per_key
 };
 
 struct MalformedObject {
@@ -110,6 +112,7 @@ nlohmann::json ToJson(const AuditReport& report);
 struct KeyUsage {
   KnownKey key;
   uint64_t objects = 0;
+  std::vector<std::string> names;  // full etcd keys, at most AuditOptions::max_names in all prefixes
 };
 struct KeyUsageReport {
   std::string environment;
