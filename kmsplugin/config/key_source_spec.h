@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <yaml-cpp/yaml.h>
 
@@ -19,6 +20,13 @@
 #include "kmsplugin/core/key_source.h"
 
 namespace kmsplugin::config {
+
+// A file the key source uses on the host, for `kmsplugin render` (static-pod hostPath mounts, systemd sandbox
+// paths). `writable`: the key source (or `rotate`/`retire` run beside it) writes in its directory.
+struct HostPath {
+  std::string path;
+  bool writable = false;
+};
 
 struct OpenContext {
   std::string environment;  // validated environment name
@@ -46,6 +54,9 @@ class KeySourceSpec {
   // A stable, non-secret name of the backend key, used to refuse two environments on one key
   // (e.g. "local:/var/lib/kmsplugin/dev.keyring", "vault:https://v:8200/transit/keys/k", "pkcs11:token/label").
   virtual std::string BackendKeyIdentity() const = 0;
+
+  // Every file this key source reads or writes (key material, credentials, CA bundles, modules), absolute paths.
+  virtual std::vector<HostPath> HostPaths() const = 0;
 };
 
 // Parses `node` (the mapping under keySource.<kind>); `context` points at that node.

@@ -107,6 +107,17 @@ class LocalSpec final : public config::KeySourceSpec {
     return absl::StrCat("local:", error ? options_.keyring : canonical.string());
   }
 
+  // The keyring's directory is written (atomic replace, lock file) by rotate and retire.
+  std::vector<config::HostPath> HostPaths() const override {
+    std::vector<config::HostPath> paths{{options_.keyring, true}};
+    for (const std::string& file : {options_.root_key_file, options_.passphrase_file}) {
+      if (!file.empty()) {
+        paths.push_back({file, false});
+      }
+    }
+    return paths;
+  }
+
  private:
   const LocalOptions options_;
 };

@@ -65,6 +65,12 @@ class Pkcs11Spec : public config::KeySourceSpec {
     return absl::StrCat("pkcs11:", token, "/", key);
   }
 
+  // The module and the PIN file. Where the module keeps its own state (SoftHSM2's token directory, a network
+  // HSM client's configuration) is the module's business; the rendered artifacts say so.
+  std::vector<config::HostPath> HostPaths() const override {
+    return {{options_.module_path, false}, {options_.pin_file, false}};
+  }
+
  private:
   static absl::Time Now(const config::OpenContext& context) {
     return context.clock != nullptr ? context.clock->Now() : absl::Now();

@@ -100,6 +100,18 @@ class VaultSpec final : public config::KeySourceSpec {
                         options_.transit_mount, "/keys/", options_.key_name);
   }
 
+  std::vector<config::HostPath> HostPaths() const override {
+    std::vector<config::HostPath> paths;
+    for (const std::string* file : {&options_.tls.ca_file, &options_.tls.cert_file, &options_.tls.key_file,
+                                    &options_.auth.token_file, &options_.auth.role_id_file,
+                                    &options_.auth.secret_id_file, &options_.auth.jwt_file}) {
+      if (!file->empty()) {
+        paths.push_back({*file, false});
+      }
+    }
+    return paths;
+  }
+
  private:
   VaultOptions options_;
 };
