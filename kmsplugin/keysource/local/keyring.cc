@@ -482,6 +482,16 @@ absl::Status WriteFileAtomically(const std::string& path, const std::string& byt
     }
     written += static_cast<size_t>(n);
   }
+  // A replacement keeps the owner of the file it replaces, so `rotate` or `retire` run as root (as they must be to
+  // read etcd's client key) leaves the keyring readable by the service user. Only root can give files away.
+  struct stat existing {};
+  if (!exclusive && geteuid() == 0 && stat(path.c_str(), &existing) == 0 &&
+      fchown(fd, existing.st_uid, existing.st_gid) != 0) {
+    const int error = errno;
+    close(fd);
+    unlink(temp.c_str());
+    return absl::InternalError(absl::StrCat("cannot keep the owner of ", path, ": ", std::strerror(error)));
+  }
   if (fsync(fd) != 0) {
     const int error = errno;
     close(fd);

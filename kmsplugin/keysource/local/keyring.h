@@ -88,7 +88,8 @@ const KeyringVersion& AppendVersion(Keyring& keyring, absl::Time now, crypto::Ra
 
 // Reads a whole file (mode checked by the caller).
 absl::StatusOr<std::string> ReadFile(const std::string& path);
-// Atomically replaces (or, with `exclusive`, creates and never replaces) `path` with `bytes`, mode 0600.
+// Atomically replaces (or, with `exclusive`, creates and never replaces) `path` with `bytes`, mode 0600. Run as
+// root, a replacement keeps the replaced file's owner and group.
 absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes, bool exclusive);
 
 }  // namespace kmsplugin::keysource::local

@@ -3,6 +3,9 @@
 
 #include "kmsplugin/keysource/local/local_key_source.h"
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <set>
 #include <string>
@@ -524,6 +527,24 @@ TEST_CASE("LocalKeySource: Retire(N) retires N and older; Reinstate brings them 
     CHECK((*listed)[i].key_id == versions[i].key_id);
   }
   CHECK_THAT(source->DestroyRetired(1, env.Deadline()), StatusIs(Code::kUnimplemented, "reinstate"));
+}
+
+TEST_CASE("LocalKeySource: rotate and retire run as root keep the keyring's owner", "[local][retire]") {
+  if (geteuid() != 0) {
+    WARN("SKIPPED: needs root to give files away (CI runs as root)");
+    return;
+  }
+  Env env;
+  // The service user's keyring, e.g. kmsplugin:kmsplugin; here uid/gid 65534 (nobody/nogroup).
+  REQUIRE(chown(env.world.keyring.c_str(), 65534, 65534) == 0);
+  auto source = env.Open();
+  REQUIRE_THAT(source->Rotate(env.Deadline()), IsOk());
+  REQUIRE_THAT(source->Retire(1, env.Deadline()), IsOk());
+  struct stat info {};
+  REQUIRE(stat(env.world.keyring.c_str(), &info) == 0);
+  CHECK(info.st_uid == 65534);
+  CHECK(info.st_gid == 65534);
+  CHECK((info.st_mode & 07777) == 0600);
 }
 
 // ---------------------------------------------------------------------------------------------- Concurrency
