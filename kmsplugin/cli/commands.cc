@@ -19,6 +19,7 @@
 #include "crypto/random.h"
 #include "kms_v2.grpc.pb.h"
 #include "kmsplugin/audit/audit_command.h"
+#include "kmsplugin/cli/doctor.h"
 #include "kmsplugin/cli/key_sources.h"
 #include "kmsplugin/config/config.h"
 #include "kmsplugin/core/clock.h"
@@ -424,6 +425,12 @@ int Main(int argc, char** argv) {
                "unknown or retired keys; non-zero exit when anything needs attention");
   audit::AddAuditFlags(*audit_command, audit_flags);
 
+  DoctorFlags doctor_flags;
+  CLI::App* doctor_command = app.add_subcommand(
+      "doctor", "Check a kube-apiserver EncryptionConfiguration against the running plugin(s): PASS/WARN/FAIL per "
+                "check; exit 1 when any check fails");
+  AddDoctorFlags(*doctor_command, doctor_flags);
+
   std::string socket;
   double timeout_seconds = 3;
   CLI::App* status = app.add_subcommand("status", "Call Status on a running socket and print it");
@@ -461,6 +468,9 @@ int Main(int argc, char** argv) {
   }
   if (*audit_command) {
     return audit::RunAudit(audit_flags, BuiltInKeySources());
+  }
+  if (*doctor_command) {
+    return RunDoctor(doctor_flags, BuiltInKeySources());
   }
   if (*status) {
     return StatusCommand(socket, as_json, timeout_seconds);
