@@ -17,6 +17,7 @@
 
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "crypto/envelope_format.h"
 #include "tests/keysource/vault/vault_test_server.h"
 #include "tests/support/daemon.h"
 #include "tests/support/kms_client.h"
@@ -600,6 +601,50 @@ TEST_CASE("Vault serve: a ciphertext of another vault environment is FAILED_PREC
   REQUIRE(beta.V1Encrypt(std::string(32, 'b'), v1_of_beta).ok());
   v1beta1::DecryptResponse v1_decrypted;
   CHECK(alpha.V1Decrypt(v1_of_beta.cipher(), v1_decrypted).error_code() == grpc::StatusCode::FAILED_PRECONDITION);
+  REQUIRE(alpha.DecryptResponseOf(of_alpha, decrypted).ok());
+}
+
+TEST_CASE("Vault serve: two environments on one Transit key (allowSharedBackendKey) still refuse each other's "
+          "ciphertexts, even with a forged header",
+          "[vault][serve][bad-input]") {
+  VaultE2E v;
+  v.Configure({{"alpha", "kms-shared"}, {"beta", "kms-shared"}});
+  // Without the explicit allowance the config is refused...
+  RunResult refused = v.Init();
+  CHECK(refused.exit_code != 0);
+  CHECK(Has(refused.err, "allowSharedBackendKey"));
+  // ...with it, both environments use the very same Transit key.
+  std::string yaml = ReadWholeFile(v.config);
+  const size_t beta = yaml.find("  - name: beta\n");
+  REQUIRE(beta != std::string::npos);
+  yaml.insert(yaml.find("    keySource:", beta), "    allowSharedBackendKey: true\n");
+  v.config = v.dir.Write("config.yaml", yaml);
+  const RunResult init = v.Init();
+  INFO(init.out << init.err);
+  REQUIRE(init.exit_code == 0);
+  auto server = v.Serve();
+  REQUIRE(v.WaitServing(*server, v.Socket("alpha")));
+  REQUIRE(v.WaitServing(*server, v.Socket("beta")));
+  CHECK(v.Status(v.Socket("alpha")).key_id() == v.Status(v.Socket("beta")).key_id());
+  KmsClient alpha(v.Socket("alpha")), beta_client(v.Socket("beta"));
+  v2::EncryptResponse of_alpha;
+  REQUIRE(alpha.Encrypt(std::string(32, 'a'), of_alpha).ok());
+  v2::DecryptResponse decrypted;
+  const grpc::Status crossed = beta_client.DecryptResponseOf(of_alpha, decrypted);
+  CHECK(crossed.error_code() == grpc::StatusCode::FAILED_PRECONDITION);
+  CHECK(Has(crossed.error_message(), "\"alpha\""));
+  // Rewriting the header to claim "beta" reaches Vault, whose AES-GCM refuses the changed associated data.
+  auto envelope = crypto::ParseEnvelope(of_alpha.ciphertext());
+  REQUIRE(envelope.ok());
+  envelope->header.environment = "beta";
+  auto forged = crypto::EncodeEnvelope(*envelope);
+  REQUIRE(forged.ok());
+  const int decrypts = v.Requests("/v1/transit/decrypt/kms-shared");
+  std::map<std::string, std::string> annotations(of_alpha.annotations().begin(), of_alpha.annotations().end());
+  const grpc::Status status = beta_client.Decrypt(*forged, of_alpha.key_id(), annotations, decrypted);
+  CHECK(status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+  CHECK(decrypted.plaintext().empty());
+  CHECK(v.Requests("/v1/transit/decrypt/kms-shared") == decrypts + 1);
   REQUIRE(alpha.DecryptResponseOf(of_alpha, decrypted).ok());
 }
 
