@@ -173,6 +173,13 @@ TEST_CASE("Secrets: no root key or seed appears in any log line, CLI output, err
   }
   keep(s.Cli({"rotate", "--config", s.config, "--env", "dev"}));
   server->Signal(SIGHUP);
+  // Retire, its refusal without etcd, and reinstate: their messages and audit events are searched too.
+  keep(s.Cli({"retire", "--config", s.config, "--env", "dev", "--version", "1"}));
+  const RunResult retired = s.Cli({"retire", "--config", s.config, "--env", "dev", "--version", "1", "--force"});
+  CHECK(retired.exit_code == 0);
+  keep(retired);
+  keep(s.Cli({"retire", "--config", s.config, "--env", "dev", "--version", "1", "--reinstate"}));
+  keep(s.Cli({"render", "--config", s.config, "--kind", "static-pod"}));
   keep(s.Cli({"keys", "--config", s.config, "--env", "dev", "--json"}));
   keep(s.Cli({"status", "--socket", s.socket, "--json"}));
   const int port = DaemonDriver::LoggedHttpPort(*server);
@@ -407,7 +414,8 @@ TEST_CASE("CLI: status on a socket nothing serves fails clearly with exit code 3
 
 TEST_CASE("CLI: --help works for every subcommand, version prints the version", "[cli]") {
   Setup s;
-  for (const std::string& sub : {"serve", "init", "rotate", "keys", "status", "version"}) {
+  for (const std::string& sub :
+       {"serve", "init", "rotate", "keys", "status", "version", "retire", "render", "audit", "doctor"}) {
     const RunResult result = s.Cli({sub, "--help"});
     INFO(sub);
     CHECK(result.exit_code == 0);
