@@ -90,7 +90,7 @@ TEST_CASE("CLI doctor: the rendered EncryptionConfiguration against a serving pl
   CHECK(server->Wait(std::chrono::seconds(15)) == std::optional<int>(0));
 }
 
-TEST_CASE("CLI doctor: with the daemon stopped the endpoint check fails naming the socket; exit 1",
+TEST_CASE("CLI doctor: with the daemon stopped the endpoint check fails naming the socket, exit 1",
           "[doctor][integration]") {
   DoctorSetup s;
   REQUIRE(s.Init().exit_code == 0);
@@ -123,7 +123,7 @@ TEST_CASE("CLI doctor: with the daemon stopped the endpoint check fails naming t
   CHECK(Has(table.out, "verdict: FAIL (1 FAIL"));
 }
 
-TEST_CASE("CLI doctor: identity as Secrets' first provider fails; exit 1", "[doctor][integration]") {
+TEST_CASE("CLI doctor: identity as Secrets' first provider fails, exit 1", "[doctor][integration]") {
   DoctorSetup s;
   REQUIRE(s.Init().exit_code == 0);
   auto server = s.Serve();

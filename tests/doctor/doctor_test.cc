@@ -232,7 +232,7 @@ TEST_CASE("Doctor secrets.coverage: a wildcard first masks a later secrets entry
   EXPECT_VERDICT(results, "file.schema", Verdict::kFail);
 }
 
-TEST_CASE("Doctor secrets.coverage: secrets listed in two entries combine their providers; the first writes",
+TEST_CASE("Doctor secrets.coverage: secrets listed in two entries combine their providers, the first writes",
           "[doctor]") {
   const auto results = Check(kHeader +
                              "resources:\n"
@@ -293,7 +293,7 @@ TEST_CASE("Doctor identity.fallback: identity after kms warns that a migration i
   CHECK(ExitCodeFor(results) == 0);
 }
 
-TEST_CASE("Doctor kms.names: ':' in a v2 name fails; in a v1 name it warns", "[doctor]") {
+TEST_CASE("Doctor kms.names: ':' in a v2 name fails, in a v1 name it warns", "[doctor]") {
   const auto v2 = Check(SecretsWith({"kms: {apiVersion: v2, name: 'a:b', endpoint: unix:///run/a.sock}"}));
   EXPECT_VERDICT(v2, "kms.names", Verdict::kFail);
   CHECK(Has(Find(v2, "kms.names").found, "\"a:b\""));
@@ -301,7 +301,7 @@ TEST_CASE("Doctor kms.names: ':' in a v2 name fails; in a v1 name it warns", "[d
                  Verdict::kWarn);
 }
 
-TEST_CASE("Doctor kms.names: a v2 name used twice across the file fails; twice among v1 only warns", "[doctor]") {
+TEST_CASE("Doctor kms.names: a v2 name used twice across the file fails, twice among v1 only warns", "[doctor]") {
   const auto results = Check(kHeader +
                              "resources:\n"
                              "  - resources: [secrets]\n"
@@ -390,7 +390,7 @@ TEST_CASE("Doctor kms.endpoint: version v2beta1 warns", "[doctor]") {
   CHECK(Has(Find(results, "kms.endpoint[kmsplugin-dev]").fix, "statusVersion: v2"));
 }
 
-TEST_CASE("Doctor kms.endpoint: a v1 provider on a v1beta1-only plugin warns; other errors fail", "[doctor]") {
+TEST_CASE("Doctor kms.endpoint: a v1 provider on a v1beta1-only plugin warns, other errors fail", "[doctor]") {
   FakeProber prober;
   prober.answers.emplace("/run/a.sock", absl::UnimplementedError("unknown service v2.KeyManagementService"));
   EXPECT_VERDICT(Check(SecretsWith({"kms: {name: a, endpoint: unix:///run/a.sock}"}), prober), "kms.endpoint[a]",
@@ -399,7 +399,7 @@ TEST_CASE("Doctor kms.endpoint: a v1 provider on a v1beta1-only plugin warns; ot
                  "kms.endpoint[a]", Verdict::kFail);
 }
 
-TEST_CASE("Doctor kms.endpoint: one row per provider; one Status call per socket", "[doctor]") {
+TEST_CASE("Doctor kms.endpoint: one row per provider, one Status call per socket", "[doctor]") {
   FakeProber prober;
   prober.Healthy("/run/a.sock");
   const auto results = Check(kHeader +
@@ -416,7 +416,7 @@ TEST_CASE("Doctor kms.endpoint: one row per provider; one Status call per socket
   CHECK(prober.calls.size() == 2);
 }
 
-TEST_CASE("Doctor kms.timeouts: absent or 1s..10s pass; below 1s, unparsable or not positive fail; long warns",
+TEST_CASE("Doctor kms.timeouts: absent or 1s..10s pass, below 1s, unparsable or not positive fail, long warns",
           "[doctor]") {
   const std::map<std::string, Verdict> cases = {
       {"", Verdict::kPass},          {"timeout: 1s", Verdict::kPass}, {"timeout: 10s", Verdict::kPass},
@@ -478,7 +478,7 @@ TEST_CASE("Doctor kmsplugin.*: endpoints that are environments' sockets pass and
   CHECK(Overall(results) == Verdict::kPass);
 }
 
-TEST_CASE("Doctor kmsplugin.*: an endpoint no environment serves warns; as Secrets' writer it fails", "[doctor]") {
+TEST_CASE("Doctor kmsplugin.*: an endpoint no environment serves warns, as Secrets' writer it fails", "[doctor]") {
   const config::Config config = PluginConfig();
   FakeProber prober;
   prober.Healthy("/run/other/kms.sock");

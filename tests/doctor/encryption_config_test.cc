@@ -184,7 +184,7 @@ TEST_CASE("EncryptionConfig: a later wildcard after specific resources is accept
   CHECK(file.problems.empty());
 }
 
-TEST_CASE("EncryptionConfig: several YAML documents are a problem; the first is read", "[doctor]") {
+TEST_CASE("EncryptionConfig: several YAML documents are a problem, the first is read", "[doctor]") {
   const EncryptionConfigFile file = Parse(kHeader + "resources:\n  - resources: [secrets]\n    providers: [{identity: {}}]\n"
                                                     "---\n" + kHeader);
   CHECK(HasProblem(file, "holds 2 YAML documents"));
