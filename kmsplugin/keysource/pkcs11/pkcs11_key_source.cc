@@ -16,12 +16,14 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "kmsplugin/config/file_checks.h"
+#include "kmsplugin/core/sv.h"
 
 // Last, so that its lowercase compat macros cannot rename anything in the headers above.
 // clang-format off
@@ -63,6 +65,10 @@ std::string CkrName(CK_RV rv) {
     KMS_CKR(CKR_TEMPLATE_INCONSISTENT)
     KMS_CKR(CKR_TEMPLATE_INCOMPLETE)
     KMS_CKR(CKR_ATTRIBUTE_VALUE_INVALID)
+    KMS_CKR(CKR_ATTRIBUTE_READ_ONLY)
+    KMS_CKR(CKR_ACTION_PROHIBITED)
+    KMS_CKR(CKR_KEY_FUNCTION_NOT_PERMITTED)
+    KMS_CKR(CKR_SESSION_READ_ONLY)
     KMS_CKR(CKR_TOKEN_NOT_PRESENT)
     KMS_CKR(CKR_TOKEN_NOT_RECOGNIZED)
     KMS_CKR(CKR_USER_ALREADY_LOGGED_IN)
@@ -86,6 +92,12 @@ bool IsDeviceGone(CK_RV rv) {
 bool IsSessionGone(CK_RV rv) { return rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED; }
 bool IsHandleGone(CK_RV rv) {
   return rv == CKR_OBJECT_HANDLE_INVALID || rv == CKR_KEY_HANDLE_INVALID || rv == CKR_USER_NOT_LOGGED_IN;
+}
+// The object itself forbids the operation: a retired key (CKA_ENCRYPT/CKA_DECRYPT false: KEY_FUNCTION_NOT_PERMITTED)
+// or a change to an object created with CKA_MODIFIABLE false (SoftHSM: ACTION_PROHIBITED from C_SetAttributeValue,
+// ATTRIBUTE_READ_ONLY from C_CopyObject). Never retried: the same call would be refused again.
+bool IsRefusedByObject(CK_RV rv) {
+  return rv == CKR_KEY_FUNCTION_NOT_PERMITTED || rv == CKR_ACTION_PROHIBITED || rv == CKR_ATTRIBUTE_READ_ONLY;
 }
 bool IsPinRefused(CK_RV rv) {
   return rv == CKR_PIN_INCORRECT || rv == CKR_PIN_LOCKED || rv == CKR_PIN_EXPIRED || rv == CKR_PIN_INVALID ||
@@ -387,7 +399,17 @@ class Pkcs11KeySource::Impl {
           absl::StrCat("no key version \"", options_.key_label, "-v<N>\" on the PKCS#11 ", token_name_,
                        "; fix: run `kmsplugin init` to create the first version (or check keyLabel)"));
     }
-    return versions_.back().version;
+    const core::KeyVersion& newest = versions_.back().version;
+    if (newest.state == core::KeyState::kRetired) {
+      // Only tools other than kmsplugin can get here (Retire refuses the current version). Encrypting under a
+      // version that no longer decrypts would lose the Secret, and falling back to an older one would move the
+      // key_id backwards: neither.
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the newest pkcs11 key version ", newest.version, " (", newest.key_id,
+          ") is retired on the token (CKA_DECRYPT is false), so there is no version to encrypt under; fix: reinstate "
+          "it (`kmsplugin retire --reinstate`) or rotate"));
+    }
+    return newest;
   }
 
   absl::StatusOr<core::KeyVersion> Lookup(std::string_view key_ref) const {
@@ -420,9 +442,14 @@ class Pkcs11KeySource::Impl {
       return absl::InvalidArgumentError(absl::StrCat("pkcs11 wrap refused: plaintext of ", plaintext.size(),
                                                      " bytes (must be 1..", kMaxWrapPlaintextSize, ")"));
     }
-    if (auto known = Lookup(version.key_ref); !known.ok()) {
+    auto known = Lookup(version.key_ref);
+    if (!known.ok()) {
       return absl::FailedPreconditionError(absl::StrCat("pkcs11 wrap refused: key version ", version.version, " (",
                                                         version.key_id, ") is not known to this key source"));
+    }
+    if (known->state == core::KeyState::kRetired) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("pkcs11 wrap refused: key version ", version.version, " (", version.key_id, ") is retired"));
     }
     std::string out(kGcmIvSize + plaintext.size() + kGcmTagSize, '\0');
     // A fresh IV from our CSPRNG every call: the token never chooses it (SoftHSM would accept an empty one).
@@ -448,6 +475,17 @@ class Pkcs11KeySource::Impl {
                                plaintext.size(), reinterpret_cast<CK_BYTE_PTR>(out.data() + kGcmIvSize), &out_len);
         },
         /*decrypt=*/false);
+    if (status.code() == absl::StatusCode::kNotFound) {
+      return absl::FailedPreconditionError(absl::StrCat("pkcs11 wrap refused: key version ", version.version, " (",
+                                                        version.key_id, ") ", status.message()));
+    }
+    if (status.code() == absl::StatusCode::kFailedPrecondition) {
+      // The token refused: another process retired this version after our last Refresh (Retire clears
+      // CKA_ENCRYPT along with CKA_DECRYPT, so a stale view cannot encrypt new Secrets under it).
+      return absl::FailedPreconditionError(absl::StrCat("pkcs11 wrap refused: the token says key version ",
+                                                        version.version, " (", version.key_id, ") is retired (",
+                                                        status.message(), ")"));
+    }
     if (!status.ok()) {
       return status;
     }
@@ -473,12 +511,16 @@ class Pkcs11KeySource::Impl {
     if (auto decoded = DecodeKeyRef(key_ref); !decoded.ok()) {
       return absl::InvalidArgumentError(decoded.status().message());
     }
-    if (auto known = Lookup(key_ref); !known.ok()) {
+    auto known = Lookup(key_ref);
+    if (!known.ok()) {
       return absl::FailedPreconditionError(absl::StrCat("pkcs11 key version ", DecodeKeyRef(key_ref)->version,
                                                         " named by the ciphertext is not "
                                                         "on the ",
                                                         token_name_, " under label prefix \"", options_.key_label,
                                                         "\" (another token, another environment, or a deleted key)"));
+    }
+    if (known->state == core::KeyState::kRetired) {
+      return absl::FailedPreconditionError(RetiredMessage(known->version, known->key_id, ""));
     }
     const size_t body = wrapped.size() - kGcmIvSize;
     crypto::SecretBytes buffer(body);
@@ -503,6 +545,16 @@ class Pkcs11KeySource::Impl {
                                body, buffer.data(), &out_len);
         },
         /*decrypt=*/true);
+    if (status.code() == absl::StatusCode::kNotFound) {
+      return absl::FailedPreconditionError(absl::StrCat("pkcs11 key version ", known->version, " (", known->key_id,
+                                                        ") named by the ciphertext ", status.message()));
+    }
+    if (status.code() == absl::StatusCode::kFailedPrecondition) {
+      // Our view said active, the token says CKA_DECRYPT is false: another process retired it since our last
+      // Refresh.
+      return absl::FailedPreconditionError(
+          RetiredMessage(known->version, known->key_id, absl::StrCat(" on the token (", status.message(), ")")));
+    }
     if (!status.ok()) {
       return status;
     }
@@ -572,7 +624,10 @@ class Pkcs11KeySource::Impl {
           {CKA_DERIVE, &no, sizeof(no)},
           {CKA_SIGN, &no, sizeof(no)},
           {CKA_VERIFY, &no, sizeof(no)},
-          {CKA_MODIFIABLE, &no, sizeof(no)},
+          // Modifiable, so that Retire can clear CKA_ENCRYPT/CKA_DECRYPT. SoftHSM 2.6.1 still refuses to turn
+          // CKA_SENSITIVE off, CKA_EXTRACTABLE on, or to change CKA_ALLOWED_MECHANISMS or CKA_MODIFIABLE
+          // (CKR_ATTRIBUTE_READ_ONLY), so the key stays sensitive, non-extractable and GCM-only.
+          {CKA_MODIFIABLE, &yes, sizeof(yes)},
           {CKA_LABEL, const_cast<char*>(label.data()), label.size()},
           {CKA_ID, const_cast<char*>(id.data()), id.size()},
           {CKA_ALLOWED_MECHANISMS, allowed, sizeof(allowed)},
@@ -595,16 +650,213 @@ class Pkcs11KeySource::Impl {
     return absl::InternalError(absl::StrCat("created key ", label, " but it is not listed on the token"));
   }
 
+  // Retire: CKA_ENCRYPT and CKA_DECRYPT cleared on each chosen object, oldest first, so that the retired set
+  // stays a floor even when a call fails halfway.
+  absl::StatusOr<std::vector<core::KeyVersion>> Retire(uint64_t version, absl::Time deadline) {
+    absl::MutexLock rotate_lock(&rotate_mu_);
+    if (auto status = RefreshVersions(deadline); !status.ok()) {
+      return status;
+    }
+    auto targets = core::VersionsToRetire(VersionsSnapshot(), version);
+    if (!targets.ok()) {
+      return targets.status();
+    }
+    // Every object must accept the change before the first one is touched.
+    for (const core::KeyVersion& target : *targets) {
+      if (auto entry = EntryOf(target.key_ref); entry.has_value() && !entry->modifiable) {
+        return absl::FailedPreconditionError(NotModifiableMessage(*entry, ""));
+      }
+    }
+    return SetUsage(*targets, /*usable=*/false, deadline);
+  }
+
+  // Reinstate: CKA_ENCRYPT and CKA_DECRYPT set again, newest first (the retired set stays a floor).
+  absl::StatusOr<std::vector<core::KeyVersion>> Reinstate(uint64_t version, absl::Time deadline) {
+    absl::MutexLock rotate_lock(&rotate_mu_);
+    if (auto status = RefreshVersions(deadline); !status.ok()) {
+      return status;
+    }
+    auto targets = core::VersionsToReinstate(VersionsSnapshot(), version);
+    if (!targets.ok()) {
+      return targets.status();
+    }
+    std::reverse(targets->begin(), targets->end());
+    auto done = SetUsage(*targets, /*usable=*/true, deadline);
+    if (done.ok()) {
+      std::reverse(done->begin(), done->end());
+    }
+    return done;
+  }
+
+  // DestroyRetired: C_DestroyObject on `version` and every older version, all retired already, oldest first.
+  absl::StatusOr<std::vector<core::KeyVersion>> DestroyRetired(uint64_t version, absl::Time deadline) {
+    absl::MutexLock rotate_lock(&rotate_mu_);
+    if (auto status = RefreshVersions(deadline); !status.ok()) {
+      return status;
+    }
+    const std::vector<core::KeyVersion> versions = VersionsSnapshot();
+    if (std::none_of(versions.begin(), versions.end(),
+                     [&](const core::KeyVersion& v) { return v.version == version; })) {
+      std::vector<std::string> known;
+      for (const core::KeyVersion& v : versions) {
+        known.push_back(absl::StrCat(v.version));
+      }
+      return absl::NotFoundError(absl::StrCat("there is no key version ", version, " on the ", token_name_,
+                                              " (versions: ", absl::StrJoin(known, ", "), ")"));
+    }
+    std::vector<core::KeyVersion> targets;
+    for (const core::KeyVersion& v : versions) {
+      if (v.version > version) {
+        continue;
+      }
+      if (v.state != core::KeyState::kRetired) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "pkcs11 key version ", v.version, " (", v.key_id, ") is ", Sv(core::KeyStateName(v.state)),
+            ", not retired: destroying it would make every Secret under it unreadable for good; fix: retire it "
+            "first (`kmsplugin retire`), check that nothing fails, then destroy"));
+      }
+      targets.push_back(v);
+    }
+    std::vector<core::KeyVersion> destroyed;
+    for (const core::KeyVersion& target : targets) {
+      auto status = WithKey(
+          deadline, target.key_ref, absl::StrCat("C_DestroyObject of key version ", target.version),
+          [&](CK_SESSION_HANDLE session, CK_OBJECT_HANDLE key) -> CK_RV { return f_->C_DestroyObject(session, key); },
+          /*decrypt=*/false);
+      // NOT_FOUND: another process destroyed it meanwhile, which is what this call wanted too.
+      if (!status.ok() && status.code() != absl::StatusCode::kNotFound) {
+        return PartialFailure(status, "destroyed", destroyed);
+      }
+      {
+        absl::MutexLock lock(&mu_);
+        versions_.erase(std::remove_if(versions_.begin(), versions_.end(),
+                                       [&](const Entry& e) { return e.version.key_ref == target.key_ref; }),
+                        versions_.end());
+        RecomputeStatesLocked();
+      }
+      destroyed.push_back(target);
+    }
+    // The local view is updated already; a failing re-read only leaves it as it is.
+    RefreshVersions(deadline).IgnoreError();
+    return destroyed;
+  }
+
  private:
   struct Entry {
     core::KeyVersion version;
     std::string label;
     CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
+    bool decrypt = true;      // CKA_DECRYPT as last read: false means retired
+    bool modifiable = false;  // CKA_MODIFIABLE: false for versions made before retirement existed
   };
   struct Session {
     CK_SESSION_HANDLE handle = CK_INVALID_HANDLE;
     uint64_t generation = 0;
   };
+
+  // ---- retirement ----
+
+  std::vector<core::KeyVersion> VersionsSnapshot() const {
+    absl::MutexLock lock(&mu_);
+    std::vector<core::KeyVersion> out;
+    for (const Entry& entry : versions_) {
+      out.push_back(entry.version);
+    }
+    return out;
+  }
+
+  std::optional<Entry> EntryOf(std::string_view key_ref) const {
+    absl::MutexLock lock(&mu_);
+    for (const Entry& entry : versions_) {
+      if (entry.version.key_ref == key_ref) {
+        return entry;
+      }
+    }
+    return std::nullopt;
+  }
+
+  std::string RetiredMessage(uint64_t version, const std::string& key_id, absl::string_view where) const {
+    return absl::StrCat("pkcs11 key version ", version, " (", key_id, ") is retired", where,
+                        " and no longer decrypts; fix: if Secrets still need it, reinstate it "
+                        "(`kmsplugin retire --reinstate`)");
+  }
+
+  std::string NotModifiableMessage(const Entry& entry, absl::string_view token_said) const {
+    return absl::StrCat(
+        "pkcs11 key version ", entry.version.version, " (", entry.label, ", CKA_ID ",
+        absl::BytesToHexString(entry.version.key_ref),
+        ") cannot be retired: it was created with CKA_MODIFIABLE=false (by a kmsplugin from before retirement "
+        "existed), and the token refuses every change to such an object, C_CopyObject included",
+        token_said,
+        "; nothing was changed. Retiring is a floor, so while this version is on the token no version at or above "
+        "it can be retired; fix: once the audit finds no Secret under it, delete it for good with the token's tools "
+        "(e.g. pkcs11-tool --module ",
+        options_.module_path, " --login --delete-object --type secrkey --id ",
+        absl::BytesToHexString(entry.version.key_ref), " on the ", token_name_,
+        "); versions created by `kmsplugin rotate` from now on are modifiable and can be retired (and reinstated)");
+  }
+
+  absl::Status PartialFailure(const absl::Status& status, absl::string_view verb,
+                              const std::vector<core::KeyVersion>& done) const {
+    // The local view already reflects every object changed so far.
+    std::vector<std::string> numbers;
+    for (const core::KeyVersion& v : done) {
+      numbers.push_back(absl::StrCat(v.version));
+    }
+    return absl::Status(status.code(), absl::StrCat(status.message(), "; ", verb, " before the failure: ",
+                                                    numbers.empty() ? "none" : absl::StrJoin(numbers, ", "),
+                                                    "; fix: run the same command again once the cause is fixed"));
+  }
+
+  // Sets CKA_ENCRYPT and CKA_DECRYPT of each target (in the order given) to `usable`, updating the local view
+  // after each object so that this process agrees with the token at once. Returns the targets in their new state.
+  absl::StatusOr<std::vector<core::KeyVersion>> SetUsage(const std::vector<core::KeyVersion>& targets, bool usable,
+                                                         absl::Time deadline) {
+    std::vector<core::KeyVersion> done;
+    for (const core::KeyVersion& target : targets) {
+      auto status = WithKey(
+          deadline, target.key_ref, absl::StrCat("C_SetAttributeValue of key version ", target.version),
+          [&](CK_SESSION_HANDLE session, CK_OBJECT_HANDLE key) -> CK_RV {
+            CK_BBOOL value = usable ? CK_TRUE : CK_FALSE;
+            CK_ATTRIBUTE usage[] = {{CKA_ENCRYPT, &value, sizeof(value)}, {CKA_DECRYPT, &value, sizeof(value)}};
+            return f_->C_SetAttributeValue(session, key, usage, 2);
+          },
+          /*decrypt=*/false);
+      if (status.code() == absl::StatusCode::kFailedPrecondition) {
+        // The token refuses to change the object although we read CKA_MODIFIABLE true (or it changed since).
+        if (auto entry = EntryOf(target.key_ref); entry.has_value()) {
+          status = absl::FailedPreconditionError(
+              NotModifiableMessage(*entry, absl::StrCat(" (the token answered ", status.message(), ")")));
+        }
+      } else if (status.code() == absl::StatusCode::kNotFound) {
+        status = absl::NotFoundError(absl::StrCat("pkcs11 key version ", target.version, " ", status.message()));
+      }
+      if (!status.ok()) {
+        return PartialFailure(status, usable ? "reinstated" : "retired", done);
+      }
+      absl::MutexLock lock(&mu_);
+      for (Entry& entry : versions_) {
+        if (entry.version.key_ref == target.key_ref) {
+          entry.decrypt = usable;
+        }
+      }
+      RecomputeStatesLocked();
+      for (const Entry& entry : versions_) {
+        if (entry.version.key_ref == target.key_ref) {
+          done.push_back(entry.version);
+        }
+      }
+    }
+    // The local view is updated already; a failing re-read only leaves it as it is.
+    RefreshVersions(deadline).IgnoreError();
+    // Report the targets as the token now has them.
+    for (core::KeyVersion& v : done) {
+      if (auto entry = EntryOf(v.key_ref); entry.has_value()) {
+        v = entry->version;
+      }
+    }
+    return done;
+  }
 
   // ---- set-up, login, re-initialisation (all under mu_) ----
 
@@ -885,11 +1137,15 @@ class Pkcs11KeySource::Impl {
       // Lock order: mu_ before the module's call lock, never the other way round.
       CK_RV rv = CKR_OK;
       bool key_missing = false;
+      bool others_visible = false;
       {
         absl::ReaderMutexLock call_lock(&module_->call_mu());
         if (!key_ref.empty() && key == CK_INVALID_HANDLE) {
           rv = FindKey(session.handle, key_ref, &key);
           key_missing = rv == CKR_OK && key == CK_INVALID_HANDLE;
+          if (key_missing) {
+            others_visible = AnyPrivateAesKeyVisible(session.handle);
+          }
         }
         if (rv == CKR_OK && !key_missing) {
           rv = op(session.handle, key);
@@ -909,6 +1165,13 @@ class Pkcs11KeySource::Impl {
         // Private objects are invisible after a logout; otherwise the token lost the key or went away, and a
         // re-initialisation (with backoff) finds out which.
         NoteHandlesLostLocked();
+        if (logged_in_ && ready_ && others_visible) {
+          // Logged in and other private keys are there: this one was destroyed (DestroyRetired in another
+          // process, or other tools). Not a device failure: re-initialising would stall every other call.
+          return absl::NotFoundError(absl::StrCat("is no longer on the ", token_name_,
+                                                  " (destroyed by the retire command's destroy step in another "
+                                                  "process, or deleted with other tools)"));
+        }
         if (logged_in_ && ready_) {
           last = MarkDeviceGoneLocked(
               "the key object of this key version is not on the token (deleted, or the token is unavailable)");
@@ -923,6 +1186,9 @@ class Pkcs11KeySource::Impl {
         return absl::InvalidArgumentError(
             "pkcs11 wrapped key does not authenticate under this key version and associated data (wrong "
             "environment, tampered bytes, or another key)");
+      }
+      if (IsRefusedByObject(rv)) {
+        return absl::FailedPreconditionError(failure);
       }
       if (IsSessionGone(rv) || rv == CKR_OPERATION_ACTIVE) {
         last = absl::UnavailableError(failure);
@@ -1011,6 +1277,26 @@ class Pkcs11KeySource::Impl {
     return CKR_OK;
   }
 
+  // Whether at least one private AES secret key is visible: after a logout or with the token gone, none is.
+  bool AnyPrivateAesKeyVisible(CK_SESSION_HANDLE session) {
+    CK_OBJECT_CLASS klass = CKO_SECRET_KEY;
+    CK_KEY_TYPE key_type = CKK_AES;
+    CK_BBOOL yes = CK_TRUE;
+    CK_ATTRIBUTE query[] = {
+        {CKA_CLASS, &klass, sizeof(klass)},
+        {CKA_KEY_TYPE, &key_type, sizeof(key_type)},
+        {CKA_PRIVATE, &yes, sizeof(yes)},
+    };
+    if (f_->C_FindObjectsInit(session, query, 3) != CKR_OK) {
+      return false;
+    }
+    CK_OBJECT_HANDLE found = CK_INVALID_HANDLE;
+    CK_ULONG count = 0;
+    const CK_RV rv = f_->C_FindObjects(session, &found, 1, &count);
+    f_->C_FindObjectsFinal(session);
+    return rv == CKR_OK && count > 0;
+  }
+
   // Lists every AES secret key on the token and keeps those labelled "<key_label>-v<N>" with a matching CKA_ID.
   absl::Status RefreshVersions(absl::Time deadline) {
     std::vector<Entry> found;
@@ -1054,8 +1340,13 @@ class Pkcs11KeySource::Impl {
         }
         std::string label(sizes[0].ulValueLen, '\0');
         std::string id(sizes[1].ulValueLen, '\0');
-        CK_ATTRIBUTE values[] = {{CKA_LABEL, label.data(), label.size()}, {CKA_ID, id.data(), id.size()}};
-        rv = f_->C_GetAttributeValue(session, handle, values, 2);
+        CK_BBOOL decrypt = CK_FALSE;
+        CK_BBOOL modifiable = CK_FALSE;
+        CK_ATTRIBUTE values[] = {{CKA_LABEL, label.data(), label.size()},
+                                 {CKA_ID, id.data(), id.size()},
+                                 {CKA_DECRYPT, &decrypt, sizeof(decrypt)},
+                                 {CKA_MODIFIABLE, &modifiable, sizeof(modifiable)}};
+        rv = f_->C_GetAttributeValue(session, handle, values, 4);
         if (rv != CKR_OK) {
           if (IsSessionGone(rv) || IsDeviceGone(rv)) {
             return rv;
@@ -1073,6 +1364,8 @@ class Pkcs11KeySource::Impl {
         entry.version.version = version;
         entry.version.key_ref = id;
         entry.version.created = decoded->created;
+        entry.decrypt = decrypt == CK_TRUE;
+        entry.modifiable = modifiable == CK_TRUE;
         found.push_back(std::move(entry));
       }
       return CKR_OK;
@@ -1084,15 +1377,25 @@ class Pkcs11KeySource::Impl {
     std::sort(found.begin(), found.end(), [](const Entry& a, const Entry& b) {
       return std::tie(a.version.version, a.version.created) < std::tie(b.version.version, b.version.created);
     });
-    for (size_t i = 0; i < found.size(); ++i) {
-      Entry& entry = found[i];
+    for (Entry& entry : found) {
       entry.version.key_id =
           absl::StrCat("pkcs11:", token_serial_, "/", entry.label, "@",
                        absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", entry.version.created, absl::UTCTimeZone()));
-      entry.version.state = i + 1 == found.size() ? core::KeyState::kCurrent : core::KeyState::kActive;
     }
     versions_ = std::move(found);
+    RecomputeStatesLocked();
     return absl::OkStatus();
+  }
+
+  // The state model: CKA_DECRYPT false is "retired" (the token enforces it, and every process reads it back);
+  // otherwise the newest version is current and the others active.
+  void RecomputeStatesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (size_t i = 0; i < versions_.size(); ++i) {
+      Entry& entry = versions_[i];
+      entry.version.state = !entry.decrypt              ? core::KeyState::kRetired
+                            : i + 1 == versions_.size() ? core::KeyState::kCurrent
+                                                        : core::KeyState::kActive;
+    }
   }
 
   const Pkcs11Options options_;
@@ -1185,12 +1488,14 @@ std::vector<core::BackendGauge> Pkcs11KeySource::BackendGauges() const {
            static_cast<double>(stats.open - stats.idle)}};
 }
 
-// IN PROGRESS (this session): CKA_DECRYPT=false marking replaces these two.
-absl::StatusOr<std::vector<core::KeyVersion>> Pkcs11KeySource::Retire(uint64_t, absl::Time) {
-  return absl::UnimplementedError("pkcs11: retire is not implemented yet");
+absl::StatusOr<std::vector<core::KeyVersion>> Pkcs11KeySource::Retire(uint64_t version, absl::Time deadline) {
+  return impl_->Retire(version, deadline);
 }
-absl::StatusOr<std::vector<core::KeyVersion>> Pkcs11KeySource::Reinstate(uint64_t, absl::Time) {
-  return absl::UnimplementedError("pkcs11: reinstate is not implemented yet");
+absl::StatusOr<std::vector<core::KeyVersion>> Pkcs11KeySource::Reinstate(uint64_t version, absl::Time deadline) {
+  return impl_->Reinstate(version, deadline);
+}
+absl::StatusOr<std::vector<core::KeyVersion>> Pkcs11KeySource::DestroyRetired(uint64_t version, absl::Time deadline) {
+  return impl_->DestroyRetired(version, deadline);
 }
 
 }  // namespace kmsplugin::keysource::pkcs11

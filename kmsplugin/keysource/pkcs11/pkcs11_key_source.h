@@ -6,8 +6,25 @@
 //   by label or serial, never by slot number. The PIN comes from a file of mode 0600 or stricter and is kept in
 //   SecretBytes; it never appears in a message.
 // - Each key version is a token object: AES-256, CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, !CKA_EXTRACTABLE,
-//   CKA_ENCRYPT, CKA_DECRYPT, no wrap/unwrap/derive/sign, CKA_ALLOWED_MECHANISMS = {CKM_AES_GCM}.
-//   CKA_LABEL = "<key_label>-v<N>", CKA_ID = key_ref (see EncodeKeyRef below: version and creation time).
+//   CKA_ENCRYPT, CKA_DECRYPT, no wrap/unwrap/derive/sign, CKA_ALLOWED_MECHANISMS = {CKM_AES_GCM}, CKA_MODIFIABLE
+//   (so that it can be retired; SoftHSM still refuses to clear CKA_SENSITIVE, set CKA_EXTRACTABLE or change
+//   CKA_ALLOWED_MECHANISMS). CKA_LABEL = "<key_label>-v<N>", CKA_ID = key_ref (see EncodeKeyRef below: version and
+//   creation time). Versions made before retirement existed have CKA_MODIFIABLE false and cannot be retired.
+// - State model, read back from the token by every Open/Refresh, so every process (daemons, CLI) agrees:
+//     CKA_DECRYPT false                 -> kRetired (Unwrap and Wrap refused with FAILED_PRECONDITION)
+//     otherwise, the highest version    -> kCurrent
+//     otherwise                         -> kActive
+//   Retire(N) clears CKA_ENCRYPT and CKA_DECRYPT (one C_SetAttributeValue) on N and every older active version,
+//   oldest first, after refusing (changing nothing) if any of them is not modifiable; Reinstate(N) sets them
+//   again, newest first. A failure halfway says which versions were changed; the same call again finishes.
+//   The token enforces the marker too (CKR_KEY_FUNCTION_NOT_PERMITTED), so a process whose view is stale is
+//   refused with FAILED_PRECONDITION as well, and cannot encrypt new Secrets under a retired version.
+//   DestroyRetired(N) is the separate, irreversible step: C_DestroyObject on N and every older version, all of
+//   which must be retired; afterwards a ciphertext under them is FAILED_PRECONDITION (unknown version), also in a
+//   process that has not refreshed yet (the key is missing while other keys are visible: not a device failure).
+//   A newest version found retired (only other tools can do that) leaves Current() FAILED_PRECONDITION.
+//   Retire, Reinstate, DestroyRetired and Rotate are serialised within the process; they run on the session pool
+//   next to Wrap/Unwrap and honour the deadline before each token call.
 // - Wrap/Unwrap run CKM_AES_GCM in the token with a fresh 12-byte IV from our Random, a 128-bit tag and the
 //   caller's non-empty associated data. Wrapped bytes = IV(12) || ciphertext || tag(16). The plugin checks
 //   IV length, tag length and AAD itself, because SoftHSM accepts an empty IV and a zero-length tag.
@@ -96,6 +113,7 @@ class Pkcs11KeySource : public core::KeySource {
   absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override;
   absl::StatusOr<std::vector<core::KeyVersion>> Retire(uint64_t version, absl::Time deadline) override;
   absl::StatusOr<std::vector<core::KeyVersion>> Reinstate(uint64_t version, absl::Time deadline) override;
+  absl::StatusOr<std::vector<core::KeyVersion>> DestroyRetired(uint64_t version, absl::Time deadline) override;
 
   // The token's serial number as the token reports it (trimmed), for key ids and identities.
   std::string TokenSerial() const;

@@ -1,7 +1,8 @@
 // A test-only PKCS#11 module that forwards every call to SoftHSM2 (or $KMS_INTERPOSER_TARGET) and records what
-// the key source sends: C_Login and C_Initialize counts, the CK_GCM_PARAMS of every C_EncryptInit/C_DecryptInit,
-// and any CKR_OPERATION_ACTIVE. It can also inject a return value into the next N calls of one function. Tests
-// reach the controls with dlopen() of this same file (dlopen returns the handle the key source already holds).
+// the key source sends: C_Login, C_Initialize, C_SetAttributeValue and C_DestroyObject counts, the CK_GCM_PARAMS
+// of every C_EncryptInit/C_DecryptInit, and any CKR_OPERATION_ACTIVE. It can also inject a return value into the
+// next N calls of one function. Tests reach the controls with dlopen() of this same file (dlopen returns the
+// handle the key source already holds).
 #include <dlfcn.h>
 #include <p11-kit/pkcs11.h>
 
@@ -33,6 +34,8 @@ std::atomic<long> gcm_inits{0};
 std::atomic<long> bad_gcm_params{0};
 std::atomic<long> operation_active{0};
 std::atomic<long> decrypt_inits{0};
+std::atomic<long> set_attribute_calls{0};
+std::atomic<long> destroy_calls{0};
 std::atomic<unsigned long> last_aad_len{0};
 
 bool Inject(const char* function, CK_RV* rv) {
@@ -127,6 +130,25 @@ CK_RV MyDecrypt(CK_SESSION_HANDLE session, CK_BYTE_PTR in, CK_ULONG in_len, CK_B
   return Note(real.C_Decrypt(session, in, in_len, out, out_len));
 }
 
+CK_RV MySetAttributeValue(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object, CK_ATTRIBUTE_PTR attributes,
+                          CK_ULONG count) {
+  set_attribute_calls.fetch_add(1);
+  CK_RV rv;
+  if (Inject("C_SetAttributeValue", &rv)) {
+    return rv;
+  }
+  return real.C_SetAttributeValue(session, object, attributes, count);
+}
+
+CK_RV MyDestroyObject(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object) {
+  destroy_calls.fetch_add(1);
+  CK_RV rv;
+  if (Inject("C_DestroyObject", &rv)) {
+    return rv;
+  }
+  return real.C_DestroyObject(session, object);
+}
+
 CK_RV MyFindObjectsInit(CK_SESSION_HANDLE session, CK_ATTRIBUTE_PTR attributes, CK_ULONG count) {
   return Note(real.C_FindObjectsInit(session, attributes, count));
 }
@@ -151,6 +173,8 @@ void Load() {
   mine.C_Encrypt = MyEncrypt;
   mine.C_Decrypt = MyDecrypt;
   mine.C_FindObjectsInit = MyFindObjectsInit;
+  mine.C_SetAttributeValue = MySetAttributeValue;
+  mine.C_DestroyObject = MyDestroyObject;
   load_ok = true;
 }
 
@@ -178,6 +202,8 @@ __attribute__((visibility("default"))) void kms_interposer_reset() {
   bad_gcm_params = 0;
   operation_active = 0;
   decrypt_inits = 0;
+  set_attribute_calls = 0;
+  destroy_calls = 0;
 }
 
 __attribute__((visibility("default"))) void kms_interposer_inject(const char* function, unsigned long rv, int count) {
@@ -210,6 +236,8 @@ __attribute__((visibility("default"))) long kms_interposer_counter(const char* n
   if (n == "bad_gcm_params") return bad_gcm_params.load();
   if (n == "operation_active") return operation_active.load();
   if (n == "decrypt_inits") return decrypt_inits.load();
+  if (n == "set_attribute") return set_attribute_calls.load();
+  if (n == "destroy") return destroy_calls.load();
   if (n == "last_aad_len") return static_cast<long>(last_aad_len.load());
   if (n == "distinct_ivs") {
     std::lock_guard<std::mutex> lock(mu);
