@@ -4,9 +4,11 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <iostream>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <string>
 
 #include <CLI/CLI.hpp>
@@ -21,6 +23,7 @@
 #include "kmsplugin/audit/audit_command.h"
 #include "kmsplugin/cli/doctor.h"
 #include "kmsplugin/cli/key_sources.h"
+#include "kmsplugin/cli/render.h"
 #include "kmsplugin/config/config.h"
 #include "kmsplugin/core/clock.h"
 #include "kmsplugin/core/envelope_service.h"
@@ -266,6 +269,165 @@ int Rotate(const std::string& config_path, const std::string& env_name) {
   return 0;
 }
 
+enum class RetireAction { kRetire, kReinstate, kDestroy };
+
+std::string VersionList(const std::vector<core::KeyVersion>& versions) {
+  std::string out;
+  for (const core::KeyVersion& v : versions) {
+    absl::StrAppend(&out, out.empty() ? "" : ", ", v.version);
+  }
+  return out;
+}
+
+// Objects etcd still holds under `versions` of `env_name` and of every environment configured on the same backend
+// key (allowSharedBackendKey), where a retire reaches too. Prints them (names capped) to `out`; returns the total.
+absl::StatusOr<uint64_t> ObjectsStillUsing(const config::Config& config, const std::string& env_name,
+                                           const std::vector<core::KeyVersion>& versions,
+                                           const audit::AuditFlags& etcd, std::ostream& out) {
+  constexpr size_t kNamesShown = 20;
+  auto env = config.Find(env_name);
+  if (!env.ok()) {
+    return env.status();
+  }
+  const std::string identity = (*env)->key_source->BackendKeyIdentity();
+  uint64_t total = 0;
+  for (const config::EnvironmentConfig& other : config.environments) {
+    if (other.name != env_name && other.key_source->BackendKeyIdentity() != identity) {
+      continue;
+    }
+    auto usage = audit::KeyUsageFromEtcd(etcd, config, other.name);
+    if (!usage.ok()) {
+      return usage.status();
+    }
+    for (const audit::KeyUsage& u : usage->keys) {
+      const bool affected = std::any_of(versions.begin(), versions.end(), [&](const core::KeyVersion& v) {
+        return v.key_id == u.key.key_id || (other.name != env_name && v.version == u.key.version);
+      });
+      if (!affected || u.objects == 0) {
+        continue;
+      }
+      total += u.objects;
+      out << "  environment " << other.name << ", version " << u.key.version << " (" << u.key.key_id
+          << "): " << u.objects << " object(s) in etcd (revision " << usage->revision << ")\n";
+      for (size_t i = 0; i < u.names.size() && i < kNamesShown; ++i) {
+        out << "    " << u.names[i] << "\n";
+      }
+      if (u.objects > std::min(u.names.size(), kNamesShown)) {
+        out << "    ... and " << u.objects - std::min(u.names.size(), kNamesShown) << " more\n";
+      }
+    }
+  }
+  return total;
+}
+
+// `retire`: checks etcd (unless --force), then retires `version` and every older version. `--reinstate` undoes
+// it; `--destroy` deletes retired versions' key material where the backend has that step (PKCS#11).
+int Retire(const std::string& config_path, const std::string& env_name, uint64_t version, RetireAction action,
+           bool force, const audit::AuditFlags& etcd) {
+  HardenProcess();
+  auto config = config::LoadConfig(config_path, BuiltInKeySources());
+  if (!config.ok()) {
+    return Fail(config.status());
+  }
+  auto source = OpenEnvironment(*config, env_name);
+  if (!source.ok()) {
+    return Fail(source.status());
+  }
+  auto versions = (*source)->Versions();
+  if (!versions.ok()) {
+    return Fail(versions.status());
+  }
+  const char* verb = action == RetireAction::kRetire ? "retire" : action == RetireAction::kReinstate ? "reinstate"
+                                                                                                     : "destroy";
+  // What would change: the same rule the key source applies (destroy: everything up to N, all retired already).
+  absl::StatusOr<std::vector<core::KeyVersion>> plan;
+  if (action == RetireAction::kReinstate) {
+    plan = core::VersionsToReinstate(*versions, version);
+  } else if (action == RetireAction::kRetire) {
+    plan = core::VersionsToRetire(*versions, version);
+  } else {
+    plan = std::vector<core::KeyVersion>();
+    for (const core::KeyVersion& v : *versions) {
+      if (v.version <= version) {
+        plan->push_back(v);
+      }
+    }
+  }
+  if (!plan.ok()) {
+    return Fail(plan.status());
+  }
+  if (plan->empty()) {
+    std::cout << "environment " << env_name << ": nothing to " << verb << " (versions up to " << version
+              << " already are)\n";
+    return 0;
+  }
+  if (action != RetireAction::kReinstate) {
+    const std::string effect = action == RetireAction::kRetire ? "would no longer decrypt" : "would be lost for good";
+    if (etcd.endpoints.empty()) {
+      if (!force) {
+        return Fail(absl::FailedPreconditionError(absl::StrCat(
+            verb, " checks etcd first that no object still uses versions ", VersionList(*plan),
+            "; fix: pass --etcd host:port (and --cacert/--cert/--key as for etcdctl), or --force to ", verb,
+            " without checking")));
+      }
+      std::cout << "--force without --etcd: not checked whether objects still use versions " << VersionList(*plan)
+                << "; any that do " << effect << ".\n";
+    } else {
+      std::ostringstream in_use;
+      auto objects = ObjectsStillUsing(*config, env_name, *plan, etcd, in_use);
+      if (!objects.ok()) {
+        return Fail(objects.status());
+      }
+      if (*objects > 0 && !force) {
+        std::cerr << "kmsplugin: refusing to " << verb << " versions " << VersionList(*plan) << " of environment "
+                  << env_name << ": " << *objects << " object(s) in etcd still use them and " << effect << ":\n"
+                  << in_use.str()
+                  << "fix: rewrite them under the current key (kubectl get secrets -A -o json | kubectl replace -f -),"
+                     " check with `kmsplugin keys --env "
+                  << env_name << " --etcd ...`, then run this again\n";
+        return 1;
+      }
+      if (*objects > 0) {
+        std::cout << "--force: " << *objects << " object(s) in etcd " << effect << ":\n" << in_use.str();
+      } else {
+        std::cout << "etcd: no object uses versions " << VersionList(*plan) << "\n";
+      }
+    }
+  }
+  const absl::Time deadline = absl::Now() + kCommandDeadline;
+  auto changed = action == RetireAction::kRetire      ? (*source)->Retire(version, deadline)
+                 : action == RetireAction::kReinstate ? (*source)->Reinstate(version, deadline)
+                                                      : (*source)->DestroyRetired(version, deadline);
+  if (!changed.ok()) {
+    return Fail(changed.status());
+  }
+  std::vector<std::string> key_ids;
+  for (const core::KeyVersion& v : *changed) {
+    key_ids.push_back(v.key_id);
+  }
+  observe::Log(spdlog::level::warn, action == RetireAction::kRetire      ? "key versions retired"
+                                    : action == RetireAction::kReinstate ? "key versions reinstated"
+                                                                         : "key versions destroyed",
+               {{"event", verb},
+                {"environment", env_name},
+                {"versions", VersionList(*changed)},
+                {"key_ids", key_ids},
+                {"forced", force},
+                {"etcd_checked", !etcd.endpoints.empty()}});
+  std::cout << "environment " << env_name << ": " << verb
+            << (action == RetireAction::kRetire ? "d" : action == RetireAction::kReinstate ? "d" : "ed")
+            << " versions " << VersionList(*changed) << "\n";
+  if (action != RetireAction::kDestroy) {
+    std::cout << "A running kmsplugin applies it within its poll interval (" << config->server.poll_interval
+              << "), or at once after SIGHUP.";
+    if (action == RetireAction::kRetire) {
+      std::cout << " Undo with: kmsplugin retire --env " << env_name << " --version " << version << " --reinstate";
+    }
+    std::cout << "\n";
+  }
+  return 0;
+}
+
 // With etcd flags (audit.endpoints non-empty), also counts the objects etcd holds under each version.
 int Keys(const std::string& config_path, const std::string& env_name, bool as_json, audit::AuditFlags* etcd) {
   HardenProcess();
@@ -316,40 +478,6 @@ int Keys(const std::string& config_path, const std::string& env_name, bool as_js
   }
   if (usage.has_value()) {
     std::cout << "\n" << audit::RenderKeyUsage(*usage);
-  }
-  return 0;
-}
-
-// The EncryptionConfiguration kube-apiserver needs for `env_name`: KMS v2 first for Secrets, then identity so
-// objects written before encryption was switched on stay readable (drop it once they are rewritten).
-int Render(const std::string& config_path, const std::string& env_name, const std::string& provider_name,
-           const std::string& timeout, bool identity_fallback) {
-  auto config = config::LoadConfig(config_path, BuiltInKeySources());
-  if (!config.ok()) {
-    return Fail(config.status());
-  }
-  auto env = config->Find(env_name);
-  if (!env.ok()) {
-    return Fail(env.status());
-  }
-  const std::string name = provider_name.empty() ? absl::StrCat("kmsplugin-", (*env)->name) : provider_name;
-  if (name.find(':') != std::string::npos) {
-    return Fail(absl::InvalidArgumentError("--provider-name must not contain ':' (it is part of the etcd prefix)"));
-  }
-  std::cout << "# kube-apiserver --encryption-provider-config=<this file>\n"
-            << "apiVersion: apiserver.config.k8s.io/v1\n"
-            << "kind: EncryptionConfiguration\n"
-            << "resources:\n"
-            << "  - resources:\n"
-            << "      - secrets\n"
-            << "    providers:\n"
-            << "      - kms:\n"
-            << "          apiVersion: v2\n"
-            << "          name: " << name << "\n"
-            << "          endpoint: unix://" << (*env)->socket << "\n"
-            << "          timeout: " << timeout << "\n";
-  if (identity_fallback) {
-    std::cout << "      - identity: {}  # reads Secrets written before encryption; remove after rewriting them\n";
   }
   return 0;
 }
@@ -419,6 +547,31 @@ int Main(int argc, char** argv) {
   keys->add_option("--key", keys_etcd.key, "etcd client key");
   keys->add_option("--prefix", keys_etcd.prefixes, "etcd key prefix to scan (repeatable; default /registry/secrets/)");
 
+  uint64_t retire_version = 0;
+  bool force = false;
+  bool reinstate = false;
+  bool destroy = false;
+  CLI::App* retire = app.add_subcommand(
+      "retire", "Retire a key version and every older one (they stop decrypting), after checking etcd that no "
+                "object still uses them");
+  retire->add_option("--config", config_path, "config file")->capture_default_str();
+  retire->add_option("--env", env_name, "environment")->required();
+  retire->add_option("--version", retire_version, "key version (see `kmsplugin keys`)")->required();
+  retire->add_flag("--force", force, "retire even if objects still use it (they become undecryptable)");
+  CLI::Option* reinstate_flag =
+      retire->add_flag("--reinstate", reinstate, "undo: this version and every newer retired one decrypt again");
+  retire->add_flag("--destroy", destroy,
+                   "delete the key material of retired versions up to this one for good (PKCS#11 only)")
+      ->excludes(reinstate_flag);
+  audit::AuditFlags retire_etcd;
+  retire_etcd.endpoints.clear();
+  retire->add_option("--etcd", retire_etcd.endpoints, "etcd host:port[,host:port] to check (read-only)");
+  retire->add_option("--cacert", retire_etcd.cacert, "etcd CA bundle (like etcdctl --cacert)");
+  retire->add_option("--cert", retire_etcd.cert, "etcd client certificate");
+  retire->add_option("--key", retire_etcd.key, "etcd client key");
+  retire->add_option("--prefix", retire_etcd.prefixes,
+                     "etcd key prefix to scan (repeatable; default /registry/secrets/)");
+
   audit::AuditFlags audit_flags;
   CLI::App* audit_command = app.add_subcommand(
       "audit", "Report, from etcd (read-only), how Secrets are stored: by provider and key_id, unencrypted objects, "
@@ -440,16 +593,25 @@ int Main(int argc, char** argv) {
 
   CLI::App* version = app.add_subcommand("version", "Print the version");
 
-  std::string provider_name;
-  std::string timeout = "3s";
-  bool identity_fallback = false;
-  CLI::App* render = app.add_subcommand("render", "Print the EncryptionConfiguration for an environment");
-  render->add_option("--config", config_path, "config file")->capture_default_str();
-  render->add_option("--env", env_name, "environment")->required();
-  render->add_option("--provider-name", provider_name, "KMS provider name (default kmsplugin-<env>)");
-  render->add_option("--timeout", timeout, "kube-apiserver's per-call timeout")->capture_default_str();
-  render->add_flag("--identity-fallback", identity_fallback,
+  RenderOptions render_options;
+  CLI::App* render = app.add_subcommand(
+      "render", "Print what to deploy for the current config: the EncryptionConfiguration for an environment, the "
+                "static-pod manifest or the systemd unit");
+  render->add_option("--config", render_options.config_path, "config file")->default_str(kDefaultConfig);
+  render->add_option("--kind", render_options.kind, "encryption-config, static-pod or systemd-unit")
+      ->capture_default_str();
+  render->add_option("--env", render_options.environment, "environment (encryption-config)");
+  render->add_option("--provider-name", render_options.provider_name, "KMS provider name (default kmsplugin-<env>)");
+  render->add_option("--timeout", render_options.timeout, "kube-apiserver's per-call timeout")->capture_default_str();
+  render->add_flag("--identity-fallback", render_options.identity_fallback,
                    "also read unencrypted Secrets (while migrating from no encryption)");
+  render->add_flag("--v1-fallback", render_options.v1_fallback,
+                   "also read Secrets written through KMS v1 (while migrating from v1 to v2)");
+  render->add_option("--image", render_options.image, "container image (static-pod)")->capture_default_str();
+  render->add_option("--uid", render_options.uid, "user and group id the pod runs as (static-pod)")
+      ->capture_default_str();
+  render->add_option("--binary", render_options.binary, "installed kmsplugin binary (systemd-unit, probes)")
+      ->capture_default_str();
 
   CLI11_PARSE(app, argc, argv);
   observe::SetUpJsonLogging(log_level);
@@ -466,6 +628,11 @@ int Main(int argc, char** argv) {
   if (*keys) {
     return Keys(config_path, env_name, as_json, keys_etcd.endpoints.empty() ? nullptr : &keys_etcd);
   }
+  if (*retire) {
+    return Retire(config_path, env_name, retire_version,
+                  reinstate ? RetireAction::kReinstate : destroy ? RetireAction::kDestroy : RetireAction::kRetire,
+                  force, retire_etcd);
+  }
   if (*audit_command) {
     return audit::RunAudit(audit_flags, BuiltInKeySources());
   }
@@ -476,7 +643,10 @@ int Main(int argc, char** argv) {
     return StatusCommand(socket, as_json, timeout_seconds);
   }
   if (*render) {
-    return Render(config_path, env_name, provider_name, timeout, identity_fallback);
+    if (render_options.config_path.empty()) {
+      render_options.config_path = kDefaultConfig;
+    }
+    return RunRender(render_options, BuiltInKeySources());
   }
   if (*version) {
     std::cout << "kmsplugin " << KMSPLUGIN_VERSION << "\n";

@@ -417,6 +417,120 @@ TEST_CASE("Audit: after a rotation and a rewrite the counts move to the new key_
   CHECK(audit::RenderKeyUsage(*usage).find(new_key_id) != std::string::npos);
 }
 
+// `kmsplugin retire` as an operator runs it: the real binary against the same config, keyring and etcd.
+RunResult RetireCli(World& w, std::vector<std::string> args) {
+  std::vector<std::string> argv = {std::string(KMS_BINARY_DIR) + "/kmsplugin/cli/kmsplugin", "retire", "--config",
+                                   w.config, "--env", "dev"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  RunResult result = Run(argv, w.plugin.dir.path());
+  // The in-process plugin notices the keyring change as a daemon would after SIGHUP.
+  w.plugin.runner->RequestRefresh();
+  REQUIRE_THAT(w.plugin.source->Refresh(absl::Now() + absl::Seconds(5)), IsOk());
+  return result;
+}
+
+TEST_CASE("Retire: refused while etcd holds objects under the version, allowed after the rewrite", "[audit][retire]") {
+  World w;
+  const std::string old_key_id = w.writer.key_id();
+  constexpr int kV2 = 12, kV1 = 3;
+  for (int i = 0; i < kV2; ++i) {
+    REQUIRE_THAT(w.writer.PutV2(SecretKey("ns", absl::StrCat("s", i)), SecretPayload(absl::StrCat("s", i))),
+                 IsOk());
+  }
+  for (int i = 0; i < kV1; ++i) {
+    REQUIRE_THAT(w.writer.PutV1(SecretKey("legacy", absl::StrCat("v", i)), SecretPayload(absl::StrCat("v", i))),
+                 IsOk());
+  }
+  REQUIRE_THAT(w.writer.PutIdentityProtobuf(SecretKey("ns", "plain"), SecretPayload("plain")), IsOk());
+  auto kept_old_value = w.writer.Get(SecretKey("ns", "s0"));  // an old ciphertext, to try after the retire
+  REQUIRE_THAT(kept_old_value, IsOk());
+
+  REQUIRE_THAT(w.plugin.source->Rotate(absl::Now() + absl::Seconds(5)), IsOk());
+  const std::string new_key_id = WaitForNewKeyId(w.plugin, old_key_id);
+  REQUIRE_THAT(w.writer.NewSeed(), IsOk());
+  const std::vector<std::string> etcd_flags = {"--etcd", w.etcd.endpoint(), "--version", "1"};
+
+  // Objects remain under version 1 (KMS v2 and v1 alike): refused, with the count, names and the fix.
+  RunResult refused = RetireCli(w, etcd_flags);
+  INFO(refused.out << refused.err);
+  CHECK(refused.exit_code == 1);
+  CHECK(refused.err.find(absl::StrCat(kV2 + kV1, " object(s) in etcd still use them")) != std::string::npos);
+  CHECK(refused.err.find("/registry/secrets/ns/s0") != std::string::npos);
+  CHECK(refused.err.find("/registry/secrets/legacy/v2") != std::string::npos);
+  CHECK(refused.err.find("kubectl replace") != std::string::npos);
+  RequireAllDecrypt(w.writer, "/registry/secrets/ns/s");
+  RequireAllDecrypt(w.writer, "/registry/secrets/legacy/");
+
+  // The current version is never retired; without --etcd nothing is retired unchecked.
+  RunResult current = RetireCli(w, {"--etcd", w.etcd.endpoint(), "--version", "2"});
+  CHECK(current.exit_code == 1);
+  CHECK(current.err.find("is the current version") != std::string::npos);
+  RunResult unchecked = RetireCli(w, {"--version", "1"});
+  CHECK(unchecked.exit_code == 1);
+  CHECK(unchecked.err.find("fix: pass --etcd") != std::string::npos);
+  auto versions = w.plugin.source->Versions();
+  REQUIRE_THAT(versions, IsOk());
+  CHECK((*versions)[0].state == core::KeyState::kActive);
+
+  // Rewrite every encrypted object through the plugin, as `kubectl replace` makes the apiserver do.
+  for (const std::string& prefix : {std::string("/registry/secrets/ns/s"), std::string("/registry/secrets/legacy/")}) {
+    auto keys = w.writer.Keys(prefix);
+    REQUIRE_THAT(keys, IsOk());
+    for (const std::string& key : *keys) {
+      auto plaintext = w.writer.Read(key);
+      REQUIRE_THAT(plaintext, IsOk());
+      REQUIRE_THAT(w.writer.PutV2(key, *plaintext), IsOk());
+    }
+  }
+  RunResult retired = RetireCli(w, etcd_flags);
+  INFO(retired.out << retired.err);
+  REQUIRE(retired.exit_code == 0);
+  CHECK(retired.out.find("etcd: no object uses versions 1") != std::string::npos);
+  CHECK(retired.out.find("retired versions 1") != std::string::npos);
+  CHECK(retired.err.find("\"event\":\"retire\"") != std::string::npos);  // the audit event, JSON on stderr
+  versions = w.plugin.source->Versions();
+  REQUIRE_THAT(versions, IsOk());
+  CHECK((*versions)[0].state == core::KeyState::kRetired);
+  CHECK((*versions)[1].state == core::KeyState::kCurrent);
+  RequireAllDecrypt(w.writer, "/registry/secrets/ns/s");
+  RequireAllDecrypt(w.writer, "/registry/secrets/legacy/");
+  const AuditRun audit_run = RunJson(w.Flags());
+  CHECK(audit_run.report["prefixes"][0]["retiredKey"] == 0);
+  CHECK(audit_run.report["prefixes"][0]["unencryptedNames"] == json({"ns/plain"}));  // identity: not ours to retire
+  // The old ciphertext no longer decrypts through the plugin; retiring again is a no-op.
+  CHECK_FALSE(w.writer.Decrypt(SecretKey("ns", "s0"), *kept_old_value).ok());
+  RunResult again = RetireCli(w, etcd_flags);
+  CHECK(again.exit_code == 0);
+  CHECK(again.out.find("nothing to retire") != std::string::npos);
+
+  // A forgotten backup restored into etcd under version 1: refused; --force retires anyway and names it.
+  REQUIRE_THAT(w.writer.Put(SecretKey("ns", "restored"), *kept_old_value), IsOk());
+  RunResult reinstated = RetireCli(w, {"--version", "1", "--reinstate"});
+  INFO(reinstated.out << reinstated.err);
+  REQUIRE(reinstated.exit_code == 0);
+  CHECK(reinstated.out.find("reinstated versions 1") != std::string::npos);
+  auto restored = w.writer.Decrypt(SecretKey("ns", "s0"), *kept_old_value);
+  REQUIRE_THAT(restored, IsOk());
+  CHECK(restored->find("s0") != std::string::npos);
+  RunResult refused_again = RetireCli(w, etcd_flags);
+  CHECK(refused_again.exit_code == 1);
+  CHECK(refused_again.err.find("/registry/secrets/ns/restored") != std::string::npos);
+  std::vector<std::string> forced_flags = etcd_flags;
+  forced_flags.push_back("--force");
+  RunResult forced = RetireCli(w, forced_flags);
+  INFO(forced.out << forced.err);
+  CHECK(forced.exit_code == 0);
+  CHECK(forced.out.find("--force: 1 object(s) in etcd would no longer decrypt") != std::string::npos);
+  CHECK(forced.out.find("/registry/secrets/ns/restored") != std::string::npos);
+  const AuditRun after_force = RunJson(w.Flags());
+  CHECK(after_force.exit_code == 1);
+  CHECK(after_force.report["prefixes"][0]["retiredKeyNames"] == json({"ns/restored"}));
+  // --destroy is PKCS#11's step; the local keyring keeps retired versions and says how to undo instead.
+  RunResult destroy = RetireCli(w, {"--version", "1", "--destroy", "--force"});
+  CHECK(destroy.exit_code == 1);
+  CHECK(destroy.err.find("no destroy step") != std::string::npos);
+}
+
 TEST_CASE("Audit: etcd down is a clear error with exit 2; a dead endpoint fails over to a live one", "[audit]") {
   World w;
   REQUIRE_THAT(w.writer.PutV2(SecretKey("ns", "s"), SecretPayload("s")), IsOk());
