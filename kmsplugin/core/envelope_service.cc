@@ -43,7 +43,12 @@ absl::Status CheckAnnotations(const Annotations& annotations) {
 
 EnvelopeService::EnvelopeService(Options options, std::shared_ptr<KeySource> key_source, Clock& clock,
                                  crypto::Random& random)
-    : options_(std::move(options)), key_source_(std::move(key_source)), clock_(clock), random_(random) {}
+    : options_(std::move(options)), clock_(clock), random_(random), key_source_(std::move(key_source)) {}
+
+std::shared_ptr<KeySource> EnvelopeService::key_source() const {
+  absl::ReaderMutexLock lock(&source_mu_);
+  return key_source_;
+}
 
 absl::StatusOr<EncryptResult> EnvelopeService::Encrypt(std::string_view plaintext, absl::Time deadline) {
   if (plaintext.empty()) {
@@ -56,25 +61,27 @@ absl::StatusOr<EncryptResult> EnvelopeService::Encrypt(std::string_view plaintex
   if (auto status = CheckDeadline(clock_.Now(), deadline); !status.ok()) {
     return status;
   }
+  // One source for the whole call, even if a reload swaps it meanwhile.
+  const std::shared_ptr<KeySource> source = key_source();
   // Pin the version once: the key_id returned below is the one Status reports at this instant.
-  absl::StatusOr<KeyVersion> current = key_source_->Current();
+  absl::StatusOr<KeyVersion> current = source->Current();
   if (!current.ok()) {
     return current.status();
   }
-  return EncryptUnder(*current, plaintext, deadline);
+  return EncryptUnder(*source, *current, plaintext, deadline);
 }
 
-absl::StatusOr<EncryptResult> EnvelopeService::EncryptUnder(const KeyVersion& version, std::string_view plaintext,
-                                                            absl::Time deadline) {
+absl::StatusOr<EncryptResult> EnvelopeService::EncryptUnder(KeySource& source, const KeyVersion& version,
+                                                            std::string_view plaintext, absl::Time deadline) {
   crypto::Envelope envelope;
-  envelope.header.kind = key_source_->Kind();
+  envelope.header.kind = source.Kind();
   envelope.header.environment = options_.environment;
   envelope.header.key_ref = version.key_ref;
   if (auto status = crypto::ValidateEnvelopeHeader(envelope.header); !status.ok()) {
     return absl::InternalError(absl::StrCat("key source produced an invalid key reference: ", status.message()));
   }
   absl::StatusOr<std::string> wrapped =
-      key_source_->Wrap(version, plaintext, crypto::EnvelopeAssociatedData(envelope.header), deadline);
+      source.Wrap(version, plaintext, crypto::EnvelopeAssociatedData(envelope.header), deadline);
   if (!wrapped.ok()) {
     return wrapped.status();
   }
@@ -92,6 +99,13 @@ absl::StatusOr<EncryptResult> EnvelopeService::EncryptUnder(const KeyVersion& ve
 
 absl::StatusOr<crypto::SecretBytes> EnvelopeService::Decrypt(std::string_view ciphertext,
                                                              const DecryptMetadata* metadata, absl::Time deadline) {
+  const std::shared_ptr<KeySource> source = key_source();
+  return DecryptWith(*source, ciphertext, metadata, deadline);
+}
+
+absl::StatusOr<crypto::SecretBytes> EnvelopeService::DecryptWith(KeySource& source, std::string_view ciphertext,
+                                                                 const DecryptMetadata* metadata,
+                                                                 absl::Time deadline) {
   if (ciphertext.empty()) {
     return absl::InvalidArgumentError("ciphertext is empty");
   }
@@ -105,10 +119,10 @@ absl::StatusOr<crypto::SecretBytes> EnvelopeService::Decrypt(std::string_view ci
                                                       "\"; this socket serves environment \"",
                                                       options_.environment, "\""));
   }
-  if (header.kind != key_source_->Kind()) {
+  if (header.kind != source.Kind()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "ciphertext was made by a ", crypto::KeySourceKindName(header.kind), " key source; environment \"",
-        options_.environment, "\" uses a ", crypto::KeySourceKindName(key_source_->Kind()), " key source"));
+        options_.environment, "\" uses a ", crypto::KeySourceKindName(source.Kind()), " key source"));
   }
   if (metadata != nullptr) {
     if (auto status = CheckAnnotations(metadata->annotations); !status.ok()) {
@@ -118,7 +132,7 @@ absl::StatusOr<crypto::SecretBytes> EnvelopeService::Decrypt(std::string_view ci
       return absl::InvalidArgumentError("key_id is empty; send the key_id Encrypt returned");
     }
   }
-  absl::StatusOr<KeyVersion> version = key_source_->Lookup(header.key_ref);
+  absl::StatusOr<KeyVersion> version = source.Lookup(header.key_ref);
   if (!version.ok()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "ciphertext names key version ", absl::BytesToHexString(header.key_ref), ", which environment \"",
@@ -136,13 +150,13 @@ absl::StatusOr<crypto::SecretBytes> EnvelopeService::Decrypt(std::string_view ci
   if (auto status = CheckDeadline(clock_.Now(), deadline); !status.ok()) {
     return status;
   }
-  return key_source_->Unwrap(header.key_ref, envelope->wrapped, crypto::EnvelopeAssociatedData(header), deadline);
+  return source.Unwrap(header.key_ref, envelope->wrapped, crypto::EnvelopeAssociatedData(header), deadline);
 }
 
 StatusResult EnvelopeService::Status() const {
   StatusResult result;
   result.version = options_.status_version;
-  absl::StatusOr<KeyVersion> current = key_source_->Current();
+  absl::StatusOr<KeyVersion> current = key_source()->Current();
   const Health health = CurrentHealth();
   if (!current.ok()) {
     // key_id must never be empty; this placeholder names the environment and is never reused for a real key.
@@ -163,23 +177,32 @@ StatusResult EnvelopeService::Status() const {
 }
 
 Health EnvelopeService::Probe(absl::Time deadline) {
+  const std::shared_ptr<KeySource> source = key_source();
+  Health health = ProbeWith(*source, deadline);
+  // A probe of a source that a reload replaced meanwhile says nothing about the new one.
+  absl::MutexLock lock(&mu_);
+  if (key_source() == source) {
+    health_ = health;
+  }
+  return health;
+}
+
+Health EnvelopeService::ProbeWith(KeySource& source, absl::Time deadline) {
   Health health;
   health.checked = clock_.Now();
-  absl::StatusOr<KeyVersion> current = key_source_->Current();
+  absl::StatusOr<KeyVersion> current = source.Current();
   if (!current.ok()) {
     health.message = absl::StrCat("no current key version: ", current.status().message());
-    Record(health);
     return health;
   }
   const crypto::SecretBytes probe = random_.NewSecret(kProbeSize);
-  absl::StatusOr<EncryptResult> encrypted = EncryptUnder(*current, probe.view(), deadline);
+  absl::StatusOr<EncryptResult> encrypted = EncryptUnder(source, *current, probe.view(), deadline);
   if (!encrypted.ok()) {
     health.message = absl::StrCat("probe wrap failed: ", encrypted.status().message());
-    Record(health);
     return health;
   }
   const DecryptMetadata metadata{encrypted->key_id, encrypted->annotations};
-  absl::StatusOr<crypto::SecretBytes> decrypted = Decrypt(encrypted->ciphertext, &metadata, deadline);
+  absl::StatusOr<crypto::SecretBytes> decrypted = DecryptWith(source, encrypted->ciphertext, &metadata, deadline);
   if (!decrypted.ok()) {
     health.message = absl::StrCat("probe unwrap failed: ", decrypted.status().message());
   } else if (!decrypted->Equals(probe)) {
@@ -188,18 +211,63 @@ Health EnvelopeService::Probe(absl::Time deadline) {
     health.ok = true;
     health.message = "ok";
   }
-  Record(health);
   return health;
+}
+
+absl::StatusOr<Health> EnvelopeService::CheckReplacement(KeySource& candidate, absl::Time deadline) {
+  const std::shared_ptr<KeySource> serving = key_source();
+  if (candidate.Kind() != serving->Kind()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "environment \"", options_.environment, "\" uses a ", crypto::KeySourceKindName(serving->Kind()),
+        " key source and the new one is ", crypto::KeySourceKindName(candidate.Kind()),
+        ": its ciphertexts would stop decrypting; fix: move to another key source through a new environment "
+        "(deploy/kubernetes/encryption-config/migrate-between-key-sources.yaml)"));
+  }
+  Health health = ProbeWith(candidate, deadline);
+  if (!health.ok) {
+    return absl::UnavailableError(absl::StrCat("the new key source of environment \"", options_.environment,
+                                               "\" failed its wrap+unwrap probe: ", health.message));
+  }
+  absl::StatusOr<std::vector<KeyVersion>> versions = serving->Versions();
+  if (!versions.ok()) {
+    return absl::UnavailableError(absl::StrCat("cannot list the key versions environment \"", options_.environment,
+                                               "\" serves now, to compare: ", versions.status().message()));
+  }
+  for (const KeyVersion& version : *versions) {
+    if (version.state == KeyState::kRetired) {
+      continue;
+    }
+    absl::StatusOr<KeyVersion> known = candidate.Lookup(version.key_ref);
+    if (!known.ok() || known->key_id != version.key_id) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the new key source of environment \"", options_.environment, "\" does not know key version ",
+          version.version, " (key_id ", version.key_id, "), which the running one serves",
+          known.ok() ? absl::StrCat(" (under that key reference it has key_id ", known->key_id, ")") : std::string(),
+          ": ciphertexts stored under it would stop decrypting; fix: point keySource at the key material that "
+          "holds every version (the newest keyring copy, the same Vault key or token objects)"));
+    }
+  }
+  absl::StatusOr<KeyVersion> now = serving->Current();
+  absl::StatusOr<KeyVersion> next = candidate.Current();
+  if (now.ok() && next.ok() && next->version < now->version) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the new key source of environment \"", options_.environment, "\" would move the current key version back "
+        "from ", now->version, " (", now->key_id, ") to ", next->version, " (", next->key_id,
+        "); fix: point keySource at the newest key material"));
+  }
+  return health;
+}
+
+void EnvelopeService::ReplaceKeySource(std::shared_ptr<KeySource> source, Health health) {
+  absl::MutexLock health_lock(&mu_);
+  absl::MutexLock source_lock(&source_mu_);
+  key_source_ = std::move(source);
+  health_ = std::move(health);
 }
 
 Health EnvelopeService::CurrentHealth() const {
   absl::MutexLock lock(&mu_);
   return health_;
-}
-
-void EnvelopeService::Record(Health health) {
-  absl::MutexLock lock(&mu_);
-  health_ = std::move(health);
 }
 
 }  // namespace kmsplugin::core

@@ -9,6 +9,10 @@
 // - Decrypt refuses a ciphertext of another environment (FAILED_PRECONDITION naming both), a key_id that is not
 //   the one the ciphertext's version carries, and annotations other than the ones Encrypt returned.
 // - Status never touches the backend: it answers from the health that Probe() records.
+// - The key source can be replaced while serving (a config reload that changes keySource): CheckReplacement()
+//   proves the candidate can take over without losing a ciphertext, ReplaceKeySource() swaps it in. Every call
+//   takes one reference to the source when it starts and uses only that one, so calls in flight finish on the
+//   source they started with and new calls use the new one.
 // Thread-safe.
 
 #include <map>
@@ -71,7 +75,9 @@ class EnvelopeService {
   EnvelopeService(Options options, std::shared_ptr<KeySource> key_source, Clock& clock, crypto::Random& random);
 
   const std::string& environment() const { return options_.environment; }
-  KeySource& key_source() { return *key_source_; }
+  const Options& options() const { return options_; }
+  // The key source new calls use. Hold the returned reference for the whole of one operation.
+  std::shared_ptr<KeySource> key_source() const;
 
   absl::StatusOr<EncryptResult> Encrypt(std::string_view plaintext, absl::Time deadline);
   // `metadata` is null for v1beta1 requests, which carry no key_id or annotations.
@@ -83,15 +89,32 @@ class EnvelopeService {
   Health Probe(absl::Time deadline);
   Health CurrentHealth() const;
 
+  // Whether `candidate` can take over from the current key source without losing anything; changes nothing.
+  // Checks, in order: the same key source kind; a real wrap and unwrap round trip under the candidate's current
+  // version (bound to this environment, as Encrypt does); that the candidate knows every version of the current
+  // source that is not retired, under the same key_ref with the same key_id (else ciphertexts stored under it
+  // would stop decrypting); and that its current version is not older than the current one (key_ids never move
+  // backwards). FAILED_PRECONDITION naming the version and key_id otherwise (UNAVAILABLE etc. from the probe).
+  // Returns the probe's health, for ReplaceKeySource. Refresh the candidate first.
+  absl::StatusOr<Health> CheckReplacement(KeySource& candidate, absl::Time deadline);
+
+  // Makes `source` the key source of new calls and records `health` (from CheckReplacement).
+  void ReplaceKeySource(std::shared_ptr<KeySource> source, Health health);
+
  private:
-  absl::StatusOr<EncryptResult> EncryptUnder(const KeyVersion& version, std::string_view plaintext,
-                                             absl::Time deadline);
-  void Record(Health health);
+  absl::StatusOr<EncryptResult> EncryptUnder(KeySource& source, const KeyVersion& version,
+                                             std::string_view plaintext, absl::Time deadline);
+  absl::StatusOr<crypto::SecretBytes> DecryptWith(KeySource& source, std::string_view ciphertext,
+                                                  const DecryptMetadata* metadata, absl::Time deadline);
+  // One wrap and unwrap round trip through `source`; the health it shows (not recorded).
+  Health ProbeWith(KeySource& source, absl::Time deadline);
 
   const Options options_;
-  const std::shared_ptr<KeySource> key_source_;
   Clock& clock_;
   crypto::Random& random_;
+
+  mutable absl::Mutex source_mu_;
+  std::shared_ptr<KeySource> key_source_ ABSL_GUARDED_BY(source_mu_);
 
   mutable absl::Mutex mu_;
   Health health_ ABSL_GUARDED_BY(mu_);

@@ -1,7 +1,13 @@
 #include "kmsplugin/server/server_runner.h"
 
+#include <grp.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <map>
+#include <set>
 
 #include <grpcpp/server_builder.h>
 
@@ -21,6 +27,21 @@ sigset_t ServerSignals() {
   return set;
 }
 
+absl::Status CheckGroupExists(const std::string& group) {
+  struct group entry {};
+  struct group* found = nullptr;
+  char buffer[4096];
+  if (getgrnam_r(group.c_str(), &entry, buffer, sizeof(buffer), &found) != 0 || found == nullptr) {
+    return absl::NotFoundError(absl::StrCat("socket group \"", group,
+                                            "\" does not exist; fix: create it or correct socketGroup"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ForEnvironment(const std::string& environment, const absl::Status& status) {
+  return absl::Status(status.code(), absl::StrCat("environment \"", environment, "\": ", status.message()));
+}
+
 }  // namespace
 
 void BlockServerSignals() {
@@ -30,9 +51,10 @@ void BlockServerSignals() {
 
 ServerRunner::ServerRunner(RunnerOptions options, std::vector<ServedEnvironment> environments)
     : options_(std::move(options)) {
+  absl::MutexLock lock(&mu_);
   for (ServedEnvironment& environment : environments) {
-    Listener listener;
-    listener.environment = std::move(environment);
+    auto listener = std::make_unique<Listener>();
+    listener->environment = std::move(environment);
     listeners_.push_back(std::move(listener));
   }
 }
@@ -40,74 +62,261 @@ ServerRunner::ServerRunner(RunnerOptions options, std::vector<ServedEnvironment>
 ServerRunner::~ServerRunner() { Shutdown(); }
 
 absl::Status ServerRunner::Start() {
+  std::vector<Listener*> listeners;
   {
     absl::MutexLock lock(&mu_);
     if (started_) {
       return absl::FailedPreconditionError("ServerRunner::Start called twice");
     }
     started_ = true;
+    for (const auto& listener : listeners_) {
+      listeners.push_back(listener.get());
+    }
   }
   MaintainOnce();
-  for (Listener& listener : listeners_) {
-    const ServedEnvironment& env = listener.environment;
-    if (auto status = PrepareSocketPath(env.socket, env.socket_group); !status.ok()) {
+  for (Listener* listener : listeners) {
+    if (auto status = StartListener(*listener); !status.ok()) {
       Shutdown();
       return status;
     }
-    listener.v2 = std::make_unique<KmsV2Service>(*env.service, options_.registry);
-    listener.v1beta1 = std::make_unique<KmsV1beta1Service>(*env.service, options_.registry);
-    grpc::ServerBuilder builder;
-    ApplyServerTuning(options_.tuning, builder);
-    builder.AddListeningPort(absl::StrCat("unix:", env.socket), grpc::InsecureServerCredentials());
-    builder.RegisterService(listener.v2.get());
-    builder.RegisterService(listener.v1beta1.get());
-    listener.server = builder.BuildAndStart();
-    if (listener.server == nullptr) {
-      Shutdown();
-      return absl::UnavailableError(absl::StrCat("cannot listen on ", env.socket,
-                                                 "; fix: check that its directory is writable"));
-    }
-    auto inode = SecureSocket(env.socket, env.socket_group);
-    if (!inode.ok()) {
-      Shutdown();
-      return inode.status();
-    }
-    listener.inode = *inode;
-    const core::StatusResult status = env.service->Status();
-    observe::Log(spdlog::level::info, "serving",
-                 {{"environment", env.service->environment()},
-                  {"socket", env.socket},
-                  {"key_id", status.key_id},
-                  {"healthz", status.healthz}});
   }
   maintenance_ = std::thread([this] { MaintenanceLoop(); });
   return absl::OkStatus();
 }
 
-void ServerRunner::MaintainOnce() {
-  for (Listener& listener : listeners_) {
-    core::EnvelopeService& service = *listener.environment.service;
-    const std::string before = service.Status().key_id;
-    if (auto status = service.key_source().Refresh(absl::Now() + options_.probe_timeout); !status.ok()) {
-      observe::Log(spdlog::level::err, "key source refresh failed",
-                   {{"environment", service.environment()}, {"error", std::string(status.message())}});
+absl::Status ServerRunner::StartListener(Listener& listener) {
+  const ServedEnvironment& env = listener.environment;
+  if (auto status = PrepareSocketPath(env.socket, env.socket_group); !status.ok()) {
+    return status;
+  }
+  listener.v2 = std::make_unique<KmsV2Service>(*env.service, options_.registry);
+  listener.v1beta1 = std::make_unique<KmsV1beta1Service>(*env.service, options_.registry);
+  grpc::ServerBuilder builder;
+  ApplyServerTuning(options_.tuning, builder);
+  builder.AddListeningPort(absl::StrCat("unix:", env.socket), grpc::InsecureServerCredentials());
+  builder.RegisterService(listener.v2.get());
+  builder.RegisterService(listener.v1beta1.get());
+  listener.server = builder.BuildAndStart();
+  if (listener.server == nullptr) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", env.socket,
+                                               "; fix: check that its directory is writable"));
+  }
+  auto inode = SecureSocket(env.socket, env.socket_group);
+  if (!inode.ok()) {
+    listener.server->Shutdown(std::chrono::system_clock::now());
+    listener.server->Wait();
+    listener.server.reset();
+    struct stat info {};
+    if (lstat(env.socket.c_str(), &info) == 0) {
+      RemoveSocket(env.socket, info.st_ino);
     }
-    const core::Health health = service.Probe(absl::Now() + options_.probe_timeout);
-    const std::string after = service.Status().key_id;
+    return inode.status();
+  }
+  listener.inode = *inode;
+  const core::StatusResult status = env.service->Status();
+  observe::Log(spdlog::level::info, "serving",
+               {{"environment", env.service->environment()},
+                {"socket", env.socket},
+                {"key_id", status.key_id},
+                {"healthz", status.healthz}});
+  return absl::OkStatus();
+}
+
+void ServerRunner::StopListeners(const std::vector<Listener*>& listeners) {
+  // All servers drain at once, against one deadline.
+  const auto deadline = std::chrono::system_clock::now() + absl::ToChronoSeconds(options_.shutdown_grace_period);
+  std::vector<std::thread> drains;
+  for (Listener* listener : listeners) {
+    if (listener->server != nullptr) {
+      drains.emplace_back([listener, deadline] { listener->server->Shutdown(deadline); });
+    }
+  }
+  for (std::thread& drain : drains) {
+    drain.join();
+  }
+  for (Listener* listener : listeners) {
+    if (listener->server != nullptr) {
+      listener->server->Wait();
+      listener->server.reset();
+      RemoveSocket(listener->environment.socket, listener->inode);
+      observe::Log(spdlog::level::info, "stopped",
+                   {{"environment", listener->environment.service->environment()},
+                    {"socket", listener->environment.socket}});
+    }
+  }
+}
+
+absl::Status ServerRunner::CheckChanges(const EnvironmentChanges& changes) {
+  std::map<std::string, const Listener*> served;  // by environment name
+  std::map<std::string, std::string> sockets;     // socket → environment name
+  for (const auto& listener : listeners_) {
+    served.emplace(listener->environment.service->environment(), listener.get());
+    sockets.emplace(listener->environment.socket, listener->environment.service->environment());
+  }
+  std::set<std::string> removed;
+  for (const std::string& name : changes.remove) {
+    if (!served.contains(name)) {
+      return absl::NotFoundError(absl::StrCat("environment \"", name, "\" is not served, so it cannot be removed"));
+    }
+    if (!removed.insert(name).second) {
+      return absl::InvalidArgumentError(absl::StrCat("environment \"", name, "\" is removed twice"));
+    }
+  }
+  std::set<std::string> swapped;
+  for (const KeySourceSwap& swap : changes.swap) {
+    if (!served.contains(swap.environment) || removed.contains(swap.environment)) {
+      return absl::NotFoundError(
+          absl::StrCat("environment \"", swap.environment, "\" is not served, so its key source cannot be replaced"));
+    }
+    if (swap.source == nullptr || !swapped.insert(swap.environment).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("environment \"", swap.environment, "\": one new key source is needed, no more"));
+    }
+  }
+  std::set<std::string> added_names;
+  std::set<std::string> added_sockets;
+  for (const ServedEnvironment& env : changes.add) {
+    if (env.service == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("an added environment on ", env.socket, " has no service"));
+    }
+    const std::string& name = env.service->environment();
+    if (!added_names.insert(name).second) {
+      return absl::InvalidArgumentError(absl::StrCat("environment \"", name, "\" is added twice"));
+    }
+    if (served.contains(name) && !removed.contains(name)) {
+      return absl::AlreadyExistsError(absl::StrCat("environment \"", name, "\" is served already"));
+    }
+    if (!added_sockets.insert(env.socket).second) {
+      return absl::InvalidArgumentError(absl::StrCat("socket ", env.socket, " is given to two environments"));
+    }
+    if (auto holder = sockets.find(env.socket); holder != sockets.end() && !removed.contains(holder->second)) {
+      return absl::AlreadyExistsError(absl::StrCat("socket ", env.socket, " of environment \"", name,
+                                                   "\" is served by environment \"", holder->second, "\""));
+    }
+    if (env.socket_group.has_value()) {
+      if (auto status = CheckGroupExists(*env.socket_group); !status.ok()) {
+        return ForEnvironment(name, status);
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ServerRunner::Apply(EnvironmentChanges changes) {
+  absl::MutexLock change_lock(&change_mu_);
+  std::vector<Listener*> removed;
+  std::map<std::string, std::shared_ptr<core::EnvelopeService>> services;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    if (!started_ || stopped_) {
+      return absl::FailedPreconditionError("the server is not running; nothing was changed");
+    }
+    if (auto status = CheckChanges(changes); !status.ok()) {
+      return status;
+    }
+    const std::set<std::string> to_remove(changes.remove.begin(), changes.remove.end());
+    for (const auto& listener : listeners_) {
+      const std::shared_ptr<core::EnvelopeService>& service = listener->environment.service;
+      services.emplace(service->environment(), service);
+      if (to_remove.contains(service->environment())) {
+        removed.push_back(listener.get());
+      }
+    }
+  }
+  std::set<std::string> removed_sockets;
+  for (const Listener* listener : removed) {
+    removed_sockets.insert(listener->environment.socket);
+  }
+  // A socket nobody serves now is bound before anything is stopped; one a removed environment holds, after.
+  std::vector<std::unique_ptr<Listener>> early;
+  std::vector<std::unique_ptr<Listener>> late;
+  for (ServedEnvironment& env : changes.add) {
+    auto listener = std::make_unique<Listener>();
+    listener->environment = std::move(env);
+    (removed_sockets.contains(listener->environment.socket) ? late : early).push_back(std::move(listener));
+  }
+  std::vector<Listener*> started;
+  for (const auto& listener : early) {
+    if (auto status = StartListener(*listener); !status.ok()) {
+      StopListeners(started);
+      return ForEnvironment(listener->environment.service->environment(), status);
+    }
+    started.push_back(listener.get());
+  }
+  StopListeners(removed);
+  for (const auto& listener : late) {
+    if (auto status = StartListener(*listener); !status.ok()) {
+      StopListeners(started);
+      for (Listener* old : removed) {
+        if (auto again = StartListener(*old); !again.ok()) {
+          observe::Log(spdlog::level::err, "environment could not be served again after a failed change",
+                       {{"environment", old->environment.service->environment()},
+                        {"socket", old->environment.socket},
+                        {"error", std::string(again.message())}});
+        }
+      }
+      return ForEnvironment(listener->environment.service->environment(), status);
+    }
+    started.push_back(listener.get());
+  }
+  for (KeySourceSwap& swap : changes.swap) {
+    services.at(swap.environment)->ReplaceKeySource(std::move(swap.source), std::move(swap.health));
+  }
+  std::vector<std::unique_ptr<Listener>> stopped;  // destroyed outside the lock
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = listeners_.begin(); it != listeners_.end();) {
+      if (std::find(removed.begin(), removed.end(), it->get()) != removed.end()) {
+        stopped.push_back(std::move(*it));
+        it = listeners_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    for (auto* group : {&early, &late}) {
+      for (auto& listener : *group) {
+        listeners_.push_back(std::move(listener));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::vector<std::shared_ptr<core::EnvelopeService>> ServerRunner::Services() const {
+  absl::ReaderMutexLock lock(&mu_);
+  std::vector<std::shared_ptr<core::EnvelopeService>> services;
+  services.reserve(listeners_.size());
+  for (const auto& listener : listeners_) {
+    services.push_back(listener->environment.service);
+  }
+  return services;
+}
+
+void ServerRunner::SetReloadHandler(std::function<void()> handler) { reload_handler_ = std::move(handler); }
+
+void ServerRunner::MaintainOnce() {
+  for (const std::shared_ptr<core::EnvelopeService>& service : Services()) {
+    const std::string before = service->Status().key_id;
+    if (auto status = service->key_source()->Refresh(absl::Now() + options_.probe_timeout); !status.ok()) {
+      observe::Log(spdlog::level::err, "key source refresh failed",
+                   {{"environment", service->environment()}, {"error", std::string(status.message())}});
+    }
+    const core::Health health = service->Probe(absl::Now() + options_.probe_timeout);
+    const std::string after = service->Status().key_id;
     if (after != before) {
       observe::Log(spdlog::level::info, "key rotation noticed",
-                   {{"event", "rotation"}, {"environment", service.environment()}, {"old_key_id", before},
+                   {{"event", "rotation"}, {"environment", service->environment()}, {"old_key_id", before},
                     {"key_id", after}});
       if (options_.registry != nullptr) {
         options_.registry
             ->GetCounter("kmsplugin_key_rotations_total", "Key rotations this process noticed, by environment.",
-                         {{"environment", service.environment()}})
+                         {{"environment", service->environment()}})
             .Increment();
       }
     }
     if (!health.ok) {
       observe::Log(spdlog::level::err, "health probe failed",
-                   {{"environment", service.environment()}, {"error", health.message}});
+                   {{"environment", service->environment()}, {"error", health.message}});
     }
   }
 }
@@ -133,6 +342,8 @@ void ServerRunner::RequestRefresh() {
 }
 
 void ServerRunner::Shutdown() {
+  absl::MutexLock change_lock(&change_mu_);
+  std::vector<std::unique_ptr<Listener>> listeners;
   {
     absl::MutexLock lock(&mu_);
     if (stopped_) {
@@ -140,30 +351,16 @@ void ServerRunner::Shutdown() {
     }
     stopped_ = true;
     stopping_ = true;
+    listeners.swap(listeners_);
   }
   if (maintenance_.joinable()) {
     maintenance_.join();
   }
-  // All servers drain at once, against one deadline.
-  const auto deadline = std::chrono::system_clock::now() + absl::ToChronoSeconds(options_.shutdown_grace_period);
-  std::vector<std::thread> drains;
-  for (Listener& listener : listeners_) {
-    if (listener.server != nullptr) {
-      drains.emplace_back([&listener, deadline] { listener.server->Shutdown(deadline); });
-    }
+  std::vector<Listener*> all;
+  for (const auto& listener : listeners) {
+    all.push_back(listener.get());
   }
-  for (std::thread& drain : drains) {
-    drain.join();
-  }
-  for (Listener& listener : listeners_) {
-    if (listener.server != nullptr) {
-      listener.server->Wait();
-      RemoveSocket(listener.environment.socket, listener.inode);
-      observe::Log(spdlog::level::info, "stopped",
-                   {{"environment", listener.environment.service->environment()},
-                    {"socket", listener.environment.socket}});
-    }
-  }
+  StopListeners(all);
 }
 
 absl::Status ServerRunner::RunUntilSignalled() {
@@ -174,7 +371,13 @@ absl::Status ServerRunner::RunUntilSignalled() {
       continue;
     }
     if (signal == SIGHUP) {
-      observe::Log(spdlog::level::info, "SIGHUP: refreshing key sources now", {{"event", "reload"}});
+      observe::Log(spdlog::level::info,
+                   reload_handler_ ? "SIGHUP: reloading the configuration and refreshing key sources now"
+                                   : "SIGHUP: refreshing key sources now",
+                   {{"event", "reload"}});
+      if (reload_handler_) {
+        reload_handler_();
+      }
       RequestRefresh();
       continue;
     }

@@ -1,17 +1,22 @@
 #pragma once
 
 // ServerRunner: serves each environment's EnvelopeService on its own Unix socket (KMS v2 and v1beta1 on every
-// socket), keeps health fresh, and stops cleanly.
+// socket), keeps health fresh, changes the set of environments while serving, and stops cleanly. It knows
+// nothing of the config file: the caller (kmsplugin/cli/serve.cc) decides what changes, the runner applies it.
 //
 // - Start(): probes every environment once (so the first Status is truthful), prepares each socket path, starts
 //   one gRPC server per socket with ServerTuning, and starts the maintenance thread.
-// - The maintenance thread, every poll interval and at once after RequestRefresh() (SIGHUP): Refresh() of each
-//   key source (to notice rotation), then a real wrap+unwrap probe; failures are logged, never fatal.
+// - The maintenance thread, every poll interval and at once after RequestRefresh(): Refresh() of each key
+//   source (to notice rotation), then a real wrap+unwrap probe; failures are logged, never fatal.
+// - Apply(): adds, removes and re-keys environments all or nothing (see EnvironmentChanges).
 // - Shutdown(): stops accepting, lets in-flight calls finish until the grace period ends, cancels the rest,
 //   removes the socket files it created. Idempotent.
-// - RunUntilSignalled(): waits for SIGTERM/SIGINT (shutdown, returns OK) and SIGHUP (refresh). The signals must
-//   be blocked in every thread first: call BlockServerSignals() in main before anything starts a thread.
+// - RunUntilSignalled(): waits for SIGTERM/SIGINT (shutdown, returns OK) and SIGHUP (the reload handler, if one
+//   is set, then a refresh of every key source). The signals must be blocked in every thread first: call
+//   BlockServerSignals() in main before anything starts a thread.
+// Thread-safe: Apply() and Shutdown() are serialised; Services() may be called from any thread at any time.
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -31,10 +36,28 @@
 
 namespace kmsplugin::server {
 
+// One environment on one socket. Its name is service->environment().
 struct ServedEnvironment {
   std::string socket;
   std::optional<std::string> socket_group;
   std::shared_ptr<core::EnvelopeService> service;
+};
+
+// An environment whose key source is replaced in place: same socket, same EnvelopeService.
+struct KeySourceSwap {
+  std::string environment;
+  std::shared_ptr<core::KeySource> source;  // passed EnvelopeService::CheckReplacement
+  core::Health health;                      // what that check's probe found
+};
+
+// A change to the served environments (a config reload), prepared by the caller: key sources opened, refreshed
+// and probed. `add` may name an environment that `remove` stops (a changed socket, socket group or Status
+// version is a remove plus an add).
+struct EnvironmentChanges {
+  std::vector<std::string> remove;
+  std::vector<ServedEnvironment> add;
+  std::vector<KeySourceSwap> swap;
+  bool empty() const { return remove.empty() && add.empty() && swap.empty(); }
 };
 
 struct RunnerOptions {
@@ -56,6 +79,24 @@ class ServerRunner {
   ServerRunner& operator=(const ServerRunner&) = delete;
 
   absl::Status Start();
+
+  // Applies `changes` all or nothing, without dropping a call on an environment that stays:
+  // 1. checks them against what is served (names exist, no socket served twice, groups exist);
+  // 2. binds every added socket that no removed environment holds (prepared like at Start);
+  // 3. stops the removed environments (draining for the grace period) and removes their socket files;
+  // 4. binds the added sockets a removed environment held (the only window in which a socket does not answer);
+  // 5. swaps key sources (calls in flight finish on the old one) and publishes the new set.
+  // A failure in 1, 2 or 4 stops what was started, serves the removed environments again and returns the
+  // error: the runner then serves exactly what it served before. FAILED_PRECONDITION after Shutdown().
+  absl::Status Apply(EnvironmentChanges changes);
+
+  // The environments served now (for metrics and readiness), in the order they were added.
+  std::vector<std::shared_ptr<core::EnvelopeService>> Services() const;
+
+  // Called on the signal thread at each SIGHUP, before every key source is refreshed. Set before
+  // RunUntilSignalled(); it may call Apply().
+  void SetReloadHandler(std::function<void()> handler);
+
   void RequestRefresh();
   void Shutdown();
   absl::Status RunUntilSignalled();
@@ -69,14 +110,22 @@ class ServerRunner {
     ino_t inode = 0;
   };
 
+  // Prepares the socket path, binds, secures the socket file. On failure nothing is left listening.
+  absl::Status StartListener(Listener& listener);
+  // Drains all of `listeners` at once against one deadline, then removes their socket files.
+  void StopListeners(const std::vector<Listener*>& listeners);
+  absl::Status CheckChanges(const EnvironmentChanges& changes) ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void MaintainOnce();
   void MaintenanceLoop();
 
   const RunnerOptions options_;
-  std::vector<Listener> listeners_;
   std::thread maintenance_;
+  std::function<void()> reload_handler_;
 
-  absl::Mutex mu_;
+  // Serialises Apply() and Shutdown(); taken before mu_.
+  absl::Mutex change_mu_ ABSL_ACQUIRED_BEFORE(mu_);
+  mutable absl::Mutex mu_;
+  std::vector<std::unique_ptr<Listener>> listeners_ ABSL_GUARDED_BY(mu_);
   bool refresh_requested_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool started_ ABSL_GUARDED_BY(mu_) = false;
