@@ -531,7 +531,7 @@ TEST_CASE("Retire: refused while etcd holds objects under the version, allowed a
   CHECK(destroy.err.find("no destroy step") != std::string::npos);
 }
 
-TEST_CASE("Audit: etcd down is a clear error with exit 2; a dead endpoint fails over to a live one", "[audit]") {
+TEST_CASE("Audit: etcd down is a clear error with exit 2, a dead endpoint fails over to a live one", "[audit]") {
   World w;
   REQUIRE_THAT(w.writer.PutV2(SecretKey("ns", "s"), SecretPayload("s")), IsOk());
   const std::string dead = absl::StrCat("127.0.0.1:", FreePort());

@@ -213,7 +213,7 @@ TEST_CASE("Config: a missing socket is refused", "[config]") {
   CheckFieldError(Parse("environments:\n" + Env("dev", "[/a, /b]", "/k")), "environments[0].socket");
 }
 
-TEST_CASE("Config: a socket path over 107 bytes is refused; 107 is accepted", "[config]") {
+TEST_CASE("Config: a socket path over 107 bytes is refused, 107 is accepted", "[config]") {
   const std::string fits = "/" + std::string(106, 's');
   const std::string too_long = "/" + std::string(107, 's');
   REQUIRE(fits.size() == 107);
@@ -318,7 +318,7 @@ TEST_CASE("Config: bad durations in server are refused", "[config]") {
   }
 }
 
-TEST_CASE("Config: maxThreads outside 4..1024 is refused; the bounds are accepted", "[config]") {
+TEST_CASE("Config: maxThreads outside 4..1024 is refused, the bounds are accepted", "[config]") {
   for (const std::string& value : {std::string("3"), std::string("0"), std::string("-1"), std::string("1025"),
                                    std::string("4.5"), std::string("many"), std::string("99999999999999999999")}) {
     CAPTURE(value);

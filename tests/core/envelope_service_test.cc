@@ -252,7 +252,7 @@ TEST_CASE("Decrypt: trailing bytes are INVALID_ARGUMENT", "[core][envelope]") {
              StatusIs(Code::kInvalidArgument));
 }
 
-TEST_CASE("Decrypt: a flipped bit anywhere is refused; in the wrapped part it is INVALID_ARGUMENT",
+TEST_CASE("Decrypt: a flipped bit anywhere is refused, in the wrapped part it is INVALID_ARGUMENT",
           "[core][envelope]") {
   Fixture f;
   f.source->AddVersion();

@@ -68,7 +68,7 @@ TEST_CASE("CLI: init creates a 0600 root key and keyring, and a second init leav
   CHECK(ReadWholeFile(s.root_key) == root_before);
 }
 
-TEST_CASE("CLI: serve answers Status and both APIs; SIGTERM exits 0 and removes the socket", "[cli]") {
+TEST_CASE("CLI: serve answers Status and both APIs, SIGTERM exits 0 and removes the socket", "[cli]") {
   Setup s;
   REQUIRE(s.Init().exit_code == 0);
   auto server = s.Serve();

@@ -266,7 +266,7 @@ TEST_CASE("LocalKeySource: Lookup of a short or unknown key_ref is NOT_FOUND", "
 
 // ---------------------------------------------------------------------------------------------- Rotate
 
-TEST_CASE("LocalKeySource: rotate appends a version; old versions still unwrap", "[local]") {
+TEST_CASE("LocalKeySource: rotate appends a version, old versions still unwrap", "[local]") {
   Env env;
   auto source = env.Open();
   const core::KeyVersion v1 = MustCurrent(*source);
@@ -373,7 +373,7 @@ void RewriteKeyring(const LocalWorld& world, Edit edit) {
   REQUIRE_THAT(WriteFileAtomically(world.keyring, *sealed, false), IsOk());
 }
 
-TEST_CASE("LocalKeySource: Refresh refuses a keyring with a dropped version; the old view stays", "[local]") {
+TEST_CASE("LocalKeySource: Refresh refuses a keyring with a dropped version, the old view stays", "[local]") {
   Env env;
   auto source = env.Open();
   const core::KeyVersion v1 = MustCurrent(*source);
@@ -402,7 +402,7 @@ TEST_CASE("LocalKeySource: Refresh refuses an older copy of the keyring (rollbac
   CheckUnwraps(*source, *v2, wrapped_v2);
 }
 
-TEST_CASE("LocalKeySource: Refresh refuses a different keyring id; the old view stays", "[local]") {
+TEST_CASE("LocalKeySource: Refresh refuses a different keyring id, the old view stays", "[local]") {
   Env env;
   auto source = env.Open();
   const core::KeyVersion v1 = MustCurrent(*source);
@@ -417,7 +417,7 @@ TEST_CASE("LocalKeySource: Refresh refuses a different keyring id; the old view 
   CheckUnwraps(*source, v1, wrapped_v1);
 }
 
-TEST_CASE("LocalKeySource: Refresh refuses moving the current version back; the old view stays", "[local]") {
+TEST_CASE("LocalKeySource: Refresh refuses moving the current version back, the old view stays", "[local]") {
   Env env;
   auto source = env.Open();
   REQUIRE_THAT(source->Rotate(env.Deadline()), IsOk());
@@ -473,7 +473,7 @@ TEST_CASE("LocalKeySource: a retired version no longer unwraps after Refresh", "
   CHECK(looked_up->state == core::KeyState::kRetired);
 }
 
-TEST_CASE("LocalKeySource: Retire(N) retires N and older; Reinstate brings them back", "[local][retire]") {
+TEST_CASE("LocalKeySource: Retire(N) retires N and older, Reinstate brings them back", "[local][retire]") {
   Env env;
   auto source = env.Open();
   std::vector<core::KeyVersion> versions{MustCurrent(*source)};

@@ -219,7 +219,7 @@ TEST_CASE("LocalSpec: Open through the spec serves the environment from the cont
 // ---------------------------------------------------------------------------------------------- Passphrase
 // Argon2id with the default parameters costs about 0.3 s per derivation: these few tests cover the mode.
 
-TEST_CASE("LocalSpec: passphrase init and open; the file's trailing newline is ignored", "[local][spec][slow]") {
+TEST_CASE("LocalSpec: passphrase init and open, the file's trailing newline is ignored", "[local][spec][slow]") {
   TempDir dir;
   FakeClock clock;
   LocalOptions options;

@@ -106,7 +106,7 @@ struct ThreeVersions {
 // ---------------------------------------------------------------------------------------------------------------
 // Retire
 
-TEST_CASE("Pkcs11KeySource retire: Retire(2) retires exactly 1 and 2, which refuse to decrypt; 3 still works",
+TEST_CASE("Pkcs11KeySource retire: Retire(2) retires exactly 1 and 2, which refuse to decrypt, 3 still works",
           "[pkcs11][retire]") {
   ThreeVersions world;
   auto retired = world.source->Retire(2, Soon());
@@ -367,7 +367,7 @@ TEST_CASE("Pkcs11KeySource retire: key objects are modifiable but stay sensitive
 }
 
 TEST_CASE(
-    "Pkcs11KeySource retire: a version created non-modifiable cannot be retired; the refusal names it and "
+    "Pkcs11KeySource retire: a version created non-modifiable cannot be retired, the refusal names it and "
     "the fix, and changes nothing",
     "[pkcs11][retire]") {
   TokenFixture token;

@@ -330,7 +330,7 @@ TEST_CASE("VaultClient: an endless 429 storm fails UNAVAILABLE, bounded", "[vaul
   CHECK(absl::Now() - start < absl::Seconds(1));
 }
 
-TEST_CASE("VaultClient: 500 and 502 are retried; 501 is not", "[vault]") {
+TEST_CASE("VaultClient: 500 and 502 are retried, 501 is not", "[vault]") {
   VaultTestServer server;
   server.Control({{"create_key", {{"name", "kms"}}}});
   auto source = MustOpen(TokenOptions(server, MakeTempDir()));

@@ -124,7 +124,7 @@ TEST_CASE("VaultKeySource: a version below min_decryption_version is retired, na
   CHECK_THAT(source->Wrap(*v1, kSeed, kAad, In(absl::Seconds(5))), StatusIs(Code::kFailedPrecondition, "retired"));
 }
 
-TEST_CASE("VaultKeySource: Retire sets min_decryption_version; Reinstate lowers it again", "[vault][retire]") {
+TEST_CASE("VaultKeySource: Retire sets min_decryption_version, Reinstate lowers it again", "[vault][retire]") {
   VaultTestServer server;
   CreateKey(server);
   auto source = MustOpen(TokenOptions(server, MakeTempDir()));
