@@ -1,8 +1,5 @@
 #include "kmsplugin/cli/commands.h"
 
-#include <sys/prctl.h>
-#include <sys/resource.h>
-#include <sys/stat.h>
 
 #include <algorithm>
 #include <iostream>
@@ -21,6 +18,7 @@
 #include "crypto/random.h"
 #include "kms_v2.grpc.pb.h"
 #include "kmsplugin/audit/audit_command.h"
+#include "kmsplugin/cli/cli_common.h"
 #include "kmsplugin/cli/doctor.h"
 #include "kmsplugin/cli/key_sources.h"
 #include "kmsplugin/cli/render.h"
@@ -37,40 +35,7 @@
 namespace kmsplugin::cli {
 namespace {
 
-constexpr char kDefaultConfig[] = "/etc/kmsplugin/config.yaml";
 constexpr absl::Duration kCommandDeadline = absl::Seconds(30);
-constexpr absl::Duration kProbeTimeout = absl::Seconds(5);
-
-int Fail(const absl::Status& status) {
-  std::cerr << "kmsplugin: " << status.message() << "\n";
-  return status.code() == absl::StatusCode::kUnavailable ? 3 : 1;
-}
-
-// No core dumps (they would hold keys), no files readable by others.
-void HardenProcess() {
-  prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-  const rlimit no_core{0, 0};
-  setrlimit(RLIMIT_CORE, &no_core);
-  umask(077);
-}
-
-config::OpenContext ContextFor(const std::string& environment, int worker_threads) {
-  config::OpenContext context;
-  context.environment = environment;
-  context.worker_threads = worker_threads;
-  context.clock = &core::SystemClock();
-  context.random = &crypto::SystemRandom();
-  return context;
-}
-
-absl::StatusOr<std::shared_ptr<core::KeySource>> OpenEnvironment(const config::Config& config,
-                                                                 const std::string& name) {
-  auto env = config.Find(name);
-  if (!env.ok()) {
-    return env.status();
-  }
-  return (*env)->key_source->Open(ContextFor((*env)->name, config.server.max_threads));
-}
 
 int Init(const std::string& config_path, const std::string& only_env) {
   HardenProcess();
@@ -104,16 +69,14 @@ int Init(const std::string& config_path, const std::string& only_env) {
 
 int Rotate(const std::string& config_path, const std::string& env_name) {
   HardenProcess();
-  auto config = config::LoadConfig(config_path, BuiltInKeySources());
-  if (!config.ok()) {
-    return Fail(config.status());
+  auto opened = OpenEnvironment(config_path, env_name);
+  if (!opened.ok()) {
+    return Fail(opened.status());
   }
-  auto source = OpenEnvironment(*config, env_name);
-  if (!source.ok()) {
-    return Fail(source.status());
-  }
-  auto before = (*source)->Current();
-  auto created = (*source)->Rotate(absl::Now() + kCommandDeadline);
+  const config::Config& config = opened->config;
+  const std::shared_ptr<core::KeySource>& source = opened->source;
+  auto before = source->Current();
+  auto created = source->Rotate(absl::Now() + kCommandDeadline);
   if (!created.ok()) {
     return Fail(created.status());
   }
@@ -126,7 +89,7 @@ int Rotate(const std::string& config_path, const std::string& env_name) {
   std::cout << "environment " << env_name << ": rotated from "
             << (before.ok() ? before->key_id : std::string("(none)")) << " to version " << created->version << " ("
             << created->key_id << ")\n"
-            << "A running kmsplugin serves it within its poll interval (" << config->server.poll_interval
+            << "A running kmsplugin serves it within its poll interval (" << config.server.poll_interval
             << "), or at once after SIGHUP. Earlier ciphertexts keep decrypting.\n";
   return 0;
 }
@@ -187,15 +150,13 @@ absl::StatusOr<uint64_t> ObjectsStillUsing(const config::Config& config, const s
 int Retire(const std::string& config_path, const std::string& env_name, uint64_t version, RetireAction action,
            bool force, const audit::AuditFlags& etcd) {
   HardenProcess();
-  auto config = config::LoadConfig(config_path, BuiltInKeySources());
-  if (!config.ok()) {
-    return Fail(config.status());
+  auto opened = OpenEnvironment(config_path, env_name);
+  if (!opened.ok()) {
+    return Fail(opened.status());
   }
-  auto source = OpenEnvironment(*config, env_name);
-  if (!source.ok()) {
-    return Fail(source.status());
-  }
-  auto versions = (*source)->Versions();
+  const config::Config& config = opened->config;
+  const std::shared_ptr<core::KeySource>& source = opened->source;
+  auto versions = source->Versions();
   if (!versions.ok()) {
     return Fail(versions.status());
   }
@@ -236,7 +197,7 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
                 << "; any that do " << effect << ".\n";
     } else {
       std::ostringstream in_use;
-      auto objects = ObjectsStillUsing(*config, env_name, *plan, etcd, in_use);
+      auto objects = ObjectsStillUsing(config, env_name, *plan, etcd, in_use);
       if (!objects.ok()) {
         return Fail(objects.status());
       }
@@ -257,9 +218,9 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
     }
   }
   const absl::Time deadline = absl::Now() + kCommandDeadline;
-  auto changed = action == RetireAction::kRetire      ? (*source)->Retire(version, deadline)
-                 : action == RetireAction::kReinstate ? (*source)->Reinstate(version, deadline)
-                                                      : (*source)->DestroyRetired(version, deadline);
+  auto changed = action == RetireAction::kRetire      ? source->Retire(version, deadline)
+                 : action == RetireAction::kReinstate ? source->Reinstate(version, deadline)
+                                                      : source->DestroyRetired(version, deadline);
   if (!changed.ok()) {
     return Fail(changed.status());
   }
@@ -280,7 +241,7 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
             << (action == RetireAction::kRetire ? "d" : action == RetireAction::kReinstate ? "d" : "ed")
             << " versions " << VersionList(*changed) << "\n";
   if (action != RetireAction::kDestroy) {
-    std::cout << "A running kmsplugin applies it within its poll interval (" << config->server.poll_interval
+    std::cout << "A running kmsplugin applies it within its poll interval (" << config.server.poll_interval
               << "), or at once after SIGHUP.";
     if (action == RetireAction::kRetire) {
       std::cout << " Undo with: kmsplugin retire --env " << env_name << " --version " << version << " --reinstate";
@@ -293,21 +254,19 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
 // With etcd flags (audit.endpoints non-empty), also counts the objects etcd holds under each version.
 int Keys(const std::string& config_path, const std::string& env_name, bool as_json, audit::AuditFlags* etcd) {
   HardenProcess();
-  auto config = config::LoadConfig(config_path, BuiltInKeySources());
-  if (!config.ok()) {
-    return Fail(config.status());
+  auto opened = OpenEnvironment(config_path, env_name);
+  if (!opened.ok()) {
+    return Fail(opened.status());
   }
-  auto source = OpenEnvironment(*config, env_name);
-  if (!source.ok()) {
-    return Fail(source.status());
-  }
-  auto versions = (*source)->Versions();
+  const config::Config& config = opened->config;
+  const std::shared_ptr<core::KeySource>& source = opened->source;
+  auto versions = source->Versions();
   if (!versions.ok()) {
     return Fail(versions.status());
   }
   std::optional<audit::KeyUsageReport> usage;
   if (etcd != nullptr) {
-    auto counted = audit::KeyUsageFromEtcd(*etcd, *config, env_name);
+    auto counted = audit::KeyUsageFromEtcd(*etcd, config, env_name);
     if (!counted.ok()) {
       return Fail(counted.status());
     }

@@ -1,16 +1,13 @@
 #include "kmsplugin/cli/reload_plan.h"
 
 #include <algorithm>
-#include <fstream>
 #include <set>
-#include <sstream>
 
 #include <yaml-cpp/yaml.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kmsplugin/config/field_context.h"
-#include "kmsplugin/config/file_checks.h"
 
 namespace kmsplugin::cli {
 namespace {
@@ -55,16 +52,11 @@ absl::StatusOr<LoadedConfig> ParseServeConfig(const std::string& yaml, const std
 
 absl::StatusOr<LoadedConfig> LoadServeConfig(const std::string& path, const config::KeySourceParsers& parsers) {
   // The same steps as config::LoadConfig, on one read of the file.
-  if (auto status = config::CheckFileNotWritableByOthers(path, "config file"); !status.ok()) {
-    return status;
+  auto text = config::ReadConfigFile(path);
+  if (!text.ok()) {
+    return text.status();
   }
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  if (!in) {
-    return absl::NotFoundError(absl::StrCat(path, ": cannot read the config file; fix: check its permissions"));
-  }
-  return ParseServeConfig(text.str(), path, parsers);
+  return ParseServeConfig(*text, path, parsers);
 }
 
 std::string ReloadPlan::Summary() const {

@@ -1,8 +1,5 @@
 #include "kmsplugin/cli/serve.h"
 
-#include <sys/prctl.h>
-#include <sys/resource.h>
-#include <sys/stat.h>
 
 #include <algorithm>
 #include <atomic>
@@ -21,6 +18,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "crypto/random.h"
+#include "kmsplugin/cli/cli_common.h"
 #include "kmsplugin/cli/key_sources.h"
 #include "kmsplugin/cli/reload_plan.h"
 #include "kmsplugin/config/config.h"
@@ -39,29 +37,6 @@ constexpr absl::Duration kProbeTimeout = absl::Seconds(5);
 
 using Services = std::vector<std::shared_ptr<core::EnvelopeService>>;
 using ServicesFn = std::function<Services()>;
-
-// As in commands.cc: one line naming the problem, exit 3 when something cannot be reached.
-int Fail(const absl::Status& status) {
-  std::cerr << "kmsplugin: " << status.message() << "\n";
-  return status.code() == absl::StatusCode::kUnavailable ? 3 : 1;
-}
-
-// As in commands.cc: no core dumps (they would hold keys), no files readable by others.
-void HardenProcess() {
-  prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-  const rlimit no_core{0, 0};
-  setrlimit(RLIMIT_CORE, &no_core);
-  umask(077);
-}
-
-config::OpenContext ContextFor(const std::string& environment, int worker_threads) {
-  config::OpenContext context;
-  context.environment = environment;
-  context.worker_threads = worker_threads;
-  context.clock = &core::SystemClock();
-  context.random = &crypto::SystemRandom();
-  return context;
-}
 
 absl::Status ForEnvironment(const std::string& environment, const absl::Status& status) {
   return absl::Status(status.code(), absl::StrCat("environment \"", environment, "\": ", status.message()));

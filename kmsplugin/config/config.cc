@@ -267,7 +267,7 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml, const std::string& f
   return config;
 }
 
-absl::StatusOr<Config> LoadConfig(const std::string& path, const KeySourceParsers& parsers) {
+absl::StatusOr<std::string> ReadConfigFile(const std::string& path) {
   if (auto status = CheckFileNotWritableByOthers(path, "config file"); !status.ok()) {
     return status;
   }
@@ -277,7 +277,15 @@ absl::StatusOr<Config> LoadConfig(const std::string& path, const KeySourceParser
   if (!in) {
     return absl::NotFoundError(absl::StrCat(path, ": cannot read the config file; fix: check its permissions"));
   }
-  return ParseConfig(text.str(), path, parsers);
+  return text.str();
+}
+
+absl::StatusOr<Config> LoadConfig(const std::string& path, const KeySourceParsers& parsers) {
+  auto text = ReadConfigFile(path);
+  if (!text.ok()) {
+    return text.status();
+  }
+  return ParseConfig(*text, path, parsers);
 }
 
 }  // namespace kmsplugin::config

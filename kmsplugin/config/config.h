@@ -65,6 +65,8 @@ struct Config {
 // Key source kind ("local", "vault", "pkcs11") → its parser. The CLI hands in the ones the build has.
 using KeySourceParsers = std::map<std::string, KeySourceParser, std::less<>>;
 
+// The text of the config file `path`. Refuses one that group or others can write.
+absl::StatusOr<std::string> ReadConfigFile(const std::string& path);
 // Reads and validates `path`. Refuses a config file that group or others can write.
 absl::StatusOr<Config> LoadConfig(const std::string& path, const KeySourceParsers& parsers);
 // Validates YAML text; `file` only names the source in error messages.

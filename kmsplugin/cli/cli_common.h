@@ -1,0 +1,34 @@
+#pragma once
+
+// What every kmsplugin command shares: the one-line failure, process hardening, and opening key sources.
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kmsplugin/config/config.h"
+#include "kmsplugin/core/key_source.h"
+
+namespace kmsplugin::cli {
+
+inline constexpr char kDefaultConfig[] = "/etc/kmsplugin/config.yaml";
+
+// Prints "kmsplugin: <message>" on stderr. Exit code 3 when something could not be reached, else 1.
+int Fail(const absl::Status& status);
+
+// No core dumps (they would hold keys), not dumpable, no files readable by others (umask 077).
+void HardenProcess();
+
+// What a key source is opened with, for `environment`, on the system clock and randomness.
+config::OpenContext ContextFor(const std::string& environment, int worker_threads);
+
+// A command's config and one environment's key source, opened.
+struct OpenedEnvironment {
+  config::Config config;
+  std::shared_ptr<core::KeySource> source;
+};
+// Loads `config_path` and opens `environment` (NOT_FOUND listing the environments there are).
+absl::StatusOr<OpenedEnvironment> OpenEnvironment(const std::string& config_path, const std::string& environment);
+
+}  // namespace kmsplugin::cli
