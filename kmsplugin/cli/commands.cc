@@ -1,6 +1,5 @@
 #include "kmsplugin/cli/commands.h"
 
-
 #include <algorithm>
 #include <iostream>
 #include <memory>
