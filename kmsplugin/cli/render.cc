@@ -1,7 +1,5 @@
 #include "kmsplugin/cli/render.h"
 
-#include <grp.h>
-
 #include <algorithm>
 #include <filesystem>
 #include <iostream>
@@ -14,6 +12,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kmsplugin/server/unix_socket.h"
 
 namespace kmsplugin::cli {
 namespace {
@@ -101,13 +100,12 @@ absl::StatusOr<std::vector<gid_t>> SocketGroupIds(const config::Config& config) 
     if (!env.socket_group.has_value()) {
       continue;
     }
-    const group* entry = getgrnam(env.socket_group->c_str());
-    if (entry == nullptr) {
-      return absl::NotFoundError(absl::StrCat("environment ", env.name, ": socketGroup \"", *env.socket_group,
-                                              "\" is not a group on this machine; fix: run render on the "
-                                              "control-plane node, after creating the group"));
+    auto gid = server::LookupGroup(*env.socket_group);
+    if (!gid.ok()) {
+      return absl::NotFoundError(absl::StrCat("environment ", env.name, ": ", gid.status().message(),
+                                              " on this machine; render on the control-plane node"));
     }
-    ids.insert(entry->gr_gid);
+    ids.insert(*gid);
   }
   return std::vector<gid_t>(ids.begin(), ids.end());
 }

@@ -1,6 +1,5 @@
 #include "kmsplugin/server/server_runner.h"
 
-#include <grp.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -27,16 +26,6 @@ sigset_t ServerSignals() {
   return set;
 }
 
-absl::Status CheckGroupExists(const std::string& group) {
-  struct group entry {};
-  struct group* found = nullptr;
-  char buffer[4096];
-  if (getgrnam_r(group.c_str(), &entry, buffer, sizeof(buffer), &found) != 0 || found == nullptr) {
-    return absl::NotFoundError(absl::StrCat("socket group \"", group,
-                                            "\" does not exist; fix: create it or correct socketGroup"));
-  }
-  return absl::OkStatus();
-}
 
 absl::Status ForEnvironment(const std::string& environment, const absl::Status& status) {
   return absl::Status(status.code(), absl::StrCat("environment \"", environment, "\": ", status.message()));
@@ -194,7 +183,7 @@ absl::Status ServerRunner::CheckChanges(const EnvironmentChanges& changes) {
                                                    "\" is served by environment \"", holder->second, "\""));
     }
     if (env.socket_group.has_value()) {
-      if (auto status = CheckGroupExists(*env.socket_group); !status.ok()) {
+      if (auto status = LookupGroup(*env.socket_group).status(); !status.ok()) {
         return ForEnvironment(name, status);
       }
     }

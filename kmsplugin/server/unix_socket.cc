@@ -15,17 +15,6 @@
 namespace kmsplugin::server {
 namespace {
 
-absl::StatusOr<gid_t> LookupGroup(const std::string& group) {
-  struct group entry {};
-  struct group* found = nullptr;
-  char buffer[4096];
-  if (getgrnam_r(group.c_str(), &entry, buffer, sizeof(buffer), &found) != 0 || found == nullptr) {
-    return absl::NotFoundError(absl::StrCat("socket group \"", group,
-                                            "\" does not exist; fix: create it or correct socketGroup"));
-  }
-  return found->gr_gid;
-}
-
 // True when a server accepts connections on `path`.
 bool SomethingAnswers(const std::string& path) {
   const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -41,6 +30,17 @@ bool SomethingAnswers(const std::string& path) {
 }
 
 }  // namespace
+
+absl::StatusOr<gid_t> LookupGroup(const std::string& group) {
+  struct group entry {};
+  struct group* found = nullptr;
+  char buffer[4096];
+  if (getgrnam_r(group.c_str(), &entry, buffer, sizeof(buffer), &found) != 0 || found == nullptr) {
+    return absl::NotFoundError(absl::StrCat("socket group \"", group,
+                                            "\" does not exist; fix: create it or correct socketGroup"));
+  }
+  return found->gr_gid;
+}
 
 absl::Status PrepareSocketPath(const std::string& path, const std::optional<std::string>& group) {
   const std::filesystem::path dir = std::filesystem::path(path).parent_path();

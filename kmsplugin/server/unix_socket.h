@@ -15,6 +15,9 @@
 
 namespace kmsplugin::server {
 
+// The id of `group`; NOT_FOUND naming it and the fix when there is no such group.
+absl::StatusOr<gid_t> LookupGroup(const std::string& group);
+
 absl::Status PrepareSocketPath(const std::string& path, const std::optional<std::string>& group);
 
 // Returns the socket's inode.
