@@ -283,12 +283,36 @@ std::vector<std::shared_ptr<core::EnvelopeService>> ServerRunner::Services() con
 
 void ServerRunner::SetReloadHandler(std::function<void()> handler) { reload_handler_ = std::move(handler); }
 
+namespace {
+
+// The versions `source` reports retired ("1,2"); empty when none are or the versions are unknown.
+std::string RetiredVersions(const core::KeySource& source) {
+  std::string retired;
+  if (auto versions = source.Versions(); versions.ok()) {
+    for (const core::KeyVersion& v : *versions) {
+      if (v.state == core::KeyState::kRetired) {
+        absl::StrAppend(&retired, retired.empty() ? "" : ",", v.version);
+      }
+    }
+  }
+  return retired;
+}
+
+}  // namespace
+
 void ServerRunner::MaintainOnce() {
   for (const std::shared_ptr<core::EnvelopeService>& service : Services()) {
     const std::string before = service->Status().key_id;
+    const std::string retired_before = RetiredVersions(*service->key_source());
     if (auto status = service->key_source()->Refresh(absl::Now() + options_.probe_timeout); !status.ok()) {
       observe::Log(spdlog::level::err, "key source refresh failed",
                    {{"environment", service->environment()}, {"error", std::string(status.message())}});
+    }
+    // A retire or reinstate (by `kmsplugin retire` or in the backend) is in force from here on: say so once.
+    if (const std::string retired_after = RetiredVersions(*service->key_source()); retired_after != retired_before) {
+      observe::Log(spdlog::level::warn, "retired key versions changed",
+                   {{"event", "retire"}, {"environment", service->environment()},
+                    {"retired_before", retired_before}, {"retired", retired_after}});
     }
     const core::Health health = service->Probe(absl::Now() + options_.probe_timeout);
     const std::string after = service->Status().key_id;

@@ -243,6 +243,54 @@ TEST_CASE("CLI: rotate while serving is picked up at once on SIGHUP, old ciphert
   CHECK(server->Running());
 }
 
+TEST_CASE("CLI: retire on a serving daemon takes effect on SIGHUP and reinstate undoes it", "[cli][retire]") {
+  Setup s("", "  pollInterval: 1h\n");
+  REQUIRE(s.Init().exit_code == 0);
+  auto server = s.Serve();
+  REQUIRE(s.WaitServing(*server));
+  KmsClient client(s.socket);
+  v2::EncryptResponse old_ciphertext;
+  REQUIRE(client.Encrypt(std::string(32, 'o'), old_ciphertext).ok());
+  const std::string before = s.StatusKeyId();
+  REQUIRE(s.Cli({"rotate", "--config", s.config, "--env", "dev"}).exit_code == 0);
+  REQUIRE(DaemonDriver::KeyIdAfterHup(*server, s.socket, before) != before);
+
+  // Waits for the daemon's log to hold `text` `count` times (it applies a SIGHUP on its maintenance thread).
+  auto logged = [&server](const std::string& text, int count) {
+    for (int i = 0; i < 200; ++i) {
+      const std::string log = server->Stderr();
+      int seen = 0;
+      for (size_t at = log.find(text); at != std::string::npos; at = log.find(text, at + 1)) {
+        ++seen;
+      }
+      if (seen >= count) {
+        return true;
+      }
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    return false;
+  };
+  const RunResult retired = s.Cli({"retire", "--config", s.config, "--env", "dev", "--version", "1", "--force"});
+  INFO(retired.out << retired.err);
+  REQUIRE(retired.exit_code == 0);
+  v2::DecryptResponse decrypted;
+  REQUIRE(client.DecryptResponseOf(old_ciphertext, decrypted).ok());  // an hour's poll interval: not yet
+  server->Signal(SIGHUP);
+  REQUIRE(logged("\"retired\":\"1\"", 1));
+  const grpc::Status refused = client.DecryptResponseOf(old_ciphertext, decrypted);
+  CHECK(refused.error_code() == grpc::StatusCode::FAILED_PRECONDITION);
+  CHECK(Has(refused.error_message(), "retired"));
+  v2::EncryptResponse fresh;
+  REQUIRE(client.Encrypt(std::string(32, 'n'), fresh).ok());  // the current version is untouched
+
+  REQUIRE(s.Cli({"retire", "--config", s.config, "--env", "dev", "--version", "1", "--reinstate"}).exit_code == 0);
+  server->Signal(SIGHUP);
+  REQUIRE(logged("\"retired_before\":\"1\"", 1));
+  REQUIRE(client.DecryptResponseOf(old_ciphertext, decrypted).ok());
+  CHECK(decrypted.plaintext() == std::string(32, 'o'));
+  CHECK(server->Running());
+}
+
 TEST_CASE("CLI: a rotation is picked up within the poll interval without a signal", "[cli]") {
   Setup s;  // pollInterval: 1s
   REQUIRE(s.Init().exit_code == 0);
