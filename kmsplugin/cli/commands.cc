@@ -147,7 +147,7 @@ absl::StatusOr<uint64_t> ObjectsStillUsing(const config::Config& config, const s
 // `retire`: checks etcd (unless --force), then retires `version` and every older version. `--reinstate` undoes
 // it; `--destroy` deletes retired versions' key material where the backend has that step (PKCS#11).
 int Retire(const std::string& config_path, const std::string& env_name, uint64_t version, RetireAction action,
-           bool force, const audit::AuditFlags& etcd) {
+           bool force, bool allow_recent, const audit::AuditFlags& etcd) {
   HardenProcess();
   auto opened = OpenEnvironment(config_path, env_name);
   if (!opened.ok()) {
@@ -182,6 +182,25 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
     std::cout << "environment " << env_name << ": nothing to " << verb << " (versions up to " << version
               << " already are)\n";
     return 0;
+  }
+  if (action == RetireAction::kRetire && !allow_recent) {
+    // Until kube-apiserver sees the new key_id in Status (polled every minute; a seed may coast 3 minutes) and
+    // each kmsplugin has noticed the rotation (pollInterval), new Secrets are still written under the versions
+    // about to be retired, after the etcd check below has looked. The RUNBOOK's 3 + N + M minutes.
+    const absl::Duration settle = absl::Minutes(8) + config.server.poll_interval;
+    for (const core::KeyVersion& v : *versions) {
+      if (v.version > version) {
+        if (const absl::Duration age = absl::Now() - v.created; age < settle) {
+          return Fail(absl::FailedPreconditionError(absl::StrCat(
+              "version ", v.version, " replaced version ", version, " only ", absl::FormatDuration(absl::Trunc(age, absl::Seconds(1))),
+              " ago; kube-apiserver may still be writing Secrets under version ", version,
+              " (3 min + pollInterval + 5 min margin); fix: rewrite the Secrets after ",
+              absl::FormatTime(absl::RFC3339_sec, v.created + settle, absl::UTCTimeZone()),
+              " and retire then, or pass --allow-recent if no kube-apiserver uses this environment")));
+        }
+        break;
+      }
+    }
   }
   if (action != RetireAction::kReinstate) {
     const std::string effect = action == RetireAction::kRetire ? "would no longer decrypt" : "would be lost for good";
@@ -378,6 +397,9 @@ int Main(int argc, char** argv) {
   retire->add_option("--env", env_name, "environment")->required();
   retire->add_option("--version", retire_version, "key version (see `kmsplugin keys`)")->required();
   retire->add_flag("--force", force, "retire even if objects still use it (they become undecryptable)");
+  bool allow_recent = false;
+  retire->add_flag("--allow-recent", allow_recent,
+                   "retire even though the next version became current less than 8 minutes + pollInterval ago");
   CLI::Option* reinstate_flag =
       retire->add_flag("--reinstate", reinstate, "undo: this version and every newer retired one decrypt again");
   retire->add_flag("--destroy", destroy,
@@ -451,7 +473,7 @@ int Main(int argc, char** argv) {
   if (*retire) {
     return Retire(config_path, env_name, retire_version,
                   reinstate ? RetireAction::kReinstate : destroy ? RetireAction::kDestroy : RetireAction::kRetire,
-                  force, retire_etcd);
+                  force, allow_recent, retire_etcd);
   }
   if (*audit_command) {
     return audit::RunAudit(audit_flags, BuiltInKeySources());

@@ -448,7 +448,13 @@ TEST_CASE("Retire: refused while etcd holds objects under the version, allowed a
   REQUIRE_THAT(w.plugin.source->Rotate(absl::Now() + absl::Seconds(5)), IsOk());
   const std::string new_key_id = WaitForNewKeyId(w.plugin, old_key_id);
   REQUIRE_THAT(w.writer.NewSeed(), IsOk());
-  const std::vector<std::string> etcd_flags = {"--etcd", w.etcd.endpoint(), "--version", "1"};
+  // Right after the rotation kube-apiserver may still write under version 1: refused however etcd looks.
+  RunResult too_soon = RetireCli(w, {"--etcd", w.etcd.endpoint(), "--version", "1", "--force"});
+  CHECK(too_soon.exit_code == 1);
+  CHECK(too_soon.err.find("version 2 replaced version 1 only") != std::string::npos);
+  CHECK(too_soon.err.find("--allow-recent") != std::string::npos);
+  // The rest of the scenario plays the hours after that (--allow-recent).
+  const std::vector<std::string> etcd_flags = {"--etcd", w.etcd.endpoint(), "--version", "1", "--allow-recent"};
 
   // Objects remain under version 1 (KMS v2 and v1 alike): refused, with the count, names and the fix.
   RunResult refused = RetireCli(w, etcd_flags);
@@ -465,7 +471,7 @@ TEST_CASE("Retire: refused while etcd holds objects under the version, allowed a
   RunResult current = RetireCli(w, {"--etcd", w.etcd.endpoint(), "--version", "2"});
   CHECK(current.exit_code == 1);
   CHECK(current.err.find("is the current version") != std::string::npos);
-  RunResult unchecked = RetireCli(w, {"--version", "1"});
+  RunResult unchecked = RetireCli(w, {"--version", "1", "--allow-recent"});
   CHECK(unchecked.exit_code == 1);
   CHECK(unchecked.err.find("fix: pass --etcd") != std::string::npos);
   auto versions = w.plugin.source->Versions();

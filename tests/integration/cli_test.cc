@@ -175,7 +175,8 @@ TEST_CASE("Secrets: no root key or seed appears in any log line, CLI output, err
   server->Signal(SIGHUP);
   // Retire, its refusal without etcd, and reinstate: their messages and audit events are searched too.
   keep(s.Cli({"retire", "--config", s.config, "--env", "dev", "--version", "1"}));
-  const RunResult retired = s.Cli({"retire", "--config", s.config, "--env", "dev", "--version", "1", "--force"});
+  const RunResult retired =
+      s.Cli({"retire", "--config", s.config, "--env", "dev", "--version", "1", "--force", "--allow-recent"});
   CHECK(retired.exit_code == 0);
   keep(retired);
   keep(s.Cli({"retire", "--config", s.config, "--env", "dev", "--version", "1", "--reinstate"}));
@@ -270,7 +271,8 @@ TEST_CASE("CLI: retire on a serving daemon takes effect on SIGHUP and reinstate 
     }
     return false;
   };
-  const RunResult retired = s.Cli({"retire", "--config", s.config, "--env", "dev", "--version", "1", "--force"});
+  const RunResult retired =
+      s.Cli({"retire", "--config", s.config, "--env", "dev", "--version", "1", "--force", "--allow-recent"});
   INFO(retired.out << retired.err);
   REQUIRE(retired.exit_code == 0);
   v2::DecryptResponse decrypted;
