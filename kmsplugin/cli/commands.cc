@@ -159,8 +159,12 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
   if (!versions.ok()) {
     return Fail(versions.status());
   }
-  const char* verb = action == RetireAction::kRetire ? "retire" : action == RetireAction::kReinstate ? "reinstate"
-                                                                                                     : "destroy";
+  const char* verb = action == RetireAction::kRetire      ? "retire"
+                     : action == RetireAction::kReinstate ? "reinstate"
+                                                          : "destroy";
+  const char* done = action == RetireAction::kRetire      ? "retired"
+                     : action == RetireAction::kReinstate ? "reinstated"
+                                                          : "destroyed";
   // What would change: the same rule the key source applies (destroy: everything up to N, all retired already).
   absl::StatusOr<std::vector<core::KeyVersion>> plan;
   if (action == RetireAction::kReinstate) {
@@ -191,8 +195,9 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
     for (const core::KeyVersion& v : *versions) {
       if (v.version > version) {
         if (const absl::Duration age = absl::Now() - v.created; age < settle) {
+          const std::string ago = absl::FormatDuration(absl::Trunc(age, absl::Seconds(1)));
           return Fail(absl::FailedPreconditionError(absl::StrCat(
-              "version ", v.version, " replaced version ", version, " only ", absl::FormatDuration(absl::Trunc(age, absl::Seconds(1))),
+              "version ", v.version, " replaced version ", version, " only ", ago,
               " ago; kube-apiserver may still be writing Secrets under version ", version,
               " (3 min + pollInterval + 5 min margin); fix: rewrite the Secrets after ",
               absl::FormatTime(absl::RFC3339_sec, v.created + settle, absl::UTCTimeZone()),
@@ -246,18 +251,14 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
   for (const core::KeyVersion& v : *changed) {
     key_ids.push_back(v.key_id);
   }
-  observe::Log(spdlog::level::warn, action == RetireAction::kRetire      ? "key versions retired"
-                                    : action == RetireAction::kReinstate ? "key versions reinstated"
-                                                                         : "key versions destroyed",
+  observe::Log(spdlog::level::warn, absl::StrCat("key versions ", done),
                {{"event", verb},
                 {"environment", env_name},
                 {"versions", VersionList(*changed)},
                 {"key_ids", key_ids},
                 {"forced", force},
                 {"etcd_checked", !etcd.endpoints.empty()}});
-  std::cout << "environment " << env_name << ": " << verb
-            << (action == RetireAction::kRetire ? "d" : action == RetireAction::kReinstate ? "d" : "ed")
-            << " versions " << VersionList(*changed) << "\n";
+  std::cout << "environment " << env_name << ": " << done << " versions " << VersionList(*changed) << "\n";
   if (action != RetireAction::kDestroy) {
     std::cout << "A running kmsplugin applies it within its poll interval (" << config.server.poll_interval
               << "), or at once after SIGHUP.";

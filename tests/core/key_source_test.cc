@@ -59,7 +59,8 @@ TEST_CASE("VersionsToRetire: the current version, a newer one and an unknown one
 TEST_CASE("VersionsToReinstate: N and every newer retired version", "[core][retire]") {
   CHECK(Numbers(VersionsToReinstate(Make({R, R, R, C}), 2)) == std::vector<uint64_t>{2, 3});
   CHECK(Numbers(VersionsToReinstate(Make({R, R, A, C}), 1)) == std::vector<uint64_t>{1, 2});
-  CHECK_THAT(VersionsToReinstate(Make({R, A, C}), 2), StatusIs(Code::kFailedPrecondition, "is not retired (it is active)"));
+  CHECK_THAT(VersionsToReinstate(Make({R, A, C}), 2),
+             StatusIs(Code::kFailedPrecondition, "is not retired (it is active)"));
   CHECK_THAT(VersionsToReinstate(Make({R, C}), 3), StatusIs(Code::kNotFound, "no key version 3"));
 }
 
