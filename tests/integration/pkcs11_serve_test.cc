@@ -19,6 +19,7 @@
 #include "crypto/envelope_format.h"
 #include "tests/support/daemon.h"
 #include "tests/support/kms_client.h"
+#include "tests/support/rotation_load.h"
 #include "tests/support/softhsm_harness.h"
 #include "tests/support/subprocess.h"
 #include "tests/support/temp_dir.h"
@@ -236,52 +237,7 @@ TEST_CASE("PKCS#11 serve: rotation under load keeps Status and Encrypt in agreem
   auto server = h.Serve();
   const std::string socket = h.Socket("test");
   REQUIRE(h.WaitServing(*server, socket));
-  std::atomic<bool> stop{false};
-  std::atomic<int> failures{0};
-  std::atomic<int> disagreements{0};
-  std::atomic<int> rounds{0};
-  std::mutex mu;
-  std::vector<v2::EncryptResponse> written;
-  std::vector<std::thread> workers;
-  for (int w = 0; w < 4; ++w) {
-    workers.emplace_back([&] {
-      KmsClient client(socket);
-      while (!stop.load()) {
-        v2::EncryptResponse encrypted;
-        if (!client.Encrypt(std::string(32, 'w'), encrypted).ok()) {
-          ++failures;
-          continue;
-        }
-        v2::DecryptResponse decrypted;
-        if (!client.DecryptResponseOf(encrypted, decrypted).ok() || decrypted.plaintext() != std::string(32, 'w')) {
-          ++failures;
-        }
-        std::lock_guard<std::mutex> lock(mu);
-        written.push_back(std::move(encrypted));
-      }
-    });
-  }
-  // kube-apiserver's view: Status, Encrypt, Status. Encrypt's key_id lies between the two Status key_ids (equal
-  // to them when they are equal), and no key_id ever moves backwards.
-  workers.emplace_back([&] {
-    KmsClient client(socket);
-    unsigned long last = 0;
-    while (!stop.load()) {
-      v2::StatusResponse s1, s2;
-      v2::EncryptResponse e;
-      if (!client.Status(s1).ok() || !client.Encrypt(std::string(32, 'a'), e).ok() || !client.Status(s2).ok()) {
-        ++failures;
-        continue;
-      }
-      const unsigned long a = VersionOf(s1.key_id()), b = VersionOf(e.key_id()), c = VersionOf(s2.key_id());
-      if (a == 0 || a > b || b > c || (s1.key_id() == s2.key_id() && e.key_id() != s1.key_id()) || a < last ||
-          s1.healthz() != "ok") {
-        ++disagreements;
-      }
-      last = c;
-      ++rounds;
-    }
-  });
+  RotationLoad load(socket, VersionOf);
   for (int r = 0; r < 3; ++r) {
     absl::SleepFor(absl::Milliseconds(200));
     const RunResult rotate = h.Rotate();
@@ -290,23 +246,13 @@ TEST_CASE("PKCS#11 serve: rotation under load keeps Status and Encrypt in agreem
     server->Signal(SIGHUP);
   }
   absl::SleepFor(absl::Milliseconds(400));
-  stop = true;
-  for (std::thread& worker : workers) {
-    worker.join();
-  }
-  CHECK(failures.load() == 0);
-  CHECK(disagreements.load() == 0);
-  CHECK(rounds.load() > 10);
+  load.Stop();
+  CHECK(load.failures() == 0);
+  CHECK(load.disagreements() == 0);
+  CHECK(load.rounds() > 10);
   CHECK(VersionOf(h.Status(socket).key_id()) == 4);
   std::set<std::string> key_ids;
-  KmsClient client(socket);
-  int failed_later = 0;
-  for (const v2::EncryptResponse& encrypted : written) {
-    key_ids.insert(encrypted.key_id());
-    v2::DecryptResponse decrypted;
-    failed_later += client.DecryptResponseOf(encrypted, decrypted).ok() ? 0 : 1;
-  }
-  CHECK(failed_later == 0);
+  CHECK(load.DecryptAllAgain(key_ids) == 0);
   CHECK(key_ids.size() >= 3);
 }
 

@@ -21,6 +21,7 @@
 #include "tests/keysource/vault/vault_test_server.h"
 #include "tests/support/daemon.h"
 #include "tests/support/kms_client.h"
+#include "tests/support/rotation_load.h"
 #include "tests/support/subprocess.h"
 #include "tests/support/temp_dir.h"
 
@@ -240,69 +241,20 @@ TEST_CASE("Vault serve: rotation under load keeps Status and Encrypt in agreemen
   auto server = v.Serve();
   const std::string socket = v.Socket("prod");
   REQUIRE(v.WaitServing(*server, socket));
-  std::atomic<bool> stop{false};
-  std::atomic<int> failures{0}, disagreements{0}, rounds{0};
-  std::mutex mu;
-  std::vector<v2::EncryptResponse> written;
-  std::vector<std::thread> workers;
-  for (int w = 0; w < 3; ++w) {
-    workers.emplace_back([&] {
-      KmsClient client(socket);
-      while (!stop.load()) {
-        v2::EncryptResponse encrypted;
-        v2::DecryptResponse decrypted;
-        if (!client.Encrypt(std::string(32, 'w'), encrypted).ok() ||
-            !client.DecryptResponseOf(encrypted, decrypted).ok() || decrypted.plaintext() != std::string(32, 'w')) {
-          ++failures;
-          continue;
-        }
-        std::lock_guard<std::mutex> lock(mu);
-        written.push_back(std::move(encrypted));
-      }
-    });
-  }
-  workers.emplace_back([&] {
-    KmsClient client(socket);
-    unsigned long last = 0;
-    while (!stop.load()) {
-      v2::StatusResponse s1, s2;
-      v2::EncryptResponse e;
-      if (!client.Status(s1).ok() || !client.Encrypt(std::string(32, 'a'), e).ok() || !client.Status(s2).ok()) {
-        ++failures;
-        continue;
-      }
-      const unsigned long a = VersionOf(s1.key_id()), b = VersionOf(e.key_id()), c = VersionOf(s2.key_id());
-      if (a == 0 || a > b || b > c || (s1.key_id() == s2.key_id() && e.key_id() != s1.key_id()) || a < last ||
-          s1.healthz() != "ok") {
-        ++disagreements;
-      }
-      last = c;
-      ++rounds;
-    }
-  });
+  RotationLoad load(socket, VersionOf, /*writers=*/3);
   for (int r = 0; r < 3; ++r) {
     absl::SleepFor(absl::Milliseconds(250));
     CHECK(v.Rotate().exit_code == 0);
     server->Signal(SIGHUP);
   }
   absl::SleepFor(absl::Milliseconds(400));
-  stop = true;
-  for (std::thread& worker : workers) {
-    worker.join();
-  }
-  CHECK(failures.load() == 0);
-  CHECK(disagreements.load() == 0);
-  CHECK(rounds.load() > 5);
+  load.Stop();
+  CHECK(load.failures() == 0);
+  CHECK(load.disagreements() == 0);
+  CHECK(load.rounds() > 5);
   CHECK(VersionOf(v.Status(socket).key_id()) == 4);
-  KmsClient client(socket);
   std::set<std::string> key_ids;
-  int failed_later = 0;
-  for (const v2::EncryptResponse& encrypted : written) {
-    key_ids.insert(encrypted.key_id());
-    v2::DecryptResponse decrypted;
-    failed_later += client.DecryptResponseOf(encrypted, decrypted).ok() ? 0 : 1;
-  }
-  CHECK(failed_later == 0);
+  CHECK(load.DecryptAllAgain(key_ids) == 0);
   CHECK(key_ids.size() >= 3);
 }
 

@@ -13,6 +13,7 @@
 #include <catch2/catch.hpp>
 
 #include "tests/server/server_fixture.h"
+#include "tests/support/rotation_load.h"
 
 namespace kmsplugin::testing {
 namespace {
@@ -187,78 +188,26 @@ TEST_CASE("Rotation under load: Status and Encrypt agree, key_ids only move forw
   ServerFixture f;
   // Rotation is done through a second handle on the same keyring, as `kmsplugin rotate` does.
   auto rotator = OpenLocal(f.keyring, "dev");
-  std::atomic<bool> stop{false};
-  std::atomic<int> failures{0};
-  std::atomic<int> disagreements{0};
-  std::mutex mu;
-  std::vector<v2::EncryptResponse> written;
-
   auto version_of = [](const std::string& key_id) {  // local:<id>:v<N>:<created>
     const size_t v = key_id.find(":v");
     return std::stoul(key_id.substr(v + 2, key_id.find(':', v + 2) - v - 2));
   };
-
-  std::vector<std::thread> workers;
-  for (int w = 0; w < 4; ++w) {
-    workers.emplace_back([&] {
-      KmsClient client(f.socket);
-      while (!stop.load()) {
-        v2::EncryptResponse encrypted;
-        if (!client.Encrypt(std::string(32, 'w'), encrypted).ok()) {
-          ++failures;
-          continue;
-        }
-        v2::DecryptResponse decrypted;
-        if (!client.DecryptResponseOf(encrypted, decrypted).ok() || decrypted.plaintext() != std::string(32, 'w')) {
-          ++failures;
-        }
-        std::lock_guard<std::mutex> lock(mu);
-        written.push_back(std::move(encrypted));
-      }
-    });
-  }
-  // The apiserver's view: Status, then Encrypt, then Status. Encrypt's key_id must lie between the two, and
-  // equal them whenever they are equal; no key_id ever moves backwards.
-  workers.emplace_back([&] {
-    KmsClient client(f.socket);
-    unsigned long last = 0;
-    while (!stop.load()) {
-      v2::StatusResponse s1, s2;
-      v2::EncryptResponse e;
-      if (!client.Status(s1).ok() || !client.Encrypt(std::string(32, 'a'), e).ok() || !client.Status(s2).ok()) {
-        ++failures;
-        continue;
-      }
-      const auto a = version_of(s1.key_id()), b = version_of(e.key_id()), c = version_of(s2.key_id());
-      if (a > b || b > c || (s1.key_id() == s2.key_id() && e.key_id() != s1.key_id()) || a < last ||
-          s1.healthz() != "ok") {
-        ++disagreements;
-      }
-      last = c;
-    }
-  });
+  RotationLoad load(f.socket, version_of);
   for (int r = 0; r < 5; ++r) {
     absl::SleepFor(absl::Milliseconds(150));
     REQUIRE(rotator->Rotate(absl::Now() + absl::Seconds(5)).ok());
     f.runner->RequestRefresh();
   }
   absl::SleepFor(absl::Milliseconds(300));
-  stop = true;
-  for (std::thread& worker : workers) {
-    worker.join();
-  }
-  CHECK(failures.load() == 0);
-  CHECK(disagreements.load() == 0);
+  load.Stop();
+  CHECK(load.failures() == 0);
+  CHECK(load.disagreements() == 0);
   v2::StatusResponse final_status;
   REQUIRE(f.client->Status(final_status).ok());
   CHECK(version_of(final_status.key_id()) == 6);
   // Every ciphertext written under any version still decrypts.
   std::set<std::string> key_ids;
-  for (const v2::EncryptResponse& encrypted : written) {
-    key_ids.insert(encrypted.key_id());
-    v2::DecryptResponse decrypted;
-    REQUIRE(f.client->DecryptResponseOf(encrypted, decrypted).ok());
-  }
+  CHECK(load.DecryptAllAgain(key_ids) == 0);
   CHECK(key_ids.size() >= 3);
 }
 
