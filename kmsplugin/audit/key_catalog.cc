@@ -32,7 +32,7 @@ absl::StatusOr<KeyCatalog> KeyCatalog::FromConfig(const config::Config& config,
                           absl::StrCat("environment \"", env.name, "\": cannot open its key source to list key ids: ",
                                        source.status().message()));
     }
-    auto versions = (*source)->Versions();
+    auto versions = source->source->Versions();
     if (!versions.ok()) {
       return absl::Status(versions.status().code(),
                           absl::StrCat("environment \"", env.name, "\": cannot list key versions: ",

@@ -46,7 +46,7 @@ absl::StatusOr<OpenedEnvironment> OpenEnvironment(const std::string& config_path
   if (!source.ok()) {
     return source.status();
   }
-  return OpenedEnvironment{std::move(*config), std::move(*source)};
+  return OpenedEnvironment{std::move(*config), std::move(source->source), std::move(source->admin)};
 }
 
 }  // namespace kmsplugin::cli

@@ -27,6 +27,7 @@ config::OpenContext ContextFor(const std::string& environment, int worker_thread
 struct OpenedEnvironment {
   config::Config config;
   std::shared_ptr<core::KeySource> source;
+  std::shared_ptr<core::KeyAdmin> admin;  // the same key source's rotate/retire side
 };
 // Loads `config_path` and opens `environment` (NOT_FOUND listing the environments there are).
 absl::StatusOr<OpenedEnvironment> OpenEnvironment(const std::string& config_path, const std::string& environment);

@@ -25,6 +25,7 @@
 #include "kmsplugin/config/config.h"
 #include "kmsplugin/core/clock.h"
 #include "kmsplugin/core/envelope_service.h"
+#include "kmsplugin/core/version_rules.h"
 #include "kmsplugin/observe/http_endpoint.h"
 #include "kmsplugin/observe/instrumented_key_source.h"
 #include "kmsplugin/observe/log.h"
@@ -75,7 +76,7 @@ int Rotate(const std::string& config_path, const std::string& env_name) {
   const config::Config& config = opened->config;
   const std::shared_ptr<core::KeySource>& source = opened->source;
   auto before = source->Current();
-  auto created = source->Rotate(absl::Now() + kCommandDeadline);
+  auto created = opened->admin->Rotate(absl::Now() + kCommandDeadline);
   if (!created.ok()) {
     return Fail(created.status());
   }
@@ -172,12 +173,7 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
   } else if (action == RetireAction::kRetire) {
     plan = core::VersionsToRetire(*versions, version);
   } else {
-    plan = std::vector<core::KeyVersion>();
-    for (const core::KeyVersion& v : *versions) {
-      if (v.version <= version) {
-        plan->push_back(v);
-      }
-    }
+    plan = core::VersionsToDestroy(*versions, version);
   }
   if (!plan.ok()) {
     return Fail(plan.status());
@@ -241,9 +237,10 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
     }
   }
   const absl::Time deadline = absl::Now() + kCommandDeadline;
-  auto changed = action == RetireAction::kRetire      ? source->Retire(version, deadline)
-                 : action == RetireAction::kReinstate ? source->Reinstate(version, deadline)
-                                                      : source->DestroyRetired(version, deadline);
+  core::KeyAdmin& admin = *opened->admin;
+  auto changed = action == RetireAction::kRetire      ? admin.Retire(version, deadline)
+                 : action == RetireAction::kReinstate ? admin.Reinstate(version, deadline)
+                                                      : admin.DestroyRetired(version, deadline);
   if (!changed.ok()) {
     return Fail(changed.status());
   }

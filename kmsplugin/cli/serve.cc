@@ -50,7 +50,7 @@ absl::StatusOr<std::shared_ptr<core::KeySource>> OpenSource(const config::Enviro
     return ForEnvironment(env.name, opened.status());
   }
   return std::shared_ptr<core::KeySource>(
-      std::make_shared<observe::InstrumentedKeySource>(std::move(*opened), env.name, registry));
+      std::make_shared<observe::InstrumentedKeySource>(std::move(opened->source), env.name, registry));
 }
 
 std::shared_ptr<core::EnvelopeService> MakeService(const config::EnvironmentConfig& env,

@@ -4,6 +4,15 @@
 // (ARCHITECTURE.md rule 6): a key file anyone else can read is a leaked key, a config file anyone else can
 // write is a way to point the plugin at another key.
 
+//
+// Ownership (README "Guarantees"): a file that decides which keys are used or which code runs (config, keyring,
+// root key, PIN, token, PKCS#11 module) must be owned by root or by the effective user, and so must its directory,
+// which others must not be able to write (a sticky directory such as /tmp is accepted: others cannot replace
+// entries there). Otherwise another local user who owns or can replace the file could point a root-run
+// `kmsplugin rotate` at a module or key of their choosing.
+
+#include <sys/stat.h>
+
 #include <string>
 #include <string_view>
 
@@ -11,11 +20,25 @@
 
 namespace kmsplugin::config {
 
-// A secret (root key, keyring, PIN, token, AppRole secret): must be a regular file that neither group nor
-// others can read or write. NOT_FOUND when missing; FAILED_PRECONDITION naming the mode and `chmod 600 FILE`.
+// A secret (root key, keyring, PIN, token, AppRole secret): must be a regular file, owned by root or the effective
+// user, that neither group nor others can read or write, in a directory that passes CheckDirectoryOf. NOT_FOUND
+// when missing; FAILED_PRECONDITION naming the mode or owner and the fix (`chmod 600 FILE`, `chown`).
 absl::Status CheckSecretFile(const std::string& path, std::string_view what);
+// The same checks on a file already opened and fstat'ed (no race between check and read).
+absl::Status CheckSecretStat(const struct stat& info, const std::string& path, std::string_view what);
 
-// A config file: must exist and not be writable by group or others.
+// A file that decides what runs or which keys are used but is not secret (config file, PKCS#11 module): a regular
+// file owned by root or the effective user, not writable by group or others, in a directory that passes
+// CheckDirectoryOf.
+absl::Status CheckTrustedFile(const std::string& path, std::string_view what);
+// The same on an fstat'ed file.
+absl::Status CheckTrustedStat(const struct stat& info, const std::string& path, std::string_view what);
+
+// The directory holding `path` (after resolving links): owned by root or the effective user, and not writable by
+// group or others unless it is sticky.
+absl::Status CheckDirectoryOf(const std::string& path, std::string_view what);
+
+// Kept for callers that only need the config-file rule: same as CheckTrustedFile.
 absl::Status CheckFileNotWritableByOthers(const std::string& path, std::string_view what);
 
 }  // namespace kmsplugin::config

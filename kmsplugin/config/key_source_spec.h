@@ -17,6 +17,8 @@
 #include "crypto/random.h"
 #include "kmsplugin/config/field_context.h"
 #include "kmsplugin/core/clock.h"
+#include "kmsplugin/core/events.h"
+#include "kmsplugin/core/key_admin.h"
 #include "kmsplugin/core/key_source.h"
 
 namespace kmsplugin::config {
@@ -33,7 +35,19 @@ struct OpenContext {
   int worker_threads = 8;   // gRPC worker threads that may call the source at once
   core::Clock* clock = nullptr;
   crypto::Random* random = nullptr;
+  // Where the source reports recoveries, failovers, re-logins, credential files picked up and version changes.
+  core::EventSink* events = &core::NullEventSink();
 };
+
+// An opened key source: its serving side and its administration side, one object.
+struct OpenedKeySource {
+  std::shared_ptr<core::KeySource> source;
+  std::shared_ptr<core::KeyAdmin> admin;
+};
+template <typename Source>
+OpenedKeySource MakeOpened(std::shared_ptr<Source> both) {
+  return OpenedKeySource{both, both};
+}
 
 class KeySourceSpec {
  public:
@@ -44,7 +58,7 @@ class KeySourceSpec {
 
   // Opens the key source for serving or for the CLI. Refuses credential and key files that group or others can
   // read, naming the file and the fix.
-  virtual absl::StatusOr<std::shared_ptr<core::KeySource>> Open(const OpenContext& context) const = 0;
+  virtual absl::StatusOr<OpenedKeySource> Open(const OpenContext& context) const = 0;
 
   // `kmsplugin init`: creates the key material this environment needs (first key version, and for local the
   // root key and keyring). ALREADY_EXISTS, naming what exists, when there is already key material; it never

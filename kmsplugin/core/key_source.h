@@ -1,7 +1,9 @@
 #pragma once
 
-// KeySource: the holder of one environment's key-encryption key (KEK), in a local keyring, Vault Transit or a
-// PKCS#11 token. The KEK never leaves it; the core only asks it to wrap and unwrap.
+// KeySource: the serving side of the holder of one environment's key-encryption key (KEK), in a local keyring,
+// Vault Transit or a PKCS#11 token. The KEK never leaves it; the core only asks it to wrap and unwrap. What
+// changes the versions (rotate, retire, reinstate, destroy) is the separate KeyAdmin (key_admin.h), which the CLI
+// holds and the serving path never sees.
 //
 // Contract (ARCHITECTURE.md, rules 1-5):
 // - Current() is the version new encryptions use. Wrap() takes that exact version (the caller pins it), never
@@ -10,6 +12,8 @@
 //   uniqueness part), and never changes for that version. key_ref is what the ciphertext carries to find the
 //   version again: at most 255 bytes, no secret.
 // - Unwrap() finds the version by key_ref and keeps working for every version until it is retired.
+// - Every replacement of the version view (Refresh, and a change made through KeyAdmin) passes
+//   core::CheckAdvance (version_rules.h): no version dropped, key_id never moves back, retired stays retired.
 // - Every call honours `deadline`; blocking work stops there with DEADLINE_EXCEEDED or UNAVAILABLE.
 // - Errors: INVALID_ARGUMENT (bytes do not authenticate), FAILED_PRECONDITION (unknown or retired version),
 //   UNAVAILABLE (backend down), PERMISSION_DENIED (backend refuses our credentials), DEADLINE_EXCEEDED.
@@ -44,15 +48,6 @@ struct KeyVersion {
   KeyState state = KeyState::kActive;
 };
 
-// The versions Retire(version) changes, from `versions` (oldest first): `version` and every older one not retired
-// yet. FAILED_PRECONDITION when `version` is the current version or newer than it, NOT_FOUND when it is not there.
-// Every key source retires by this rule.
-absl::StatusOr<std::vector<KeyVersion>> VersionsToRetire(const std::vector<KeyVersion>& versions, uint64_t version);
-// The versions Reinstate(version) changes: `version` and every newer retired one. NOT_FOUND when `version` is not
-// there, FAILED_PRECONDITION when it is not retired.
-absl::StatusOr<std::vector<KeyVersion>> VersionsToReinstate(const std::vector<KeyVersion>& versions,
-                                                            uint64_t version);
-
 // A number about the backend worth exporting as a metric (Vault token time-to-live, HSM session pool).
 struct BackendGauge {
   std::string name;  // Prometheus name with unit, e.g. kmsplugin_vault_token_ttl_seconds
@@ -84,28 +79,8 @@ class KeySource {
   // On failure the previous view stays in force; the status says why.
   virtual absl::Status Refresh(absl::Time deadline) = 0;
 
-  // Creates a new version and makes it current (the `rotate` command). Returns it.
-  virtual absl::StatusOr<KeyVersion> Rotate(absl::Time deadline) = 0;
-
   // Every version, oldest first.
   virtual absl::StatusOr<std::vector<KeyVersion>> Versions() const = 0;
-
-  // Retires `version` and every older version not retired yet: from then on Unwrap refuses them
-  // (FAILED_PRECONDITION) and Versions() reports them kRetired, in this process and in every other one after its
-  // next Refresh. Always a floor, never a single version, because Vault's min_decryption_version is one.
-  // The current version is refused (FAILED_PRECONDITION: rotate first); a version the source does not have is
-  // NOT_FOUND. Returns the versions this call retired, oldest first (empty when all already were).
-  // Callers check first that nothing in etcd still uses them (the `retire` command does).
-  virtual absl::StatusOr<std::vector<KeyVersion>> Retire(uint64_t version, absl::Time deadline) = 0;
-
-  // Undoes Retire for `version` and every newer retired version: they decrypt again (state kActive). Returns the
-  // versions reinstated, oldest first. A version whose key material was destroyed cannot come back (NOT_FOUND).
-  virtual absl::StatusOr<std::vector<KeyVersion>> Reinstate(uint64_t version, absl::Time deadline) = 0;
-
-  // Destroys, for good, the key material of `version` and every older version, all of which must be retired
-  // already (FAILED_PRECONDITION otherwise). Only a source with an explicit deletion step has it (PKCS#11);
-  // the others answer UNIMPLEMENTED saying why.
-  virtual absl::StatusOr<std::vector<KeyVersion>> DestroyRetired(uint64_t version, absl::Time deadline);
 
   // Backend numbers for /metrics. A source with nothing of its own to report (the local keyring) keeps this.
   virtual std::vector<BackendGauge> BackendGauges() const { return {}; }

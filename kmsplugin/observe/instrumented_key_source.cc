@@ -20,8 +20,7 @@ InstrumentedKeySource::InstrumentedKeySource(std::shared_ptr<core::KeySource> in
       registry_(registry),
       wrap_(MakeOperation("wrap")),
       unwrap_(MakeOperation("unwrap")),
-      refresh_(MakeOperation("refresh")),
-      rotate_(MakeOperation("rotate")) {}
+      refresh_(MakeOperation("refresh")) {}
 
 InstrumentedKeySource::Operation InstrumentedKeySource::MakeOperation(const std::string& name) {
   const Labels labels{{"environment", environment_}, {"key_source", kind_}, {"operation", name}};
@@ -68,13 +67,6 @@ absl::Status InstrumentedKeySource::Refresh(absl::Time deadline) {
   absl::Status status = inner_->Refresh(deadline);
   Record(refresh_, status, start);
   return status;
-}
-
-absl::StatusOr<core::KeyVersion> InstrumentedKeySource::Rotate(absl::Time deadline) {
-  const absl::Time start = absl::Now();
-  auto result = inner_->Rotate(deadline);
-  Record(rotate_, result.status(), start);
-  return result;
 }
 
 }  // namespace kmsplugin::observe

@@ -26,16 +26,6 @@ class InstrumentedKeySource final : public core::KeySource {
                                              std::string_view associated_data, absl::Time deadline) override;
   absl::StatusOr<core::KeyVersion> Lookup(std::string_view key_ref) const override { return inner_->Lookup(key_ref); }
   absl::Status Refresh(absl::Time deadline) override;
-  absl::StatusOr<core::KeyVersion> Rotate(absl::Time deadline) override;
-  absl::StatusOr<std::vector<core::KeyVersion>> Retire(uint64_t version, absl::Time deadline) override {
-    return inner_->Retire(version, deadline);
-  }
-  absl::StatusOr<std::vector<core::KeyVersion>> Reinstate(uint64_t version, absl::Time deadline) override {
-    return inner_->Reinstate(version, deadline);
-  }
-  absl::StatusOr<std::vector<core::KeyVersion>> DestroyRetired(uint64_t version, absl::Time deadline) override {
-    return inner_->DestroyRetired(version, deadline);
-  }
   absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override { return inner_->Versions(); }
   std::vector<core::BackendGauge> BackendGauges() const override { return inner_->BackendGauges(); }
 
@@ -52,7 +42,7 @@ class InstrumentedKeySource final : public core::KeySource {
   const std::string environment_;
   const std::string kind_;
   Registry& registry_;
-  Operation wrap_, unwrap_, refresh_, rotate_;
+  Operation wrap_, unwrap_, refresh_;
 };
 
 }  // namespace kmsplugin::observe

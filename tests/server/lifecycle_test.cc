@@ -39,14 +39,7 @@ class SlowKeySource final : public core::KeySource {
   }
   absl::StatusOr<core::KeyVersion> Lookup(std::string_view r) const override { return inner_->Lookup(r); }
   absl::Status Refresh(absl::Time d) override { return inner_->Refresh(d); }
-  absl::StatusOr<core::KeyVersion> Rotate(absl::Time d) override { return inner_->Rotate(d); }
   absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override { return inner_->Versions(); }
-  absl::StatusOr<std::vector<core::KeyVersion>> Retire(uint64_t v, absl::Time d) override {
-    return inner_->Retire(v, d);
-  }
-  absl::StatusOr<std::vector<core::KeyVersion>> Reinstate(uint64_t v, absl::Time d) override {
-    return inner_->Reinstate(v, d);
-  }
   std::atomic<bool> slow{false};
 
  private:

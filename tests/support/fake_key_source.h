@@ -29,12 +29,14 @@
 #include "absl/time/time.h"
 #include "crypto/envelope_format.h"
 #include "crypto/secret_bytes.h"
+#include "kmsplugin/core/key_admin.h"
 #include "kmsplugin/core/key_source.h"
+#include "kmsplugin/core/version_rules.h"
 #include "kmsplugin/core/sv.h"
 
 namespace kmsplugin::testing {
 
-class FakeKeySource : public core::KeySource {
+class FakeKeySource : public core::KeySource, public core::KeyAdmin {
  public:
   enum class Call { kCurrent, kWrap, kUnwrap, kLookup, kRefresh, kRotate, kVersions, kRetire, kReinstate };
 

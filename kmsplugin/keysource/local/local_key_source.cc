@@ -12,6 +12,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "kmsplugin/core/sv.h"
+#include "kmsplugin/core/version_rules.h"
 #include "crypto/hkdf.h"
 #include "crypto/xchacha20_poly1305_aead.h"
 #include "kmsplugin/config/file_checks.h"

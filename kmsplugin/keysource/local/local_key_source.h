@@ -24,6 +24,7 @@
 #include "crypto/aead.h"
 #include "crypto/random.h"
 #include "kmsplugin/core/clock.h"
+#include "kmsplugin/core/key_admin.h"
 #include "kmsplugin/core/key_source.h"
 #include "kmsplugin/keysource/local/keyring.h"
 
@@ -39,7 +40,7 @@ struct LocalOptions {
 // keyring at `options.keyring` was made with.
 absl::StatusOr<crypto::SecretBytes> LoadRootKey(const LocalOptions& options);
 
-class LocalKeySource final : public core::KeySource {
+class LocalKeySource final : public core::KeySource, public core::KeyAdmin {
  public:
   // Opens and verifies the keyring. Refuses key files that group or others can read.
   static absl::StatusOr<std::shared_ptr<LocalKeySource>> Open(const LocalOptions& options, std::string environment,

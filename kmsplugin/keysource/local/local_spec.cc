@@ -38,12 +38,12 @@ class LocalSpec final : public config::KeySourceSpec {
 
   std::string_view Kind() const override { return "local"; }
 
-  absl::StatusOr<std::shared_ptr<core::KeySource>> Open(const config::OpenContext& context) const override {
+  absl::StatusOr<config::OpenedKeySource> Open(const config::OpenContext& context) const override {
     auto source = LocalKeySource::Open(options_, context.environment, *context.clock, *context.random);
     if (!source.ok()) {
       return source.status();
     }
-    return std::shared_ptr<core::KeySource>(std::move(*source));
+    return config::MakeOpened(std::move(*source));
   }
 
   absl::StatusOr<std::string> Init(const config::OpenContext& context) const override {

@@ -24,6 +24,7 @@
 #include "absl/synchronization/mutex.h"
 #include "kmsplugin/config/file_checks.h"
 #include "kmsplugin/core/sv.h"
+#include "kmsplugin/core/version_rules.h"
 
 // Last, so that its lowercase compat macros cannot rename anything in the headers above.
 // clang-format off
@@ -694,31 +695,12 @@ class Pkcs11KeySource::Impl {
     if (auto status = RefreshVersions(deadline); !status.ok()) {
       return status;
     }
-    const std::vector<core::KeyVersion> versions = VersionsSnapshot();
-    if (std::none_of(versions.begin(), versions.end(),
-                     [&](const core::KeyVersion& v) { return v.version == version; })) {
-      std::vector<std::string> known;
-      for (const core::KeyVersion& v : versions) {
-        known.push_back(absl::StrCat(v.version));
-      }
-      return absl::NotFoundError(absl::StrCat("there is no key version ", version, " on the ", token_name_,
-                                              " (versions: ", absl::StrJoin(known, ", "), ")"));
-    }
-    std::vector<core::KeyVersion> targets;
-    for (const core::KeyVersion& v : versions) {
-      if (v.version > version) {
-        continue;
-      }
-      if (v.state != core::KeyState::kRetired) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "pkcs11 key version ", v.version, " (", v.key_id, ") is ", Sv(core::KeyStateName(v.state)),
-            ", not retired: destroying it would make every Secret under it unreadable for good; fix: retire it "
-            "first (`kmsplugin retire`), check that nothing fails, then destroy"));
-      }
-      targets.push_back(v);
+    auto targets = core::VersionsToDestroy(VersionsSnapshot(), version);
+    if (!targets.ok()) {
+      return targets.status();
     }
     std::vector<core::KeyVersion> destroyed;
-    for (const core::KeyVersion& target : targets) {
+    for (const core::KeyVersion& target : *targets) {
       auto status = WithKey(
           deadline, target.key_ref, absl::StrCat("C_DestroyObject of key version ", target.version),
           [&](CK_SESSION_HANDLE session, CK_OBJECT_HANDLE key) -> CK_RV { return f_->C_DestroyObject(session, key); },

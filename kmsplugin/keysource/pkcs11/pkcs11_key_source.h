@@ -47,6 +47,7 @@
 #include "absl/time/time.h"
 #include "crypto/random.h"
 #include "kmsplugin/core/clock.h"
+#include "kmsplugin/core/key_admin.h"
 #include "kmsplugin/core/key_source.h"
 
 namespace kmsplugin::keysource::pkcs11 {
@@ -91,7 +92,7 @@ struct SessionPoolStats {
   int idle = 0;
 };
 
-class Pkcs11KeySource : public core::KeySource {
+class Pkcs11KeySource : public core::KeySource, public core::KeyAdmin {
  public:
   // Loads the module, finds the token, logs in and lists the key versions. An empty token is fine (Current()
   // then fails until Rotate()). Errors: FAILED_PRECONDITION (PIN file mode, module not loadable),

@@ -22,12 +22,12 @@ class Pkcs11Spec : public config::KeySourceSpec {
 
   std::string_view Kind() const override { return "pkcs11"; }
 
-  absl::StatusOr<std::shared_ptr<core::KeySource>> Open(const config::OpenContext& context) const override {
+  absl::StatusOr<config::OpenedKeySource> Open(const config::OpenContext& context) const override {
     auto source = OpenSource(context);
     if (!source.ok()) {
       return source.status();
     }
-    return std::shared_ptr<core::KeySource>(*std::move(source));
+    return config::MakeOpened(std::shared_ptr<Pkcs11KeySource>(*std::move(source)));
   }
 
   absl::StatusOr<std::string> Init(const config::OpenContext& context) const override {

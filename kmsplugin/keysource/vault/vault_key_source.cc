@@ -8,6 +8,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "kmsplugin/core/sv.h"
+#include "kmsplugin/core/version_rules.h"
 
 namespace kmsplugin::keysource::vault {
 namespace {

@@ -22,13 +22,14 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "kmsplugin/core/clock.h"
+#include "kmsplugin/core/key_admin.h"
 #include "kmsplugin/core/key_source.h"
 #include "kmsplugin/keysource/vault/vault_client.h"
 #include "kmsplugin/keysource/vault/vault_options.h"
 
 namespace kmsplugin::keysource::vault {
 
-class VaultKeySource : public core::KeySource {
+class VaultKeySource : public core::KeySource, public core::KeyAdmin {
  public:
   // Connects, authenticates and reads the key metadata. Credential problems (bad file mode, refused login) fail
   // here; an unreachable Vault does not: Current() then reports UNAVAILABLE until a background refresh works.

@@ -79,13 +79,13 @@ class VaultSpec final : public config::KeySourceSpec {
 
   std::string_view Kind() const override { return "vault"; }
 
-  absl::StatusOr<std::shared_ptr<core::KeySource>> Open(const config::OpenContext& context) const override {
+  absl::StatusOr<config::OpenedKeySource> Open(const config::OpenContext& context) const override {
     core::Clock* clock = context.clock != nullptr ? context.clock : &core::SystemClock();
     auto source = VaultKeySource::Open(options_, clock, context.worker_threads);
     if (!source.ok()) {
       return source.status();
     }
-    return std::shared_ptr<core::KeySource>(std::move(*source));
+    return config::MakeOpened(std::move(*source));
   }
 
   absl::StatusOr<std::string> Init(const config::OpenContext& context) const override {

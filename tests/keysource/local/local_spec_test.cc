@@ -208,11 +208,11 @@ TEST_CASE("LocalSpec: Open through the spec serves the environment from the cont
   auto prod = spec->Open(Context(clock, "prod"));
   REQUIRE_THAT(dev, IsOk());
   REQUIRE_THAT(prod, IsOk());
-  auto version = (*dev)->Current();
+  auto version = dev->source->Current();
   REQUIRE_THAT(version, IsOk());
-  auto wrapped = (*dev)->Wrap(*version, "secret", "aad", absl::InfiniteFuture());
+  auto wrapped = dev->source->Wrap(*version, "secret", "aad", absl::InfiniteFuture());
   REQUIRE_THAT(wrapped, IsOk());
-  CHECK_THAT((*prod)->Unwrap(version->key_ref, *wrapped, "aad", absl::InfiniteFuture()),
+  CHECK_THAT(prod->source->Unwrap(version->key_ref, *wrapped, "aad", absl::InfiniteFuture()),
              StatusIs(Code::kInvalidArgument));
 }
 

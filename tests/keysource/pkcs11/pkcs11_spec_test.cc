@@ -112,15 +112,15 @@ TEST_CASE("Pkcs11 spec: init creates the first version once, then refuses naming
   CHECK_THAT((*spec)->Init(context), StatusIs(absl::StatusCode::kAlreadyExists, "kmsplugin-staging-v1"));
   auto source = (*spec)->Open(context);
   REQUIRE_THAT(source, IsOk());
-  auto current = (*source)->Current();
+  auto current = source->source->Current();
   REQUIRE_THAT(current, IsOk());
   CHECK(absl::StrContains(current->key_id, "/kmsplugin-staging-v1@"));
-  CHECK((*source)->Kind() == crypto::KeySourceKind::kPkcs11);
+  CHECK(source->source->Kind() == crypto::KeySourceKind::kPkcs11);
   // Another environment on the same token has its own (empty) label space.
   context.environment = "other";
   auto other = (*spec)->Open(context);
   REQUIRE_THAT(other, IsOk());
-  CHECK_THAT((*other)->Current(), StatusIs(absl::StatusCode::kFailedPrecondition, "kmsplugin-other-v<N>"));
+  CHECK_THAT(other->source->Current(), StatusIs(absl::StatusCode::kFailedPrecondition, "kmsplugin-other-v<N>"));
 }
 
 TEST_CASE("Pkcs11 spec: open refuses a PIN file others can read", "[pkcs11]") {

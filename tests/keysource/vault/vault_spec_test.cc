@@ -134,7 +134,7 @@ TEST_CASE("VaultSpec: Init creates the transit key once, then reports ALREADY_EX
   CHECK_THAT((*spec)->Init(context), StatusIs(Code::kAlreadyExists, "transit/keys/fresh"));
   auto source = (*spec)->Open(context);
   REQUIRE_THAT(source, IsOk());
-  auto current = (*source)->Current();
+  auto current = source->source->Current();
   REQUIRE_THAT(current, IsOk());
   CHECK(current->version == 1);
 }

@@ -1,0 +1,12 @@
+#include "kmsplugin/core/key_admin.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace kmsplugin::core {
+
+absl::StatusOr<std::vector<KeyVersion>> KeyAdmin::DestroyRetired(uint64_t /*version*/, absl::Time /*deadline*/) {
+  return absl::UnimplementedError(absl::StrCat(
+      "this key source has no destroy step: a retired version stays recoverable with `kmsplugin retire --reinstate`"));
+}
+
+}  // namespace kmsplugin::core
