@@ -19,6 +19,7 @@
 #include "crypto/hkdf.h"
 #include "crypto/xchacha20_poly1305_aead.h"
 #include "kmsplugin/config/file_checks.h"
+#include "kmsplugin/keysource/common/secret_file.h"
 
 namespace kmsplugin::keysource::local {
 namespace {
@@ -155,16 +156,16 @@ const KeyringVersion* Keyring::Current() const {
 }
 
 absl::StatusOr<crypto::SecretBytes> ReadRootKeyFile(const std::string& path) {
-  if (auto status = config::CheckSecretFile(path, "root key file"); !status.ok()) {
-    return status;
+  SecretFileOptions options;
+  options.max_bytes = 4096;
+  options.trim_newlines = false;  // 32 raw random bytes: a trailing 0x0a is key material
+  options.allow_empty = true;     // refused below with the size rule
+  auto file = ReadSecretFile(path, "root key file", options);
+  if (!file.ok()) {
+    return file.status();
   }
-  auto bytes = ReadFile(path);
-  if (!bytes.ok()) {
-    return bytes.status();
-  }
-  crypto::SecretBytes key = crypto::SecretBytes::CopyOf(*bytes);
-  const size_t size = bytes->size();
-  crypto::Wipe(bytes->data(), bytes->size());
+  crypto::SecretBytes key = std::move(file->bytes);
+  const size_t size = key.size();
   if (size != kRootKeySize) {
     return absl::FailedPreconditionError(absl::StrCat("root key file ", path, " holds ", size,
                                                       " bytes; it must hold exactly ", kRootKeySize,
@@ -174,19 +175,15 @@ absl::StatusOr<crypto::SecretBytes> ReadRootKeyFile(const std::string& path) {
 }
 
 absl::StatusOr<crypto::SecretBytes> ReadPassphraseFile(const std::string& path) {
-  if (auto status = config::CheckSecretFile(path, "passphrase file"); !status.ok()) {
-    return status;
+  SecretFileOptions options;
+  options.max_bytes = 4096;
+  options.allow_empty = true;  // refused below with the length rule
+  auto file = ReadSecretFile(path, "passphrase file", options);
+  if (!file.ok()) {
+    return file.status();
   }
-  auto bytes = ReadFile(path);
-  if (!bytes.ok()) {
-    return bytes.status();
-  }
-  size_t size = bytes->size();
-  while (size > 0 && ((*bytes)[size - 1] == '\n' || (*bytes)[size - 1] == '\r')) {
-    --size;
-  }
-  crypto::SecretBytes passphrase = crypto::SecretBytes::CopyOf(std::string_view(bytes->data(), size));
-  crypto::Wipe(bytes->data(), bytes->size());
+  crypto::SecretBytes passphrase = std::move(file->bytes);
+  const size_t size = passphrase.size();
   if (size < kMinPassphraseSize) {
     return absl::FailedPreconditionError(absl::StrCat("passphrase in ", path, " is shorter than ",
                                                       kMinPassphraseSize,

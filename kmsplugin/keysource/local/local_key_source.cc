@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <algorithm>
 #include <functional>
 
 #include "absl/strings/escaping.h"
@@ -71,11 +72,6 @@ absl::StatusOr<crypto::SecretBytes> LoadRootKey(const LocalOptions& options) {
   return DeriveRootKey(*passphrase, *params);
 }
 
-LocalKeySource::FileStamp LocalKeySource::StampOf(const struct stat& info) {
-  return FileStamp{info.st_dev, info.st_ino, info.st_size,
-                   int64_t{info.st_mtim.tv_sec} * 1'000'000'000 + info.st_mtim.tv_nsec, info.st_mode};
-}
-
 const LocalKeySource::Entry* LocalKeySource::View::Find(std::string_view key_ref) const {
   for (const Entry& entry : entries) {
     if (entry.info.key_ref == key_ref) {
@@ -85,17 +81,28 @@ const LocalKeySource::Entry* LocalKeySource::View::Find(std::string_view key_ref
   return nullptr;
 }
 
+std::vector<core::KeyVersion> LocalKeySource::View::Infos() const {
+  std::vector<core::KeyVersion> out;
+  out.reserve(entries.size());
+  for (const Entry& entry : entries) {
+    out.push_back(entry.info);
+  }
+  return out;
+}
+
 LocalKeySource::LocalKeySource(LocalOptions options, std::string environment, crypto::SecretBytes root_key,
-                               core::Clock& clock, crypto::Random& random)
+                               core::Clock& clock, crypto::Random& random, core::EventSink& events)
     : options_(std::move(options)),
       environment_(std::move(environment)),
       root_key_(std::move(root_key)),
       clock_(clock),
-      random_(random) {}
+      random_(random),
+      events_(events) {}
 
 absl::StatusOr<std::shared_ptr<LocalKeySource>> LocalKeySource::Open(const LocalOptions& options,
                                                                      std::string environment, core::Clock& clock,
-                                                                     crypto::Random& random) {
+                                                                     crypto::Random& random,
+                                                                     core::EventSink& events) {
   if (auto status = config::CheckSecretFile(options.keyring, "keyring"); !status.ok()) {
     if (absl::IsNotFound(status)) {
       return absl::NotFoundError(absl::StrCat("keyring ", options.keyring,
@@ -108,7 +115,7 @@ absl::StatusOr<std::shared_ptr<LocalKeySource>> LocalKeySource::Open(const Local
     return root_key.status();
   }
   std::shared_ptr<LocalKeySource> source(
-      new LocalKeySource(options, std::move(environment), std::move(*root_key), clock, random));
+      new LocalKeySource(options, std::move(environment), std::move(*root_key), clock, random, events));
   auto view = source->Load();
   if (!view.ok()) {
     return view.status();
@@ -218,43 +225,81 @@ absl::StatusOr<core::KeyVersion> LocalKeySource::Lookup(std::string_view key_ref
   return entry->info;
 }
 
+void LocalKeySource::NoteRefresh(const absl::Status& status) {
+  const std::string error(status.message());
+  if (error == last_refresh_error_) {
+    return;
+  }
+  const bool recovered = status.ok();
+  last_refresh_error_ = error;
+  core::SourceEvent event;
+  event.name = recovered ? core::event::kRecovered : core::event::kUnavailable;
+  event.message = recovered ? absl::StrCat("keyring ", options_.keyring, " reads again")
+                            : absl::StrCat("keyring ", options_.keyring, " cannot be reloaded: ", error);
+  event.fields = {{"keyring", options_.keyring}};
+  event.warning = !recovered;
+  events_.Emit(event);
+}
+
 absl::Status LocalKeySource::Refresh(absl::Time /*deadline*/) {
   absl::MutexLock serial(&refresh_mu_);
   const std::shared_ptr<const View> old = Snapshot();
-  struct stat info {};
-  if (stat(options_.keyring.c_str(), &info) != 0) {
-    return absl::NotFoundError(absl::StrCat("keyring ", options_.keyring, " is gone (", std::strerror(errno),
-                                            "); still serving the versions loaded before; fix: restore it"));
-  }
-  if (StampOf(info) == old->stamp) {
-    return absl::OkStatus();
-  }
-  auto fresh = Load();
-  if (!fresh.ok()) {
-    return absl::Status(fresh.status().code(), absl::StrCat(fresh.status().message(),
-                                                            " (still serving the versions loaded before)"));
-  }
-  if ((*fresh)->keyring_id != old->keyring_id) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "keyring ", options_.keyring, " was replaced by a different keyring; refusing to switch, since "
-        "ciphertexts of the loaded keyring would stop decrypting; fix: restore the original file"));
-  }
-  for (const Entry& before : old->entries) {
-    const Entry* after = (*fresh)->Find(before.info.key_ref);
-    if (after == nullptr || after->info.key_id != before.info.key_id) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "keyring ", options_.keyring, " no longer holds key version ", before.info.version,
-          " as loaded; refusing the reload so nothing stops decrypting; fix: restore the newer keyring"));
+  absl::Status status = [&]() -> absl::Status {
+    const std::optional<FileStamp> stamp = StatStamp(options_.keyring);
+    if (!stamp.has_value()) {
+      return absl::NotFoundError(absl::StrCat("keyring ", options_.keyring, " is gone (", std::strerror(errno),
+                                              "); still serving the versions loaded before; fix: restore it from "
+                                              "a backup (kmsplugin init would create new, unrelated keys)"));
     }
-  }
-  if ((*fresh)->current->info.version < old->current->info.version) {
-    return absl::FailedPreconditionError(absl::StrCat("keyring ", options_.keyring, " moves the current version back from ",
-                                                      old->current->info.version, " to ",
-                                                      (*fresh)->current->info.version, "; refusing the reload"));
-  }
-  absl::MutexLock lock(&mu_);
-  view_ = std::move(*fresh);
-  return absl::OkStatus();
+    if (*stamp == old->stamp) {
+      return absl::OkStatus();
+    }
+    auto fresh = Load();
+    if (!fresh.ok()) {
+      return absl::Status(fresh.status().code(),
+                          absl::StrCat(fresh.status().message(), " (still serving the versions loaded before)"));
+    }
+    if ((*fresh)->keyring_id != old->keyring_id) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "keyring ", options_.keyring, " was replaced by a different keyring; refusing to switch, since "
+          "ciphertexts of the loaded keyring would stop decrypting; fix: restore the original file"));
+    }
+    auto advanced = core::CheckAdvance(old->Infos(), (*fresh)->Infos(), absl::StrCat("keyring ", options_.keyring));
+    if (!advanced.ok()) {
+      events_.Emit(core::SourceEvent{core::event::kVersionViewRefused, std::string(advanced.status().message()),
+                                     {{"keyring", options_.keyring}}, true});
+      return advanced.status();
+    }
+    auto view = std::const_pointer_cast<View>(*fresh);
+    // Retired versions the file no longer holds stay listed (rule 4); they never decrypt, so no key is needed.
+    for (uint64_t number : advanced->change.kept_retired) {
+      for (const Entry& entry : old->entries) {
+        if (entry.info.version == number) {
+          view->entries.push_back(Entry{entry.info, nullptr});
+        }
+      }
+    }
+    std::sort(view->entries.begin(), view->entries.end(),
+              [](const Entry& a, const Entry& b) { return a.info.version < b.info.version; });
+    view->current = nullptr;
+    for (const Entry& entry : view->entries) {
+      if (entry.info.state == core::KeyState::kCurrent) {
+        view->current = &entry;
+      }
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      view_ = std::move(view);
+    }
+    if (!advanced->change.empty()) {
+      events_.Emit(core::SourceEvent{core::event::kKeyVersionsChanged,
+                                     absl::StrCat("keyring ", options_.keyring, ": ", advanced->change.Summary()),
+                                     {{"keyring", options_.keyring}, {"change", advanced->change.Summary()}}});
+    }
+    return absl::OkStatus();
+  }();
+  NoteRefresh(status);
+  return status;
 }
 
 absl::Status LocalKeySource::EditKeyring(const std::function<absl::Status(Keyring&)>& edit, absl::Time deadline) {

@@ -6,9 +6,11 @@
 // - Each environment wraps under its own key, HKDF-SHA256(KEK, salt = keyringId, info = label ‖ environment),
 //   with XChaCha20-Poly1305 (wrapped = nonce(24) ‖ ct ‖ tag(16)), so two environments that share a keyring by
 //   mistake still cannot open each other's ciphertexts.
-// - Refresh() re-reads the keyring only when the file changed (device, inode, size, mtime). A reload that would
-//   drop a version, change a version's key_id or move the current version backwards is refused and the old view
-//   stays in force: key_ids never flip-flop and nothing that decrypted stops decrypting.
+// - Refresh() re-reads the keyring only when the file changed (device, inode, size, mtime). Every new view passes
+//   core::CheckAdvance (a reload that would drop a version, change a version's key_id or move the current version
+//   backwards is refused and the old view stays in force: key_ids never flip-flop and nothing that decrypted stops
+//   decrypting). A keyring that vanishes or cannot be read keeps the loaded versions serving. Changes and refusals
+//   are reported to the EventSink, once per transition.
 // - Rotate(), Retire() and Reinstate() change the keyring under an exclusive lock (keyring path + ".lock") and
 //   write it atomically; a retired version keeps its sealed KEK, so Reinstate() can bring it back.
 // The root key stays in locked memory for the life of the object; KEKs are never copied out. Thread-safe.
@@ -24,8 +26,10 @@
 #include "crypto/aead.h"
 #include "crypto/random.h"
 #include "kmsplugin/core/clock.h"
+#include "kmsplugin/core/events.h"
 #include "kmsplugin/core/key_admin.h"
 #include "kmsplugin/core/key_source.h"
+#include "kmsplugin/keysource/common/secret_file.h"
 #include "kmsplugin/keysource/local/keyring.h"
 
 namespace kmsplugin::keysource::local {
@@ -44,7 +48,8 @@ class LocalKeySource final : public core::KeySource, public core::KeyAdmin {
  public:
   // Opens and verifies the keyring. Refuses key files that group or others can read.
   static absl::StatusOr<std::shared_ptr<LocalKeySource>> Open(const LocalOptions& options, std::string environment,
-                                                              core::Clock& clock, crypto::Random& random);
+                                                              core::Clock& clock, crypto::Random& random,
+                                                              core::EventSink& events = core::NullEventSink());
 
   crypto::KeySourceKind Kind() const override { return crypto::KeySourceKind::kLocal; }
   absl::StatusOr<core::KeyVersion> Current() const override;
@@ -61,14 +66,6 @@ class LocalKeySource final : public core::KeySource, public core::KeyAdmin {
   absl::StatusOr<std::vector<core::KeyVersion>> Reinstate(uint64_t version, absl::Time deadline) override;
 
  private:
-  struct FileStamp {
-    dev_t device = 0;
-    ino_t inode = 0;
-    off_t size = 0;
-    int64_t mtime_ns = 0;
-    mode_t mode = 0;  // a chmod to 0644 must be noticed (and refused) too
-    bool operator==(const FileStamp&) const = default;
-  };
   struct Entry {
     core::KeyVersion info;
     std::unique_ptr<crypto::Aead> wrap;  // keyed with this environment's wrap key for the version
@@ -79,11 +76,13 @@ class LocalKeySource final : public core::KeySource, public core::KeyAdmin {
     const Entry* current = nullptr;
     FileStamp stamp;
     const Entry* Find(std::string_view key_ref) const;
+    std::vector<core::KeyVersion> Infos() const;
   };
 
-  static FileStamp StampOf(const struct stat& info);
   LocalKeySource(LocalOptions options, std::string environment, crypto::SecretBytes root_key, core::Clock& clock,
-                 crypto::Random& random);
+                 crypto::Random& random, core::EventSink& events);
+  // Reports `status` once when it differs from the last refresh outcome (a failing keyring is not logged per poll).
+  void NoteRefresh(const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(refresh_mu_);
   absl::StatusOr<std::shared_ptr<const View>> Load() const;
   // Reads the keyring under the exclusive lock, applies `edit`, writes it back atomically, then Refresh()es.
   absl::Status EditKeyring(const std::function<absl::Status(Keyring&)>& edit, absl::Time deadline);
@@ -98,6 +97,8 @@ class LocalKeySource final : public core::KeySource, public core::KeyAdmin {
   const crypto::SecretBytes root_key_;
   core::Clock& clock_;
   crypto::Random& random_;
+  core::EventSink& events_;
+  std::string last_refresh_error_ ABSL_GUARDED_BY(refresh_mu_);
 
   // Refresh (poll, SIGHUP, Rotate) runs one at a time, so a slow reload of an older file can never replace a
   // newer view another reload installed.

@@ -39,7 +39,8 @@ class LocalSpec final : public config::KeySourceSpec {
   std::string_view Kind() const override { return "local"; }
 
   absl::StatusOr<config::OpenedKeySource> Open(const config::OpenContext& context) const override {
-    auto source = LocalKeySource::Open(options_, context.environment, *context.clock, *context.random);
+    auto source = LocalKeySource::Open(options_, context.environment, *context.clock, *context.random,
+                                       *context.events);
     if (!source.ok()) {
       return source.status();
     }

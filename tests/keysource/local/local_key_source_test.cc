@@ -20,6 +20,7 @@
 #include "kmsplugin/core/envelope_service.h"
 #include "tests/keysource/local/local_test_util.h"
 #include "tests/support/fake_random.h"
+#include "tests/support/recording_event_sink.h"
 
 namespace kmsplugin::keysource::local {
 namespace {
@@ -381,7 +382,7 @@ TEST_CASE("LocalKeySource: Refresh refuses a keyring with a dropped version, the
   auto v2 = source->Rotate(env.Deadline());
   REQUIRE_THAT(v2, IsOk());
   RewriteKeyring(env.world, [](Keyring& keyring) { keyring.versions.erase(keyring.versions.begin()); });
-  CHECK_THAT(source->Refresh(env.Deadline()), StatusIs(Code::kFailedPrecondition, "no longer holds key version 1"));
+  CHECK_THAT(source->Refresh(env.Deadline()), StatusIs(Code::kFailedPrecondition, "no longer lists version 1"));
   CHECK(MustCurrent(*source).key_id == v2->key_id);
   CheckUnwraps(*source, v1, wrapped_v1);
   // Refusing again is stable, not a flip-flop.
@@ -446,6 +447,40 @@ TEST_CASE("LocalKeySource: Refresh of a corrupt or missing keyring fails and kee
   CHECK_THAT(source->Refresh(env.Deadline()), StatusIs(Code::kNotFound, "still serving"));
   CHECK(MustCurrent(*source).key_id == v1.key_id);
   CheckUnwraps(*source, v1, wrapped);
+}
+
+TEST_CASE("LocalKeySource: each version change, failure and recovery is reported once", "[local][events]") {
+  Env env;
+  kmsplugin::testing::RecordingEventSink events;
+  auto source = LocalKeySource::Open(env.world.Options(), "dev", env.clock, crypto::SystemRandom(), events);
+  REQUIRE_THAT(source, IsOk());
+  auto cli = env.Open();
+  REQUIRE_THAT(cli->Rotate(env.Deadline()), IsOk());
+  REQUIRE_THAT((*source)->Refresh(env.Deadline()), IsOk());
+  REQUIRE_THAT((*source)->Refresh(env.Deadline()), IsOk());
+  CHECK(events.Count(core::event::kKeyVersionsChanged) == 1);
+  CHECK(absl::StrContains(events.Last(core::event::kKeyVersionsChanged), "current 1 -> 2; added 2"));
+  const std::string good = ReadAll(env.world.keyring);
+  const std::string moved = env.world.keyring + ".away";
+  REQUIRE(rename(env.world.keyring.c_str(), moved.c_str()) == 0);
+  for (int i = 0; i < 3; ++i) {  // three polls while it is gone: one event
+    CHECK_THAT((*source)->Refresh(env.Deadline()), StatusIs(Code::kNotFound, "restore it from a backup"));
+  }
+  CHECK(events.Count(core::event::kUnavailable) == 1);
+  REQUIRE(rename(moved.c_str(), env.world.keyring.c_str()) == 0);
+  REQUIRE_THAT((*source)->Refresh(env.Deadline()), IsOk());
+  REQUIRE_THAT((*source)->Refresh(env.Deadline()), IsOk());
+  CHECK(events.Count(core::event::kRecovered) == 1);
+  CHECK(events.Count(core::event::kKeyVersionsChanged) == 1);
+  // A rollback is refused and said so.
+  REQUIRE_THAT(cli->Rotate(env.Deadline()), IsOk());
+  REQUIRE_THAT((*source)->Refresh(env.Deadline()), IsOk());
+  WriteFile(env.world.keyring, good);
+  CHECK_THAT((*source)->Refresh(env.Deadline()), StatusIs(Code::kFailedPrecondition, "no longer lists version 3"));
+  CHECK(events.Count(core::event::kVersionViewRefused) == 1);
+  for (const core::SourceEvent& e : events.Events()) {
+    CHECK(e.message.find(std::string(ReadAll(env.world.root_key))) == std::string::npos);
+  }
 }
 
 TEST_CASE("LocalKeySource: Refresh of a keyring made readable by others is refused", "[local]") {
@@ -529,22 +564,30 @@ TEST_CASE("LocalKeySource: Retire(N) retires N and older, Reinstate brings them 
   CHECK_THAT(source->DestroyRetired(1, env.Deadline()), StatusIs(Code::kUnimplemented, "reinstate"));
 }
 
-TEST_CASE("LocalKeySource: rotate and retire run as root keep the keyring's owner", "[local][retire]") {
+TEST_CASE("LocalKeySource: a keyring or root key owned by another user is refused, naming owner and fix",
+          "[local][hardening]") {
   if (geteuid() != 0) {
     WARN("SKIPPED: needs root to give files away (CI runs as root)");
     return;
   }
   Env env;
-  // The service user's keyring, e.g. kmsplugin:kmsplugin; here uid/gid 65534 (nobody/nogroup).
+  // Another local user (uid 65534, nobody) owns the keyring: that user could swap it under a root-run rotate.
   REQUIRE(chown(env.world.keyring.c_str(), 65534, 65534) == 0);
-  auto source = env.Open();
-  REQUIRE_THAT(source->Rotate(env.Deadline()), IsOk());
-  REQUIRE_THAT(source->Retire(1, env.Deadline()), IsOk());
-  struct stat info {};
-  REQUIRE(stat(env.world.keyring.c_str(), &info) == 0);
-  CHECK(info.st_uid == 65534);
-  CHECK(info.st_gid == 65534);
-  CHECK((info.st_mode & 07777) == 0600);
+  auto refused = LocalKeySource::Open(env.world.Options(), "dev", env.clock, crypto::SystemRandom());
+  CHECK_THAT(refused, StatusIs(Code::kFailedPrecondition, "is owned by nobody (uid 65534)"));
+  CHECK_THAT(refused, StatusIs(Code::kFailedPrecondition, "fix: chown root " + env.world.keyring));
+  REQUIRE(chown(env.world.keyring.c_str(), 0, 0) == 0);
+  // The same for the root key file, and for a directory another user could write into.
+  REQUIRE(chown(env.world.root_key.c_str(), 65534, 65534) == 0);
+  CHECK_THAT(LocalKeySource::Open(env.world.Options(), "dev", env.clock, crypto::SystemRandom()),
+             StatusIs(Code::kFailedPrecondition, "root key file " + env.world.root_key + " is owned by nobody"));
+  REQUIRE(chown(env.world.root_key.c_str(), 0, 0) == 0);
+  const std::string dir = env.world.keyring.substr(0, env.world.keyring.rfind('/'));
+  REQUIRE(chmod(dir.c_str(), 0777) == 0);
+  CHECK_THAT(LocalKeySource::Open(env.world.Options(), "dev", env.clock, crypto::SystemRandom()),
+             StatusIs(Code::kFailedPrecondition, "can be written by group or others (mode 0777)"));
+  REQUIRE(chmod(dir.c_str(), 0700) == 0);
+  CHECK_THAT(LocalKeySource::Open(env.world.Options(), "dev", env.clock, crypto::SystemRandom()), IsOk());
 }
 
 // ---------------------------------------------------------------------------------------------- Concurrency
