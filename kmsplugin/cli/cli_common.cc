@@ -6,9 +6,8 @@
 
 #include <iostream>
 
-#include "crypto/random.h"
-#include "kmsplugin/cli/key_sources.h"
-#include "kmsplugin/core/clock.h"
+#include "kmsplugin/daemon/event_log_sink.h"
+#include "kmsplugin/keysource/registry.h"
 
 namespace kmsplugin::cli {
 
@@ -24,17 +23,8 @@ void HardenProcess() {
   umask(077);
 }
 
-config::OpenContext ContextFor(const std::string& environment, int worker_threads) {
-  config::OpenContext context;
-  context.environment = environment;
-  context.worker_threads = worker_threads;
-  context.clock = &core::SystemClock();
-  context.random = &crypto::SystemRandom();
-  return context;
-}
-
 absl::StatusOr<OpenedEnvironment> OpenEnvironment(const std::string& config_path, const std::string& environment) {
-  auto config = config::LoadConfig(config_path, BuiltInKeySources());
+  auto config = config::LoadConfig(config_path, keysource::KeySourceParsers());
   if (!config.ok()) {
     return config.status();
   }
@@ -42,11 +32,15 @@ absl::StatusOr<OpenedEnvironment> OpenEnvironment(const std::string& config_path
   if (!env.ok()) {
     return env.status();
   }
-  auto source = (*env)->key_source->Open(ContextFor((*env)->name, config->server.max_threads));
+  auto events = std::make_shared<daemon::EventLogSink>((*env)->name, std::string((*env)->key_source->Kind()),
+                                                       /*registry=*/nullptr);
+  auto source = (*env)->key_source->Open(
+      keysource::SystemOpenContext((*env)->name, config->server.max_threads, events.get()));
   if (!source.ok()) {
     return source.status();
   }
-  return OpenedEnvironment{std::move(*config), std::move(source->source), std::move(source->admin)};
+  return OpenedEnvironment{std::move(events), std::move(*config), std::move(source->source),
+                           std::move(source->admin)};
 }
 
 }  // namespace kmsplugin::cli

@@ -8,6 +8,8 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kmsplugin/config/config.h"
+#include "kmsplugin/core/events.h"
+#include "kmsplugin/core/key_admin.h"
 #include "kmsplugin/core/key_source.h"
 
 namespace kmsplugin::cli {
@@ -20,11 +22,9 @@ int Fail(const absl::Status& status);
 // No core dumps (they would hold keys), not dumpable, no files readable by others (umask 077).
 void HardenProcess();
 
-// What a key source is opened with, for `environment`, on the system clock and randomness.
-config::OpenContext ContextFor(const std::string& environment, int worker_threads);
-
-// A command's config and one environment's key source, opened.
+// A command's config and one environment's key source, opened; its events are logged (no metrics in the CLI).
 struct OpenedEnvironment {
+  std::shared_ptr<core::EventSink> events;  // first: the source refers to it, so it is destroyed last
   config::Config config;
   std::shared_ptr<core::KeySource> source;
   std::shared_ptr<core::KeyAdmin> admin;  // the same key source's rotate/retire side

@@ -19,10 +19,10 @@
 #include "kmsplugin/audit/audit_command.h"
 #include "kmsplugin/cli/cli_common.h"
 #include "kmsplugin/cli/doctor.h"
-#include "kmsplugin/cli/key_sources.h"
 #include "kmsplugin/cli/render.h"
 #include "kmsplugin/cli/serve.h"
 #include "kmsplugin/config/config.h"
+#include "kmsplugin/keysource/registry.h"
 #include "kmsplugin/core/clock.h"
 #include "kmsplugin/core/envelope_service.h"
 #include "kmsplugin/core/version_rules.h"
@@ -39,7 +39,7 @@ constexpr absl::Duration kCommandDeadline = absl::Seconds(30);
 
 int Init(const std::string& config_path, const std::string& only_env) {
   HardenProcess();
-  auto config = config::LoadConfig(config_path, BuiltInKeySources());
+  auto config = config::LoadConfig(config_path, keysource::KeySourceParsers());
   if (!config.ok()) {
     return Fail(config.status());
   }
@@ -53,7 +53,7 @@ int Init(const std::string& config_path, const std::string& only_env) {
     if (!only_env.empty() && env.name != only_env) {
       continue;
     }
-    auto summary = env.key_source->Init(ContextFor(env.name, config->server.max_threads));
+    auto summary = env.key_source->Init(keysource::SystemOpenContext(env.name, config->server.max_threads));
     if (summary.ok()) {
       std::cout << "environment " << env.name << ": " << *summary << "\n";
     } else if (absl::IsAlreadyExists(summary.status())) {
@@ -474,10 +474,10 @@ int Main(int argc, char** argv) {
                   force, allow_recent, retire_etcd);
   }
   if (*audit_command) {
-    return audit::RunAudit(audit_flags, BuiltInKeySources());
+    return audit::RunAudit(audit_flags, keysource::KeySourceParsers());
   }
   if (*doctor_command) {
-    return RunDoctor(doctor_flags, BuiltInKeySources());
+    return RunDoctor(doctor_flags, keysource::KeySourceParsers());
   }
   if (*status) {
     return StatusCommand(socket, as_json, timeout_seconds);
@@ -486,7 +486,7 @@ int Main(int argc, char** argv) {
     if (render_options.config_path.empty()) {
       render_options.config_path = kDefaultConfig;
     }
-    return RunRender(render_options, BuiltInKeySources());
+    return RunRender(render_options, keysource::KeySourceParsers());
   }
   if (*version) {
     std::cout << "kmsplugin " << KMSPLUGIN_VERSION << "\n";

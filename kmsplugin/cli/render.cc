@@ -12,6 +12,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kmsplugin/keysource/registry.h"
 #include "kmsplugin/server/unix_socket.h"
 
 namespace kmsplugin::cli {
@@ -369,9 +370,9 @@ absl::StatusOr<std::string> RenderSystemdUnit(const config::Config& config, cons
       << "RestrictSUIDSGID=yes\nLockPersonality=yes\nMemoryDenyWriteExecute=yes\nSystemCallArchitectures=native\n"
       << "SystemCallFilter=@system-service\nSystemCallFilter=~@privileged @resources\nSystemCallErrorNumber=EPERM\n";
   for (const config::EnvironmentConfig& env : config.environments) {
-    if (env.key_source->Kind() == "pkcs11") {
-      out << "# environment " << env.name << " uses a PKCS#11 module: a device-node HSM needs PrivateDevices=no and "
-          << "DeviceAllow=; a module keeping token state on disk (SoftHSM2) needs ReadWritePaths= for it\n";
+    const keysource::KeySourceKindInfo* kind = keysource::FindKeySourceKind(env.key_source->Kind());
+    if (kind != nullptr && !kind->systemd_note.empty()) {
+      out << "# environment " << env.name << " " << kind->systemd_note << "\n";
     }
   }
   out << "\n[Install]\nWantedBy=multi-user.target\n";

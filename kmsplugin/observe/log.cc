@@ -54,9 +54,22 @@ void Log(spdlog::level::level_enum level, std::string_view message, LogFields fi
     return;
   }
   nlohmann::json object = nlohmann::json::object();
-  object["msg"] = std::string(message);
   for (const auto& [key, value] : fields) {
     object[key] = value;
+  }
+  LogJson(level, message, object);
+}
+
+void LogJson(spdlog::level::level_enum level, std::string_view message, const nlohmann::json& fields) {
+  if (!spdlog::should_log(level)) {
+    return;
+  }
+  nlohmann::json object = nlohmann::json::object();
+  object["msg"] = std::string(message);
+  for (const auto& [key, value] : fields.items()) {
+    if (key != "msg") {
+      object[key] = value;
+    }
   }
   // Invalid UTF-8 (say, from a garbage key_id) is replaced, never allowed to break the line.
   const std::string members = object.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);

@@ -25,5 +25,7 @@ void SetUpJsonLogging(const std::string& level);
 using LogFields = std::initializer_list<std::pair<const char*, nlohmann::json>>;
 
 void Log(spdlog::level::level_enum level, std::string_view message, LogFields fields = {});
+// The same with fields built at run time (an object; "msg" is set from `message`).
+void LogJson(spdlog::level::level_enum level, std::string_view message, const nlohmann::json& fields);
 
 }  // namespace kmsplugin::observe

@@ -18,7 +18,7 @@
 #include "absl/status/statusor.h"
 #include "kmsplugin/config/config.h"
 
-namespace kmsplugin::cli {
+namespace kmsplugin::daemon {
 
 // A validated config plus each environment's keySource section as written, to tell whether it changed.
 struct LoadedConfig {
@@ -52,4 +52,4 @@ struct ReloadPlan {
 // fix: restart kmsplugin to apply it, or revert the change" when a restart-only field changed.
 absl::StatusOr<ReloadPlan> PlanReload(const LoadedConfig& running, const LoadedConfig& next);
 
-}  // namespace kmsplugin::cli
+}  // namespace kmsplugin::daemon

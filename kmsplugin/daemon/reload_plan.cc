@@ -1,4 +1,4 @@
-#include "kmsplugin/cli/reload_plan.h"
+#include "kmsplugin/daemon/reload_plan.h"
 
 #include <algorithm>
 #include <set>
@@ -9,7 +9,7 @@
 #include "absl/strings/str_join.h"
 #include "kmsplugin/config/field_context.h"
 
-namespace kmsplugin::cli {
+namespace kmsplugin::daemon {
 namespace {
 
 std::string Quoted(const std::string& value) { return absl::StrCat("\"", value, "\""); }
@@ -150,4 +150,4 @@ absl::StatusOr<ReloadPlan> PlanReload(const LoadedConfig& running, const LoadedC
   return plan;
 }
 
-}  // namespace kmsplugin::cli
+}  // namespace kmsplugin::daemon

@@ -1,6 +1,6 @@
 // PlanReload and LoadServeConfig: what a SIGHUP reload would change, and which changes it refuses.
 
-#include "kmsplugin/cli/reload_plan.h"
+#include "kmsplugin/daemon/reload_plan.h"
 
 #include <sys/stat.h>
 
@@ -13,7 +13,7 @@
 #include "tests/support/status_matchers.h"
 #include "tests/support/temp_dir.h"
 
-namespace kmsplugin::cli {
+namespace kmsplugin::daemon {
 namespace {
 
 using ::kmsplugin::testing::IsOk;
@@ -178,4 +178,4 @@ TEST_CASE("LoadServeConfig: refuses what config::LoadConfig refuses, with the sa
 }
 
 }  // namespace
-}  // namespace kmsplugin::cli
+}  // namespace kmsplugin::daemon

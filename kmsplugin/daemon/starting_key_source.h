@@ -1,0 +1,78 @@
+#pragma once
+
+// StartingKeySource: keeps an environment serving while its key source cannot be opened.
+//
+// One environment's trouble never stops another (ARCHITECTURE.md, "environments"): when an environment's key
+// source cannot start (bad or revoked credentials, a missing key, an unreachable backend, a token not present),
+// `serve` still starts every environment. This one then answers every call with UNAVAILABLE (PERMISSION_DENIED
+// when the backend refused our credentials), naming the reason and the environment; its Status healthz, /readyz
+// and kmsplugin_environment_healthy say so too, because the health probe runs through the same calls.
+// A thread of its own tries to open it again every `retry_interval` (the poll interval), and at once when Refresh
+// is called (SIGHUP), at most once a second; the attempt never runs on the caller's thread, so a backend that hangs
+// for its whole open timeout does not hold up the poll loop that probes every other environment. Once it opens,
+// every call goes to the real source, one `started` event says so, and the thread ends. Only errors in the
+// configuration file itself stop `serve`. Destruction waits for an attempt under way (bounded by the key source's
+// own open timeout).
+// Thread-safe.
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "kmsplugin/core/events.h"
+#include "kmsplugin/core/key_source.h"
+
+namespace kmsplugin::daemon {
+
+class StartingKeySource final : public core::KeySource {
+ public:
+  using Opener = std::function<absl::StatusOr<std::shared_ptr<core::KeySource>>()>;
+
+  // `first_error`: why the first open failed. `open` is tried again by the retry thread.
+  StartingKeySource(std::string environment, crypto::KeySourceKind kind, Opener open, absl::Status first_error,
+                    absl::Duration retry_interval, core::EventSink& events);
+  ~StartingKeySource() override;
+
+  // Opens through `open`; on failure returns a StartingKeySource that keeps trying. Never fails.
+  static std::shared_ptr<core::KeySource> OpenOrKeepTrying(std::string environment, crypto::KeySourceKind kind,
+                                                           Opener open, absl::Duration retry_interval,
+                                                           core::EventSink& events);
+
+  crypto::KeySourceKind Kind() const override { return kind_; }
+  absl::StatusOr<core::KeyVersion> Current() const override;
+  absl::StatusOr<std::string> Wrap(const core::KeyVersion& version, std::string_view plaintext,
+                                   std::string_view associated_data, absl::Time deadline) override;
+  absl::StatusOr<crypto::SecretBytes> Unwrap(std::string_view key_ref, std::string_view wrapped,
+                                             std::string_view associated_data, absl::Time deadline) override;
+  absl::StatusOr<core::KeyVersion> Lookup(std::string_view key_ref) const override;
+  absl::Status Refresh(absl::Time deadline) override;
+  absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override;
+  std::vector<core::BackendGauge> BackendGauges() const override;
+
+  // The opened source, or nullptr while it has not started.
+  std::shared_ptr<core::KeySource> Started() const;
+
+ private:
+  absl::Status NotStarted() const;
+  absl::Status NotStartedLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RetryLoop();
+
+  const std::string environment_;
+  const crypto::KeySourceKind kind_;
+  const Opener open_;
+  const absl::Duration retry_interval_;
+  core::EventSink& events_;
+  mutable absl::Mutex mu_;
+  std::shared_ptr<core::KeySource> started_ ABSL_GUARDED_BY(mu_);
+  absl::Status error_ ABSL_GUARDED_BY(mu_);
+  bool wake_ ABSL_GUARDED_BY(mu_) = false;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread retry_;
+};
+
+}  // namespace kmsplugin::daemon
