@@ -8,8 +8,16 @@
 // - Each key version is a token object: AES-256, CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, !CKA_EXTRACTABLE,
 //   CKA_ENCRYPT, CKA_DECRYPT, no wrap/unwrap/derive/sign, CKA_ALLOWED_MECHANISMS = {CKM_AES_GCM}, CKA_MODIFIABLE
 //   (so that it can be retired; SoftHSM still refuses to clear CKA_SENSITIVE, set CKA_EXTRACTABLE or change
-//   CKA_ALLOWED_MECHANISMS). CKA_LABEL = "<key_label>-v<N>", CKA_ID = key_ref (see EncodeKeyRef below: version and
-//   creation time). Versions made before retirement existed have CKA_MODIFIABLE false and cannot be retired.
+//   CKA_ALLOWED_MECHANISMS). CKA_LABEL = "<key_label>-v<N>", CKA_ID = key_ref (key_ref.h: version and creation
+//   time). Versions made before retirement existed have CKA_MODIFIABLE false and cannot be retired.
+// - The view: every listing of the token, and every change Rotate/Retire/Reinstate make, replaces the view only
+//   through core::CheckAdvance (version_rules.h); a refused listing leaves the old view in force
+//   (FAILED_PRECONDITION, event version_view_refused). A listing that no longer shows versions that still decrypt
+//   while no private key at all is visible is the token being away, not a change: the token is marked gone (full
+//   re-initialisation with backoff), Refresh/Wrap/Unwrap answer UNAVAILABLE, and the view stays, so the same
+//   key_id and every old ciphertext work again once the token is back. Versions missing while other keys are
+//   visible were destroyed (by another process's DestroyRetired): they stay listed as retired. DestroyRetired in
+//   this process removes what it destroyed from the view.
 // - State model, read back from the token by every Open/Refresh, so every process (daemons, CLI) agrees:
 //     CKA_DECRYPT false                 -> kRetired (Unwrap and Wrap refused with FAILED_PRECONDITION)
 //     otherwise, the highest version    -> kCurrent
@@ -33,7 +41,12 @@
 //   (logout) leads to a re-login if needed and a fresh lookup, retried once; a removed device or a module that
 //   lost its initialisation leads to a full re-initialisation with backoff (UNAVAILABLE meanwhile). A refused PIN
 //   (incorrect, locked, expired) is never retried: every call reports PERMISSION_DENIED until Refresh() finds
-//   that the PIN file changed.
+//   that the PIN file changed. Refresh() re-reads the PIN file whenever it changed (also while healthy), for the
+//   next login.
+// - Events (options.events): unavailable, recovered, relogin, credential_reloaded, key_versions_changed,
+//   version_view_refused; one per transition, never per call (session_pool.h).
+// Files: errors (return values), module (dlopen, initialisation), key_ref, token_keys (key objects),
+// session_pool (sessions, login, recovery), this source (the view, wrap/unwrap, administration).
 //
 // Thread-safe.
 
@@ -47,8 +60,10 @@
 #include "absl/time/time.h"
 #include "crypto/random.h"
 #include "kmsplugin/core/clock.h"
+#include "kmsplugin/core/events.h"
 #include "kmsplugin/core/key_admin.h"
 #include "kmsplugin/core/key_source.h"
+#include "kmsplugin/keysource/pkcs11/key_ref.h"
 
 namespace kmsplugin::keysource::pkcs11 {
 
@@ -56,9 +71,6 @@ inline constexpr size_t kGcmIvSize = 12;
 inline constexpr size_t kGcmTagSize = 16;
 // Largest plaintext Wrap accepts (the wrapped form must fit in the 1024-byte envelope).
 inline constexpr size_t kMaxWrapPlaintextSize = 512;
-// CKA_ID / key_ref layout: 0x01 || version (8 bytes, big-endian) || creation time in unix microseconds (8 bytes,
-// big-endian, two's complement).
-inline constexpr size_t kKeyRefSize = 17;
 
 struct Pkcs11Options {
   std::string module_path;
@@ -75,16 +87,11 @@ struct Pkcs11Options {
   // Backoff between full re-initialisation attempts after the device went away.
   absl::Duration reinit_backoff_initial = absl::Milliseconds(100);
   absl::Duration reinit_backoff_max = absl::Seconds(5);
+  // Where recoveries, re-logins, PIN file reloads and key-version changes are reported; nullptr means
+  // core::NullEventSink().
+  core::EventSink* events = nullptr;
 };
 
-// The key_ref (CKA_ID) of version `version` created at `created`.
-std::string EncodeKeyRef(uint64_t version, absl::Time created);
-struct DecodedKeyRef {
-  uint64_t version = 0;
-  absl::Time created;
-};
-// INVALID_ARGUMENT when `key_ref` is not in the layout above.
-absl::StatusOr<DecodedKeyRef> DecodeKeyRef(std::string_view key_ref);
 
 struct SessionPoolStats {
   int size = 0;  // configured maximum

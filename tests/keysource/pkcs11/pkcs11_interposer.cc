@@ -29,6 +29,7 @@ CK_SESSION_HANDLE last_login_session = 0;
 std::set<std::string> ivs;
 
 std::atomic<long> login_calls{0};
+std::atomic<long> login_ok{0};  // C_Login calls SoftHSM answered with CKR_OK
 std::atomic<long> initialize_calls{0};
 std::atomic<long> gcm_inits{0};
 std::atomic<long> bad_gcm_params{0};
@@ -94,7 +95,11 @@ CK_RV MyLogin(CK_SESSION_HANDLE session, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin,
       return login_rv;
     }
   }
-  return real.C_Login(session, user, pin, pin_len);
+  const CK_RV rv = real.C_Login(session, user, pin, pin_len);
+  if (rv == CKR_OK) {
+    login_ok.fetch_add(1);
+  }
+  return rv;
 }
 
 CK_RV MyEncryptInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE key) {
@@ -197,6 +202,7 @@ __attribute__((visibility("default"))) void kms_interposer_reset() {
   login_rv = CKR_OK;
   ivs.clear();
   login_calls = 0;
+  login_ok = 0;
   initialize_calls = 0;
   gcm_inits = 0;
   bad_gcm_params = 0;
@@ -231,6 +237,7 @@ __attribute__((visibility("default"))) unsigned long kms_interposer_logout() {
 __attribute__((visibility("default"))) long kms_interposer_counter(const char* name) {
   const std::string n = name;
   if (n == "login") return login_calls.load();
+  if (n == "login_ok") return login_ok.load();
   if (n == "initialize") return initialize_calls.load();
   if (n == "gcm_inits") return gcm_inits.load();
   if (n == "bad_gcm_params") return bad_gcm_params.load();

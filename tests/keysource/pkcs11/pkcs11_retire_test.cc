@@ -116,9 +116,9 @@ TEST_CASE("Pkcs11KeySource retire: Retire(2) retires exactly 1 and 2, which refu
     CHECK(v.state == kRetired);
   }
   CHECK(States(*world.source) == std::vector<core::KeyState>{kRetired, kRetired, kCurrent});
-  CHECK_THAT(world.Open(1), StatusIs(Code::kFailedPrecondition, "key version 1 ("));
+  CHECK_THAT(world.Open(1), StatusIs(Code::kFailedPrecondition, "key version 1 is retired"));
   CHECK_THAT(world.Open(1), StatusIs(Code::kFailedPrecondition, "retired"));
-  CHECK_THAT(world.Open(2), StatusIs(Code::kFailedPrecondition, "key version 2 ("));
+  CHECK_THAT(world.Open(2), StatusIs(Code::kFailedPrecondition, "key version 2 is retired"));
   CHECK_THAT(world.Open(2), StatusIs(Code::kFailedPrecondition, "--reinstate"));
   world.CheckOpens(3);
   // A caller holding an old KeyVersion of 2 cannot wrap under it either; the current version wraps.
@@ -175,15 +175,15 @@ TEST_CASE(
   REQUIRE_THAT(world.source->Retire(2, Soon()), IsOk());
   CHECK(States(*other) == std::vector<core::KeyState>{kActive, kActive, kCurrent});
   // The token itself refuses (CKA_DECRYPT is false), and that is FAILED_PRECONDITION naming the version.
-  CHECK_THAT(world.Open(1, other.get()), StatusIs(Code::kFailedPrecondition, "key version 1 ("));
-  CHECK_THAT(world.Open(2, other.get()), StatusIs(Code::kFailedPrecondition, "retired on the token"));
+  CHECK_THAT(world.Open(1, other.get()), StatusIs(Code::kFailedPrecondition, "key version 1 is retired"));
+  CHECK_THAT(world.Open(2, other.get()), StatusIs(Code::kFailedPrecondition, "CKA_DECRYPT is false on the token"));
   CHECK_THAT(world.Open(2, other.get()), StatusIs(Code::kFailedPrecondition, "CKR_KEY_FUNCTION_NOT_PERMITTED"));
   // Nor can a stale view encrypt under a retired version (CKA_ENCRYPT is cleared as well).
   CHECK_THAT(other->Wrap(world.v[2], kDek, kAad, Soon()), StatusIs(Code::kFailedPrecondition, "retired"));
   world.CheckOpens(3, other.get());
   REQUIRE_THAT(other->Refresh(Soon()), IsOk());
   CHECK(States(*other) == std::vector<core::KeyState>{kRetired, kRetired, kCurrent});
-  CHECK_THAT(world.Open(1, other.get()), StatusIs(Code::kFailedPrecondition, "is retired and no longer decrypts"));
+  CHECK_THAT(world.Open(1, other.get()), StatusIs(Code::kFailedPrecondition, "is retired (CKA_DECRYPT is false on the token) and no longer decrypts"));
   // A source opened afterwards (a restarted daemon, the CLI) sees the same at Open.
   auto fresh = OpenOrDie(world.options);
   CHECK(States(*fresh) == std::vector<core::KeyState>{kRetired, kRetired, kCurrent});
@@ -221,8 +221,8 @@ TEST_CASE("Pkcs11KeySource retire: a retirement made by another process is refus
   world.token.hsm.Run("KMS_CHILD_PIN_FILE='" + world.token.pin_file + "' KMS_CHILD_RETIRE=2 '" + self +
                       "' 'Pkcs11KeySource retire child: retire in another process'");
   // Our view is stale; the token refuses anyway.
-  CHECK_THAT(world.Open(1), StatusIs(Code::kFailedPrecondition, "key version 1 ("));
-  CHECK_THAT(world.Open(2), StatusIs(Code::kFailedPrecondition, "retired on the token"));
+  CHECK_THAT(world.Open(1), StatusIs(Code::kFailedPrecondition, "key version 1 is retired"));
+  CHECK_THAT(world.Open(2), StatusIs(Code::kFailedPrecondition, "CKA_DECRYPT is false on the token"));
   world.CheckOpens(3);
   REQUIRE_THAT(world.source->Refresh(Soon()), IsOk());
   CHECK(States(*world.source) == std::vector<core::KeyState>{kRetired, kRetired, kCurrent});
@@ -254,7 +254,7 @@ TEST_CASE("Pkcs11KeySource retire: Reinstate(2) brings 2 back but not 1, and old
   CHECK(States(*world.source) == std::vector<core::KeyState>{kRetired, kActive, kCurrent});
   world.CheckOpens(2);
   world.CheckOpens(3);
-  CHECK_THAT(world.Open(1), StatusIs(Code::kFailedPrecondition, "key version 1 ("));
+  CHECK_THAT(world.Open(1), StatusIs(Code::kFailedPrecondition, "key version 1 is retired"));
   DirectToken direct;
   CHECK(direct.Bool(direct.Find(world.v[2].key_ref), CKA_DECRYPT) == CK_TRUE);
   CHECK(direct.Bool(direct.Find(world.v[2].key_ref), CKA_ENCRYPT) == CK_TRUE);
@@ -279,7 +279,7 @@ TEST_CASE(
   CHECK_THAT(world.source->DestroyRetired(2, Soon()), StatusIs(Code::kFailedPrecondition, "key version 1 ("));
   REQUIRE_THAT(world.source->Retire(1, Soon()), IsOk());
   CHECK_THAT(world.source->DestroyRetired(2, Soon()), StatusIs(Code::kFailedPrecondition, "key version 2 ("));
-  CHECK_THAT(world.source->DestroyRetired(2, Soon()), StatusIs(Code::kFailedPrecondition, "is active, not retired"));
+  CHECK_THAT(world.source->DestroyRetired(2, Soon()), StatusIs(Code::kFailedPrecondition, "version 2 (active) is not retired"));
   {
     DirectToken direct;
     CHECK(direct.Count(world.v[1].key_ref) == 1);
@@ -341,8 +341,12 @@ TEST_CASE(
   world.CheckOpens(3, other.get());
   CHECK_THAT(other->Wrap(world.v[3], kDek, kAad, Soon()), IsOk());
   CHECK(interposer.Count("initialize") == inits);
+  // After its Refresh the destroyed version stays listed, as retired (it vanished: retired stays retired), and
+  // its ciphertexts are refused naming it.
   REQUIRE_THAT(other->Refresh(Soon()), IsOk());
-  CHECK(States(*other) == std::vector<core::KeyState>{kActive, kCurrent});
+  CHECK(States(*other) == std::vector<core::KeyState>{kRetired, kActive, kCurrent});
+  CHECK_THAT(world.Open(1, other.get()), StatusIs(Code::kFailedPrecondition, "key version 1 is retired (destroyed"));
+  CHECK(interposer.Count("initialize") == inits);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -440,7 +444,8 @@ TEST_CASE(
   auto retired = source->Retire(2, Soon());
   REQUIRE_THAT(retired, IsOk());
   CHECK(Numbers(*retired) == std::vector<uint64_t>{2});
-  CHECK(States(*source) == std::vector<core::KeyState>{kRetired, kCurrent});
+  // The deleted legacy version stays listed, as retired (it vanished while other keys are there: destroyed).
+  CHECK(States(*source) == std::vector<core::KeyState>{kRetired, kRetired, kCurrent});
 }
 
 TEST_CASE("Pkcs11KeySource retire: a token refusing or failing the change is reported, and a rerun completes it",
@@ -479,9 +484,19 @@ TEST_CASE("Pkcs11KeySource retire: a newest version retired by other tools leave
     DirectToken direct;
     REQUIRE(direct.SetBool(direct.Find(world.v[3].key_ref), CKA_DECRYPT, CK_FALSE) == CKR_OK);
   }
-  REQUIRE_THAT(world.source->Refresh(Soon()), IsOk());
-  CHECK(States(*world.source) == std::vector<core::KeyState>{kActive, kActive, kRetired});
+  // A running source refuses the view (a view with a current version keeps one: the key_id never moves back)
+  // and keeps its own; the token refuses new encryptions under 3 anyway.
+  CHECK_THAT(world.source->Refresh(Soon()), StatusIs(Code::kFailedPrecondition, "no current version any more"));
+  CHECK(States(*world.source) == std::vector<core::KeyState>{kActive, kActive, kCurrent});
+  CHECK_THAT(world.source->Wrap(world.v[3], kDek, kAad, Soon()), StatusIs(Code::kFailedPrecondition, "retired"));
   CHECK_THAT(world.source->Current(), StatusIs(Code::kFailedPrecondition, "newest pkcs11 key version 3"));
+  // A source opened now (a restart, the CLI) has no version to encrypt under.
+  {
+    auto fresh = OpenOrDie(world.options);
+    CHECK(States(*fresh) == std::vector<core::KeyState>{kActive, kActive, kRetired});
+    CHECK_THAT(fresh->Current(), StatusIs(Code::kFailedPrecondition, "newest pkcs11 key version 3"));
+  }
+  // Rotating (decided on the token's state) repairs it, in the running source too.
   world.clock.Advance(absl::Hours(1));
   auto v4 = world.source->Rotate(Soon());
   REQUIRE_THAT(v4, IsOk());
