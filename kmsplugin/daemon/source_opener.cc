@@ -14,6 +14,16 @@ absl::Status ForEnvironment(const std::string& environment, const absl::Status& 
   return absl::Status(status.code(), absl::StrCat("environment \"", environment, "\": ", status.message()));
 }
 
+// The files the key source reads (PIN, token, secret-id, certificates, key material): a refused credential is tried
+// again only after one of them changed.
+std::vector<std::string> HostFiles(const config::EnvironmentConfig& env) {
+  std::vector<std::string> files;
+  for (const config::HostPath& path : env.key_source->HostPaths()) {
+    files.push_back(path.path);
+  }
+  return files;
+}
+
 }  // namespace
 
 SourceOpener::SourceOpener(observe::Registry& registry, int max_threads, absl::Duration retry_interval)
@@ -42,7 +52,7 @@ std::shared_ptr<core::KeySource> SourceOpener::OpenOrKeepTrying(const config::En
   // The spec came from the registry's own parsers, so the kind is always there.
   const crypto::KeySourceKind kind_byte = kind != nullptr ? kind->kind : crypto::KeySourceKind::kLocal;
   std::shared_ptr<core::KeySource> source = StartingKeySource::OpenOrKeepTrying(
-      env.name, kind_byte, [this, env] { return OpenRaw(env); }, retry_interval_, SinkFor(env));
+      env.name, kind_byte, [this, env] { return OpenRaw(env); }, retry_interval_, HostFiles(env), SinkFor(env));
   return std::make_shared<observe::InstrumentedKeySource>(std::move(source), env.name, registry_);
 }
 

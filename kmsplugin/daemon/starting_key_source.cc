@@ -14,13 +14,17 @@ constexpr absl::Duration kMinRetryInterval = absl::Seconds(1);
 
 StartingKeySource::StartingKeySource(std::string environment, crypto::KeySourceKind kind, Opener open,
                                      absl::Status first_error, absl::Duration retry_interval,
-                                     core::EventSink& events)
+                                     std::vector<std::string> files, core::EventSink& events)
     : environment_(std::move(environment)),
       kind_(kind),
       open_(std::move(open)),
       retry_interval_(std::max(retry_interval, kMinRetryInterval)),
+      files_(std::move(files)),
       events_(events),
       error_(std::move(first_error)) {
+  for (const std::string& file : files_) {
+    stamps_.push_back(keysource::StatStamp(file));
+  }
   retry_ = std::thread([this] { RetryLoop(); });
 }
 
@@ -35,6 +39,7 @@ StartingKeySource::~StartingKeySource() {
 std::shared_ptr<core::KeySource> StartingKeySource::OpenOrKeepTrying(std::string environment,
                                                                      crypto::KeySourceKind kind, Opener open,
                                                                      absl::Duration retry_interval,
+                                                                     std::vector<std::string> files,
                                                                      core::EventSink& events) {
   auto opened = open();
   if (opened.ok()) {
@@ -48,7 +53,19 @@ std::shared_ptr<core::KeySource> StartingKeySource::OpenOrKeepTrying(std::string
                                 {{"error", std::string(opened.status().message())}},
                                 true});
   return std::make_shared<StartingKeySource>(std::move(environment), kind, std::move(open), opened.status(),
-                                             retry_interval, events);
+                                             retry_interval, std::move(files), events);
+}
+
+bool StartingKeySource::WorthTrying(const absl::Status& last_error) {
+  bool changed = false;
+  for (size_t i = 0; i < files_.size(); ++i) {
+    std::optional<keysource::FileStamp> now = keysource::StatStamp(files_[i]);
+    if (now != stamps_[i]) {
+      changed = true;
+      stamps_[i] = std::move(now);
+    }
+  }
+  return changed || last_error.code() != absl::StatusCode::kPermissionDenied;
 }
 
 void StartingKeySource::RetryLoop() {
@@ -62,6 +79,15 @@ void StartingKeySource::RetryLoop() {
         return;
       }
       wake_ = false;
+    }
+    absl::Status last_error;
+    {
+      absl::MutexLock lock(&mu_);
+      last_error = error_;
+    }
+    if (!WorthTrying(last_error)) {
+      last_attempt = absl::Now();
+      continue;
     }
     // SIGHUP storms: at most one attempt a second.
     if (const absl::Duration since = absl::Now() - last_attempt; since < kMinRetryInterval) {

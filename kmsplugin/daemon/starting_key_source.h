@@ -13,12 +13,17 @@
 // every call goes to the real source, one `started` event says so, and the thread ends. Only errors in the
 // configuration file itself stop `serve`. Destruction waits for an attempt under way (bounded by the key source's
 // own open timeout).
+// A refused credential (PERMISSION_DENIED: a wrong PIN, a revoked token) is tried again only after one of the key
+// source's files (`files`: PIN, token, secret-id, certificates...) changed on disk: retrying a wrong PIN on every
+// poll could lock or wipe a real token.
 // Thread-safe.
 
 #include <functional>
 #include <memory>
 #include <string>
+#include <optional>
 #include <thread>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
@@ -26,6 +31,7 @@
 #include "absl/time/time.h"
 #include "kmsplugin/core/events.h"
 #include "kmsplugin/core/key_source.h"
+#include "kmsplugin/keysource/common/secret_file.h"
 
 namespace kmsplugin::daemon {
 
@@ -35,13 +41,13 @@ class StartingKeySource final : public core::KeySource {
 
   // `first_error`: why the first open failed. `open` is tried again by the retry thread.
   StartingKeySource(std::string environment, crypto::KeySourceKind kind, Opener open, absl::Status first_error,
-                    absl::Duration retry_interval, core::EventSink& events);
+                    absl::Duration retry_interval, std::vector<std::string> files, core::EventSink& events);
   ~StartingKeySource() override;
 
   // Opens through `open`; on failure returns a StartingKeySource that keeps trying. Never fails.
   static std::shared_ptr<core::KeySource> OpenOrKeepTrying(std::string environment, crypto::KeySourceKind kind,
                                                            Opener open, absl::Duration retry_interval,
-                                                           core::EventSink& events);
+                                                           std::vector<std::string> files, core::EventSink& events);
 
   crypto::KeySourceKind Kind() const override { return kind_; }
   absl::StatusOr<core::KeyVersion> Current() const override;
@@ -61,11 +67,16 @@ class StartingKeySource final : public core::KeySource {
   absl::Status NotStarted() const;
   absl::Status NotStartedLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RetryLoop();
+  // Whether an attempt is worth making now: always, unless the last error refused our credentials and no file
+  // changed since.
+  bool WorthTrying(const absl::Status& last_error);
 
   const std::string environment_;
   const crypto::KeySourceKind kind_;
   const Opener open_;
   const absl::Duration retry_interval_;
+  const std::vector<std::string> files_;
+  std::vector<std::optional<keysource::FileStamp>> stamps_;  // only the retry thread touches it
   core::EventSink& events_;
   mutable absl::Mutex mu_;
   std::shared_ptr<core::KeySource> started_ ABSL_GUARDED_BY(mu_);

@@ -327,10 +327,18 @@ void ServerRunner::MaintainOnce() {
             .Increment();
       }
     }
+    const auto previous = last_probe_ok_.find(service->environment());
+    const bool was_ok = previous == last_probe_ok_.end() || previous->second;
     if (!health.ok) {
       observe::Log(spdlog::level::err, "health probe failed",
-                   {{"environment", service->environment()}, {"error", health.message}});
+                   {{"event", was_ok ? "unhealthy" : "still_unhealthy"},
+                    {"environment", service->environment()},
+                    {"error", health.message}});
+    } else if (!was_ok) {
+      observe::Log(spdlog::level::info, "health probe recovered",
+                   {{"event", "recovered"}, {"environment", service->environment()}, {"key_id", after}});
     }
+    last_probe_ok_[service->environment()] = health.ok;
   }
 }
 

@@ -17,6 +17,7 @@
 // Thread-safe: Apply() and Shutdown() are serialised; Services() may be called from any thread at any time.
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -127,6 +128,9 @@ class ServerRunner {
   mutable absl::Mutex mu_;
   std::vector<std::unique_ptr<Listener>> listeners_ ABSL_GUARDED_BY(mu_);
   bool refresh_requested_ ABSL_GUARDED_BY(mu_) = false;
+  // Each environment's last probe outcome, so a failure and a recovery are each said once ("event":"unhealthy",
+  // "event":"recovered"). Only the maintenance thread touches it.
+  std::map<std::string, bool> last_probe_ok_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   bool stopped_ ABSL_GUARDED_BY(mu_) = false;
