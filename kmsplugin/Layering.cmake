@@ -19,6 +19,7 @@ set(KMS_LAYER_FOLDERS
   "kmsplugin/observe=kms_observe"
   "kmsplugin/server=kms_server"
   "kmsplugin/daemon=kms_daemon"
+  "kmsplugin/admin=kms_admin"
   "kmsplugin/audit=kms_audit"
   "kmsplugin/doctor=kms_doctor"
   "kmsplugin/cli=kms_cli")

@@ -16,6 +16,7 @@
 #include "absl/time/time.h"
 #include "crypto/random.h"
 #include "kms_v2.grpc.pb.h"
+#include "kmsplugin/admin/retire_policy.h"
 #include "kmsplugin/audit/audit_command.h"
 #include "kmsplugin/cli/cli_common.h"
 #include "kmsplugin/cli/doctor.h"
@@ -94,15 +95,8 @@ int Rotate(const std::string& config_path, const std::string& env_name) {
   return 0;
 }
 
-enum class RetireAction { kRetire, kReinstate, kDestroy };
-
-std::string VersionList(const std::vector<core::KeyVersion>& versions) {
-  std::string out;
-  for (const core::KeyVersion& v : versions) {
-    absl::StrAppend(&out, out.empty() ? "" : ", ", v.version);
-  }
-  return out;
-}
+using admin::RetireAction;
+using admin::VersionList;
 
 // Objects etcd still holds under `versions` of `env_name` and of every environment configured on the same backend
 // key (allowSharedBackendKey), where a retire reaches too. Prints them (names capped) to `out`; returns the total.
@@ -160,21 +154,10 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
   if (!versions.ok()) {
     return Fail(versions.status());
   }
-  const char* verb = action == RetireAction::kRetire      ? "retire"
-                     : action == RetireAction::kReinstate ? "reinstate"
-                                                          : "destroy";
-  const char* done = action == RetireAction::kRetire      ? "retired"
-                     : action == RetireAction::kReinstate ? "reinstated"
-                                                          : "destroyed";
-  // What would change: the same rule the key source applies (destroy: everything up to N, all retired already).
-  absl::StatusOr<std::vector<core::KeyVersion>> plan;
-  if (action == RetireAction::kReinstate) {
-    plan = core::VersionsToReinstate(*versions, version);
-  } else if (action == RetireAction::kRetire) {
-    plan = core::VersionsToRetire(*versions, version);
-  } else {
-    plan = core::VersionsToDestroy(*versions, version);
-  }
+  const char* verb = admin::Verb(action);
+  const char* done = admin::PastTense(action);
+  // What would change: the same rule the key source applies.
+  absl::StatusOr<std::vector<core::KeyVersion>> plan = admin::PlanRetireAction(action, *versions, version);
   if (!plan.ok()) {
     return Fail(plan.status());
   }
@@ -184,23 +167,9 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
     return 0;
   }
   if (action == RetireAction::kRetire && !allow_recent) {
-    // Until kube-apiserver sees the new key_id in Status (polled every minute; a seed may coast 3 minutes) and
-    // each kmsplugin has noticed the rotation (pollInterval), new Secrets are still written under the versions
-    // about to be retired, after the etcd check below has looked. The RUNBOOK's 3 + N + M minutes.
-    const absl::Duration settle = absl::Minutes(8) + config.server.poll_interval;
-    for (const core::KeyVersion& v : *versions) {
-      if (v.version > version) {
-        if (const absl::Duration age = absl::Now() - v.created; age < settle) {
-          const std::string ago = absl::FormatDuration(absl::Trunc(age, absl::Seconds(1)));
-          return Fail(absl::FailedPreconditionError(absl::StrCat(
-              "version ", v.version, " replaced version ", version, " only ", ago,
-              " ago; kube-apiserver may still be writing Secrets under version ", version,
-              " (3 min + pollInterval + 5 min margin); fix: rewrite the Secrets after ",
-              absl::FormatTime(absl::RFC3339_sec, v.created + settle, absl::UTCTimeZone()),
-              " and retire then, or pass --allow-recent if no kube-apiserver uses this environment")));
-        }
-        break;
-      }
+    if (auto settled = admin::CheckSettled(*versions, version, config.server.poll_interval, absl::Now());
+        !settled.ok()) {
+      return Fail(settled);
     }
   }
   if (action != RetireAction::kReinstate) {
