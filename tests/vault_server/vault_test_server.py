@@ -22,6 +22,16 @@ may be combined):
     close: bool             stop listening (connection refused) and drop open connections
     revoke_tokens: true     revoke every token except the root token
     add_token: {id, ttl, renewable, max_ttl, policies}
+    set_token_ttl: {id, ttl}  what Vault now says is left of that token's TTL (lookup-self data.ttl), as after a
+                            suspended host or an operator's change; ttl <= 0 expires it at once, so every request
+                            with it gets 403 "permission denied" + "invalid token" (vault#26687)
+    policy: {name, paths: {path: [capability, ...]}}   an ACL policy. A token that holds at least one policy defined
+                            here is checked against them (plus Vault's built-in "default" policy, which grants
+                            lookup-self and renew-self); a denial is 403 {"errors":["1 error occurred:\n\t*
+                            permission denied\n\n"]}, with no "invalid token". Tokens whose policies are all
+                            undefined here (the default "default","kms") may do everything, as before. Paths match
+                            exactly, or by prefix when they end in "*"; GET needs read, POST/PUT update (create for
+                            a key that does not exist yet), DELETE delete, LIST list.
     approle: {mount, role_id, secret_id}
     jwt_role: {mount, role, jwt}
     cert_role: {mount, name}
@@ -76,6 +86,7 @@ class State:
         self.approles = {}  # mount -> (role_id, secret_id)
         self.jwt_roles = {}  # (mount, role) -> jwt
         self.cert_roles = set()  # (mount, name)
+        self.policies = {}  # name -> {path: set(capabilities)}
         self.token_ttl = 3600
         self.token_max_ttl = 86400
         self.root_token = root_token
@@ -130,9 +141,13 @@ class Listener:
 
 
 def key_data(name, k):
+    # Vault lists only the working set: versions below min_decryption_version are moved to the policy's archive and
+    # deleted from p.Keys (sdk/helper/keysutil/policy.go handleArchiving: `for i := p.LatestVersion - len(p.Keys) + 1;
+    # i < p.MinDecryptionVersion; i++ { delete(p.Keys, ...) }`), and formatKeyPolicy (builtin/logical/transit/
+    # path_keys.go) builds "keys" from p.Keys. Lowering min_decryption_version moves them back from the archive.
     return {
         "name": name, "type": "aes256-gcm96",
-        "keys": {str(v): created for v, (_, created) in sorted(k["versions"].items())},
+        "keys": {str(v): created for v, (_, created) in sorted(k["versions"].items()) if v >= k["min_decryption"]},
         "latest_version": k["latest"], "min_available_version": k["min_available"],
         "min_decryption_version": k["min_decryption"], "min_encryption_version": k["min_encryption"],
         "deletion_allowed": False, "derived": False, "exportable": False, "allow_plaintext_backup": False,
@@ -198,6 +213,7 @@ class Api:
             if tid:
                 raise UserError(403, ["2 errors occurred:\n\t* permission denied\n\t* invalid token\n\n"])
             raise UserError(403, ["permission denied"])
+        self.check_acl(tok, method, path, ns)
         if path == "auth/token/lookup-self" and method == "GET":
             ttl = 0 if tok["expire"] is None else max(0, int(tok["expire"] - now()))
             return 200, envelope(data={"id": tid, "accessor": tok.get("accessor", ""), "ttl": ttl,
@@ -321,6 +337,34 @@ class Api:
                 raise UserError(400, ["cipher: message authentication failed"])
             return 200, envelope(data={"plaintext": base64.b64encode(pt).decode()})
         raise UserError(404, ["no handler for route \"%s\". route entry not found." % path])
+
+    def check_acl(self, tok, method, path, ns):
+        st = self.state
+        if "root" in tok["policies"]:
+            return
+        defined = [st.policies[p] for p in tok["policies"] if p in st.policies]
+        if not defined:
+            return  # no policy of this token is modelled: everything is allowed, as before policies existed
+        # Vault's built-in "default" policy grants these to every token that has it.
+        if "default" in tok["policies"] and path in ("auth/token/lookup-self", "auth/token/renew-self"):
+            return
+        if method == "GET":
+            need = "read"
+        elif method in ("POST", "PUT"):
+            need = "update"
+            parts = path.split("/")
+            if len(parts) == 3 and parts[1] == "keys" and (ns, parts[0], parts[2]) not in st.keys:
+                need = "create"
+        elif method == "DELETE":
+            need = "delete"
+        else:
+            need = "list"
+        for pol in defined:
+            for pattern, caps in pol.items():
+                match = path.startswith(pattern[:-1]) if pattern.endswith("*") else path == pattern
+                if match and need in caps:
+                    return
+        raise UserError(403, ["1 error occurred:\n\t* permission denied\n\n"])
 
     def login(self, handler, mount, body):
         st = self.state
@@ -564,6 +608,15 @@ def make_control(state, listeners):
                 t = c["add_token"]
                 state.issue_token(ttl=t.get("ttl"), max_ttl=t.get("max_ttl"), renewable=t.get("renewable", True),
                                   policies=t.get("policies"), token_id=t["id"])
+            if "set_token_ttl" in c:
+                t = c["set_token_ttl"]
+                tok = state.tokens[t["id"]]
+                ttl = float(t["ttl"])
+                tok["expire"] = now() + ttl if ttl > 0 else now() - 1
+                tok["ttl"] = max(0, int(ttl))
+            if "policy" in c:
+                pol = c["policy"]
+                state.policies[pol["name"]] = {path: set(caps) for path, caps in pol["paths"].items()}
             if "approle" in c:
                 a = c["approle"]
                 state.approles[a.get("mount", "approle")] = (a["role_id"], a["secret_id"])
