@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <random>
+#include <utility>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -13,12 +14,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
+#include "absl/strings/str_split.h"
 #include "kmsplugin/core/sv.h"
 
 namespace kmsplugin::keysource::vault {
 namespace {
-
-constexpr size_t kMaxCredentialBytes = 64 * 1024;
 
 double Uniform(double lo, double hi) {
   thread_local std::mt19937_64 gen{std::random_device{}()};
@@ -77,85 +77,70 @@ std::string VaultResponse::Errors() const {
   return absl::StrJoin(out, "; ");
 }
 
-absl::Status CheckCredentialFile(const std::string& path, absl::string_view what) {
-  struct stat st;
-  if (stat(path.c_str(), &st) != 0) {
-    return absl::FailedPreconditionError(absl::StrCat("cannot read the ", what, " file ", path, ": ",
-                                                      strerror(errno), "; fix: create it or correct the path"));
+absl::StatusOr<keysource::SecretFile> ReadCredentialFile(const std::string& path, std::string_view what) {
+  keysource::SecretFileOptions options;
+  options.printable_only = true;
+  options.trim_blanks = true;
+  auto file = keysource::ReadSecretFile(path, what, options);
+  if (!file.ok() && file.status().code() == absl::StatusCode::kNotFound) {
+    // A missing credential is the operator's to fix, like every other refusal (KeySource error policy).
+    return absl::FailedPreconditionError(file.status().message());
   }
-  if (!S_ISREG(st.st_mode)) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("the ", what, " file ", path, " is not a regular file; fix: point at the file itself"));
-  }
-  if ((st.st_mode & 077) != 0) {
-    char mode[8];
-    snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
-    return absl::FailedPreconditionError(absl::StrCat("the ", what, " file ", path, " has mode ", mode,
-                                                      ", so group or others can access it; fix: chmod 600 ", path));
-  }
-  return absl::OkStatus();
-}
-
-absl::StatusOr<crypto::SecretBytes> ReadCredentialFile(const std::string& path, absl::string_view what) {
-  if (absl::Status s = CheckCredentialFile(path, what); !s.ok()) {
-    return s;
-  }
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("cannot open the ", what, " file ", path, ": ", strerror(errno), "; fix: check its owner"));
-  }
-  crypto::SecretBytes buffer(kMaxCredentialBytes);
-  size_t used = 0;
-  while (used < buffer.size()) {
-    ssize_t n = read(fd, buffer.data() + used, buffer.size() - used);
-    if (n < 0 && errno == EINTR) {
-      continue;
-    }
-    if (n <= 0) {
-      break;
-    }
-    used += static_cast<size_t>(n);
-  }
-  close(fd);
-  if (used == buffer.size()) {
-    return absl::FailedPreconditionError(absl::StrCat("the ", what, " file ", path, " is larger than 64 KiB"));
-  }
-  absl::string_view content(reinterpret_cast<const char*>(buffer.data()), used);
-  content = absl::StripAsciiWhitespace(content);
-  if (content.empty()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("the ", what, " file ", path, " is empty; fix: write the credential into it"));
-  }
-  for (char c : content) {
-    if (!absl::ascii_isprint(static_cast<unsigned char>(c))) {
-      return absl::FailedPreconditionError(absl::StrCat("the ", what, " file ", path,
-                                                        " holds non-printable characters; fix: write only the "
-                                                        "credential, on one line"));
-    }
-  }
-  return crypto::SecretBytes::CopyOf(std::string_view(content.data(), content.size()));
+  return file;
 }
 
 absl::StatusOr<std::unique_ptr<VaultClient>> VaultClient::New(VaultOptions options, core::Clock* clock,
-                                                              size_t max_concurrency) {
+                                                              size_t max_concurrency, core::EventSink* events) {
   if (options.addresses.empty()) {
     return absl::InvalidArgumentError("no Vault address given");
   }
   if (!options.tls.key_file.empty()) {
-    if (absl::Status s = CheckCredentialFile(options.tls.key_file, "TLS client key"); !s.ok()) {
-      return s;
+    // The owner and mode checks, on the opened file (curl reads it again itself).
+    keysource::SecretFileOptions pem;
+    pem.trim_newlines = false;
+    auto key = keysource::ReadSecretFile(options.tls.key_file, "TLS client key file", pem);
+    if (!key.ok()) {
+      return absl::FailedPreconditionError(key.status().message());
     }
   }
   auto transport = HttpTransport::New(options.tls, max_concurrency + 2);  // + renewal thread + spare
   if (!transport.ok()) {
     return transport.status();
   }
-  return std::unique_ptr<VaultClient>(new VaultClient(std::move(options), clock, std::move(*transport)));
+  return std::unique_ptr<VaultClient>(
+      new VaultClient(std::move(options), clock, std::move(*transport), events));
 }
 
-VaultClient::VaultClient(VaultOptions options, core::Clock* clock, std::unique_ptr<HttpTransport> transport)
-    : options_(std::move(options)), clock_(clock), transport_(std::move(transport)) {}
+VaultClient::VaultClient(VaultOptions options, core::Clock* clock, std::unique_ptr<HttpTransport> transport,
+                         core::EventSink* events)
+    : options_(std::move(options)),
+      clock_(clock),
+      transport_(std::move(transport)),
+      events_(events != nullptr ? events : &core::NullEventSink()) {}
+
+void VaultClient::Emit(const char* name, std::string message,
+                       std::vector<std::pair<std::string, std::string>> fields, bool warning) const {
+  core::SourceEvent e;
+  e.name = name;
+  e.message = std::move(message);
+  e.fields = std::move(fields);
+  e.warning = warning;
+  events_->Emit(e);
+}
+
+absl::Duration VaultClient::CheckEvery() const {
+  return options_.poll_interval > absl::ZeroDuration() ? options_.poll_interval : absl::Minutes(1);
+}
+
+std::string VaultClient::CredentialName() const {
+  switch (options_.auth.kind) {
+    case AuthKind::kToken: return absl::StrCat("the token from ", options_.auth.token_file);
+    case AuthKind::kAppRole: return absl::StrCat("the token from the AppRole login at ", AuthMountPath());
+    case AuthKind::kJwt: return absl::StrCat("the token from the JWT login at ", AuthMountPath());
+    case AuthKind::kCert: return absl::StrCat("the token from the certificate login at ", AuthMountPath());
+  }
+  return "the token";
+}
 
 VaultClient::~VaultClient() { StopBackground(); }
 
@@ -201,6 +186,41 @@ HttpResponse VaultClient::SendOnce(const std::string& url, const std::string& co
   return response;
 }
 
+void VaultClient::NoteAnswered(const std::string& address, absl::string_view reason) {
+  std::string before;
+  {
+    absl::MutexLock lock(&route_mu_);
+    if (last_answered_ == address) {
+      return;
+    }
+    before = std::exchange(last_answered_, address);
+  }
+  if (!before.empty()) {
+    Emit(core::event::kFailover,
+         absl::StrCat("Vault requests now go to ", address, " instead of ", before, " (", reason, ")"),
+         {{"from", before}, {"to", address}, {"reason", std::string(reason)}});
+  }
+}
+
+void VaultClient::LearnActive(const std::string& standby, const std::string& base) {
+  const ParsedAddress learnt = ParseAddress(base);
+  for (size_t i = 0; i < options_.addresses.size(); ++i) {
+    const ParsedAddress configured = ParseAddress(options_.addresses[i]);
+    if (configured.scheme == learnt.scheme && configured.host == learnt.host && configured.port == learnt.port) {
+      preferred_.store(i);
+      absl::MutexLock lock(&route_mu_);
+      remembered_.clear();
+      return;
+    }
+  }
+  // Not a configured address: Vault's api_addr of the active node, named by a configured (trusted) standby over
+  // the same or a stronger scheme (Send refused https -> http). It is kept in memory only, for this client's
+  // lifetime, and forgotten at its first failure; the configuration is never changed by it.
+  (void)standby;
+  absl::MutexLock lock(&route_mu_);
+  remembered_ = base;
+}
+
 absl::StatusOr<VaultResponse> VaultClient::Send(absl::string_view method, absl::string_view path,
                                                 const std::string& body, const crypto::SecretBytes* token,
                                                 absl::Time deadline) {
@@ -211,6 +231,43 @@ absl::StatusOr<VaultResponse> VaultClient::Send(absl::string_view method, absl::
   int throttled = 0;
   std::vector<std::string> errors;
   auto summary = [&errors]() { return absl::StrJoin(errors.end() - std::min<size_t>(errors.size(), 4), errors.end(), "; "); };
+  auto parse = [](HttpResponse& h, const std::string& answered_by) {
+    VaultResponse response;
+    response.status = h.status;
+    response.address = answered_by;
+    if (!h.body.empty()) {
+      response.body = nlohmann::json::parse(h.body, nullptr, /*allow_exceptions=*/false);
+      if (response.body.is_discarded()) {
+        response.body = nullptr;
+      }
+    }
+    WipeString(h.body);
+    return response;
+  };
+  const std::string suffix = absl::StrCat("/v1/", path);
+
+  // The active node a standby redirected us to earlier: asked first, once; forgotten when it fails.
+  std::string remembered;
+  {
+    absl::MutexLock lock(&route_mu_);
+    remembered = remembered_;
+  }
+  if (!remembered.empty()) {
+    absl::Duration remaining = deadline - absl::Now();
+    absl::Duration timeout = std::min(options_.request_timeout, std::max(remaining / 2, absl::Milliseconds(100)));
+    HttpResponse h = SendOnce(absl::StrCat(remembered, suffix), "", method, body, token, timeout, deadline);
+    if (h.transport.ok() && !IsRetryableStatus(h.status) && !IsRedirect(h.status)) {
+      NoteAnswered(remembered, "redirected there by a standby");
+      return parse(h, remembered);
+    }
+    errors.push_back(h.transport.ok() ? absl::StrCat(remembered, " answered HTTP ", h.status)
+                                      : std::string(h.transport.message()));
+    WipeString(h.body);
+    absl::MutexLock lock(&route_mu_);
+    if (remembered_ == remembered) {
+      remembered_.clear();
+    }
+  }
 
   for (;;) {
     absl::Time now = absl::Now();
@@ -228,13 +285,14 @@ absl::StatusOr<VaultResponse> VaultClient::Send(absl::string_view method, absl::
     ParsedAddress parsed = ParseAddress(address);
     std::string url, connect_to;
     if (!options_.tls.server_name.empty() && parsed.scheme == "https") {
-      url = absl::StrCat("https://", options_.tls.server_name, ":", parsed.port, "/v1/", path);
+      url = absl::StrCat("https://", options_.tls.server_name, ":", parsed.port, suffix);
       connect_to = absl::StrCat(options_.tls.server_name, ":", parsed.port, ":", parsed.host, ":", parsed.port);
     } else {
-      url = absl::StrCat(address, "/v1/", path);
+      url = absl::StrCat(address, suffix);
     }
     HttpResponse h = SendOnce(url, connect_to, method, body, token, timeout, deadline);
     std::string answered_by = address;
+    std::string learnt;  // the redirect target's "scheme://host:port", when it answered
     if (h.transport.ok() && IsRedirect(h.status) && !h.location.empty()) {
       std::string location = h.location;
       if (absl::StartsWith(location, "/")) {
@@ -248,9 +306,18 @@ absl::StatusOr<VaultResponse> VaultClient::Send(absl::string_view method, absl::
       absl::Duration left = deadline - absl::Now();
       h = SendOnce(location, "", method, body, token, std::min(options_.request_timeout, left), deadline);
       answered_by = location;
+      // Vault's standby puts the active node's api_addr in front of the request URI (handler.go respondStandby),
+      // so the active node's base is the Location minus "/v1/<path>" (and any query).
+      absl::string_view target = location;
+      target = target.substr(0, target.find('?'));
+      if (absl::EndsWith(target, suffix)) {
+        learnt = std::string(target.substr(0, target.size() - suffix.size()));
+        answered_by = learnt;
+      }
       if (h.transport.ok() && IsRedirect(h.status)) {
         h.transport = absl::UnavailableError(
             absl::StrCat("Vault at ", address, " redirected twice (to ", location, "); only one redirect is followed"));
+        learnt.clear();
       }
     }
     if (!h.transport.ok()) {
@@ -262,23 +329,20 @@ absl::StatusOr<VaultResponse> VaultClient::Send(absl::string_view method, absl::
       }
       errors.push_back(std::string(h.transport.message()));
     } else {
-      VaultResponse response;
-      response.status = h.status;
-      response.address = answered_by;
-      if (!h.body.empty()) {
-        response.body = nlohmann::json::parse(h.body, nullptr, /*allow_exceptions=*/false);
-        if (response.body.is_discarded()) {
-          response.body = nullptr;
-        }
-      }
-      WipeString(h.body);
-      if (!IsRetryableStatus(h.status)) {
+      VaultResponse response = parse(h, answered_by);
+      if (!IsRetryableStatus(response.status)) {
         preferred_.store(index);
+        if (!learnt.empty() && learnt != address) {
+          LearnActive(address, learnt);
+          NoteAnswered(learnt, absl::StrCat("the standby at ", address, " redirected there"));
+        } else {
+          NoteAnswered(address, errors.empty() ? "it answered" : absl::StrCat("after: ", summary()));
+        }
         return response;
       }
       std::string errs = response.Errors();
-      errors.push_back(absl::StrCat(answered_by, " answered HTTP ", h.status, errs.empty() ? "" : ": ", errs));
-      if (h.status == 429 || h.status == 412) {
+      errors.push_back(absl::StrCat(answered_by, " answered HTTP ", response.status, errs.empty() ? "" : ": ", errs));
+      if (response.status == 429 || response.status == 412) {
         ++throttled;
         if (throttled > options_.retry.max_retries) {
           return absl::UnavailableError(absl::StrCat("Vault kept refusing ", method, " ", path, " after ", throttled,
@@ -315,6 +379,52 @@ absl::StatusOr<VaultResponse> VaultClient::Send(absl::string_view method, absl::
   }
 }
 
+namespace {
+
+// The ACL capability Vault checks for `method` on `path` (Vault maps POST/PUT to create or update, GET to read).
+std::string CapabilityFor(absl::string_view method, absl::string_view path) {
+  if (method == "GET") {
+    return "read";
+  }
+  if (method == "DELETE") {
+    return "delete";
+  }
+  if (method == "LIST") {
+    return "list";
+  }
+  std::vector<absl::string_view> parts = absl::StrSplit(path, '/');
+  if (parts.size() == 3 && parts[1] == "keys") {
+    return "create";  // writing <mount>/keys/<name> creates the key (kmsplugin init)
+  }
+  return "update";
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<std::string>> VaultClient::ProbeToken(const crypto::SecretBytes& token,
+                                                                 absl::Time deadline) {
+  auto response = Send("GET", "auth/token/lookup-self", "", &token, deadline);
+  if (!response.ok()) {
+    return response.status();
+  }
+  if (response->status == 403) {
+    return absl::PermissionDeniedError(response->Errors());
+  }
+  if (response->status != 200) {
+    return ErrorStatus(*response, "token lookup-self");
+  }
+  std::vector<std::string> policies;
+  const nlohmann::json& data = response->body.is_object() ? response->body["data"] : nlohmann::json();
+  if (data.is_object() && data.contains("policies") && data["policies"].is_array()) {
+    for (const auto& p : data["policies"]) {
+      if (p.is_string()) {
+        policies.push_back(p.get<std::string>());
+      }
+    }
+  }
+  return policies;
+}
+
 absl::StatusOr<VaultResponse> VaultClient::Call(absl::string_view method, absl::string_view path, std::string body,
                                                 absl::Time deadline, bool authenticated) {
   bool reauthenticated = false;
@@ -334,23 +444,51 @@ absl::StatusOr<VaultResponse> VaultClient::Call(absl::string_view method, absl::
       WipeString(body);
       return response.status();
     }
-    if (authenticated && response->status == 403) {
-      if (!reauthenticated) {
-        reauthenticated = true;
-        if (absl::Status s = Reauthenticate(deadline, generation, *response); !s.ok()) {
-          WipeString(body);
-          return s;
-        }
-        continue;
-      }
+    if (!authenticated || response->status != 403) {
       WipeString(body);
-      return absl::PermissionDeniedError(absl::StrCat("Vault at ", response->address, " refused ", method, " ",
-                                                      path, " with HTTP 403 even after a fresh login: ",
-                                                      response->Errors(),
-                                                      "; fix: grant the role's policy 'update' on this path"));
+      return response;
+    }
+    // Vault answers 403 both when the token's policies do not grant the path and when the token is invalid or
+    // expired; since hashicorp/vault#26687 (2024) the latter adds "invalid token" to the errors. Without it (an
+    // older Vault, or a real ACL denial) lookup-self, which every token's default policy allows, tells them apart.
+    const std::string errors = response->Errors();
+    bool invalid = absl::StrContains(errors, "invalid token");
+    if (!invalid) {
+      auto policies = ProbeToken(token, deadline);
+      if (policies.ok()) {
+        WipeString(body);
+        const std::string capability = CapabilityFor(method, path);
+        return absl::PermissionDeniedError(absl::StrCat(
+            "permission denied by policy: Vault at ", response->address, " refused ", method, " ", path,
+            options_.vault_namespace.empty() ? "" : absl::StrCat(" (namespace ", options_.vault_namespace, ")"),
+            " with HTTP 403 (", errors, ") although ", CredentialName(),
+            " is valid (lookup-self works; its policies: ", absl::StrJoin(*policies, ", "),
+            "); fix: grant \"", capability, "\" on ", path, " in one of those policies, e.g. path \"", path,
+            "\" { capabilities = [\"", capability, "\"] }"));
+      }
+      invalid = policies.status().code() == absl::StatusCode::kPermissionDenied;
+      if (!invalid) {
+        WipeString(body);
+        return absl::Status(policies.status().code(),
+                            absl::StrCat("Vault at ", response->address, " refused ", method, " ", path,
+                                         " with HTTP 403 (", errors,
+                                         "), and lookup-self could not tell whether the token is still valid: ",
+                                         policies.status().message()));
+      }
+    }
+    if (!reauthenticated) {
+      reauthenticated = true;
+      if (absl::Status s = Reauthenticate(deadline, generation, *response); !s.ok()) {
+        WipeString(body);
+        return s;
+      }
+      continue;
     }
     WipeString(body);
-    return response;
+    return absl::PermissionDeniedError(absl::StrCat(
+        "token invalid or expired: Vault at ", response->address, " refused ", method, " ", path,
+        " with HTTP 403 even after a fresh login (", errors, "); fix: check that the role's token_ttl is not "
+        "shorter than a request and that nothing revokes its tokens"));
   }
 }
 
@@ -370,10 +508,22 @@ absl::Status VaultClient::ErrorStatus(const VaultResponse& response, absl::strin
 
 absl::StatusOr<crypto::SecretBytes> VaultClient::CurrentToken(absl::Time deadline, uint64_t* generation) {
   if (options_.auth.kind == AuthKind::kToken) {
-    absl::MutexLock file(&file_mu_);
     bool changed = false;
-    if (absl::Status s = LoadTokenFile(/*force=*/false, deadline, &changed); !s.ok()) {
-      return s;
+    {
+      absl::MutexLock file(&file_mu_);
+      // issue 15: one stat of the token file per second at most, not one per call. A 403 re-reads it at once.
+      const absl::Time now = clock_->Now();
+      if (!file_stamp_.has_value() || now - file_checked_ >= absl::Seconds(1)) {
+        if (absl::Status s = LoadTokenFile(/*force=*/false, &changed); !s.ok()) {
+          return s;
+        }
+        file_checked_ = now;
+      }
+    }
+    if (changed) {
+      Emit(core::event::kCredentialReloaded,
+           absl::StrCat("picked up a new Vault token from ", options_.auth.token_file),
+           {{"file", options_.auth.token_file}});
     }
   } else {
     bool need_login;
@@ -400,90 +550,93 @@ absl::StatusOr<crypto::SecretBytes> VaultClient::CurrentToken(absl::Time deadlin
   return crypto::SecretBytes::CopyOf(token_.view());
 }
 
-absl::Status VaultClient::LoadTokenFile(bool force, absl::Time deadline, bool* changed) {
-  (void)deadline;
+absl::Status VaultClient::LoadTokenFile(bool force, bool* changed) {
   const std::string& path = options_.auth.token_file;
-  struct stat st;
-  if (stat(path.c_str(), &st) != 0) {
-    return absl::FailedPreconditionError(absl::StrCat("cannot read the Vault token file ", path, ": ",
-                                                      strerror(errno), "; fix: create it or correct auth.token.file"));
-  }
-  int64_t mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
-  bool same = mtime_ns == file_mtime_ns_ && st.st_size == file_size_ && st.st_ino == file_inode_;
   *changed = false;
-  if (same && !force) {
-    return absl::OkStatus();
+  if (!force && file_stamp_.has_value()) {
+    std::optional<keysource::FileStamp> stamp = keysource::StatStamp(path);
+    if (stamp.has_value() && *stamp == *file_stamp_) {
+      return absl::OkStatus();
+    }
   }
-  auto token = ReadCredentialFile(path, "Vault token");
-  if (!token.ok()) {
-    return token.status();
+  auto file = ReadCredentialFile(path, "Vault token file");
+  if (!file.ok()) {
+    return file.status();
   }
-  file_mtime_ns_ = mtime_ns;
-  file_size_ = st.st_size;
-  file_inode_ = st.st_ino;
+  file_stamp_ = file->stamp;
   absl::MutexLock lock(&mu_);
-  if (!token_.Equals(*token)) {
-    token_ = std::move(*token);
+  if (!token_.Equals(file->bytes)) {
+    *changed = !token_.empty();
+    token_ = std::move(file->bytes);
     ++generation_;
-    *changed = true;
-    // Learn the new token's lease soon (background lookup-self).
+    // Learn the new token's TTL from Vault soon (background lookup-self).
     lease_ = absl::ZeroDuration();
     renewable_ = false;
+    capped_ = false;
     expire_ = absl::InfiniteFuture();
-    renew_at_ = clock_->Now();
+    renew_at_ = absl::InfiniteFuture();
+    verify_at_ = clock_->Now();
   }
   return absl::OkStatus();
 }
 
-void VaultClient::SetLease(absl::Duration lease, bool renewable) {
-  absl::Time now = clock_->Now();
-  lease_ = lease;
+void VaultClient::Report(absl::Duration remaining, absl::Duration lease, bool renewable) {
+  const absl::Time now = clock_->Now();
+  const bool can_login = options_.auth.kind != AuthKind::kToken;
   renewable_ = renewable;
   renew_failures_ = 0;
-  if (lease <= absl::ZeroDuration()) {  // a token that never expires (root, periodic without TTL)
+  if (remaining <= absl::ZeroDuration()) {  // a token that never expires (root, periodic without TTL)
     expire_ = absl::InfiniteFuture();
     renew_at_ = absl::InfiniteFuture();
     grace_ = absl::ZeroDuration();
+    verify_at_ = now + CheckEvery();  // still re-checked: it can be revoked
     return;
   }
-  expire_ = now + lease;
-  grace_ = lease * Uniform(0.1, 0.2);
-  if (renewable) {
-    renew_at_ = now + lease * 2 / 3;
-  } else if (options_.auth.kind != AuthKind::kToken) {
-    renew_at_ = expire_ - grace_;  // time to log in again
+  lease_ = std::max(lease, remaining);
+  expire_ = now + remaining;
+  grace_ = lease_ * Uniform(0.1, 0.2);
+  if (renewable && !capped_) {
+    // Renew once two thirds of the lease are gone, by Vault's count (LifetimeWatcher's schedule).
+    renew_at_ = now + std::max(absl::ZeroDuration(), remaining - lease_ / 3);
+  } else if (can_login) {
+    renew_at_ = now + std::max(absl::ZeroDuration(), remaining - grace_);  // time to log in again
   } else {
     renew_at_ = absl::InfiniteFuture();
   }
+  // Re-read the TTL at least every poll interval, and more often as the end nears (a suspended host or a skewed
+  // clock makes the local countdown wrong; Vault's is the one that counts).
+  verify_at_ = now + std::min(CheckEvery(), std::max(remaining / 2, absl::Seconds(1)));
 }
 
 absl::Status VaultClient::Login(absl::Time deadline) {
   const AuthOptions& auth = options_.auth;
   std::string body;
+  std::optional<keysource::FileStamp> secret_stamp;
   switch (auth.kind) {
     case AuthKind::kToken:
       return absl::InternalError("Login called for token auth");
     case AuthKind::kAppRole: {
-      auto role_id = ReadCredentialFile(auth.role_id_file, "AppRole role_id");
+      auto role_id = ReadCredentialFile(auth.role_id_file, "AppRole role_id file");
       if (!role_id.ok()) {
         return role_id.status();
       }
-      auto secret_id = ReadCredentialFile(auth.secret_id_file, "AppRole secret_id");
+      auto secret_id = ReadCredentialFile(auth.secret_id_file, "AppRole secret_id file");
       if (!secret_id.ok()) {
         return secret_id.status();
       }
-      std::string r = JsonString(Sv(role_id->view())), s = JsonString(Sv(secret_id->view()));
+      secret_stamp = secret_id->stamp;
+      std::string r = JsonString(Sv(role_id->bytes.view())), s = JsonString(Sv(secret_id->bytes.view()));
       body = absl::StrCat("{\"role_id\":", r, ",\"secret_id\":", s, "}");
       WipeString(r);
       WipeString(s);
       break;
     }
     case AuthKind::kJwt: {
-      auto jwt = ReadCredentialFile(auth.jwt_file, "JWT");
+      auto jwt = ReadCredentialFile(auth.jwt_file, "JWT file");
       if (!jwt.ok()) {
         return jwt.status();
       }
-      std::string j = JsonString(Sv(jwt->view()));
+      std::string j = JsonString(Sv(jwt->bytes.view()));
       body = absl::StrCat("{\"role\":", JsonString(auth.role), ",\"jwt\":", j, "}");
       WipeString(j);
       break;
@@ -515,10 +668,22 @@ absl::Status VaultClient::Login(absl::Time deadline) {
   WipeString(token);
   int64_t lease = j["auth"].value("lease_duration", int64_t{0});
   bool renewable = j["auth"].value("renewable", false);
-  absl::MutexLock lock(&mu_);
-  token_ = std::move(secret);
-  ++generation_;
-  SetLease(absl::Seconds(lease), renewable);
+  const bool new_secret = secret_stamp.has_value() && secret_stamp_.has_value() && *secret_stamp != *secret_stamp_;
+  if (secret_stamp.has_value()) {
+    secret_stamp_ = secret_stamp;
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    token_ = std::move(secret);
+    ++generation_;
+    capped_ = false;
+    Report(absl::Seconds(lease), absl::Seconds(lease), renewable);
+  }
+  if (new_secret) {
+    Emit(core::event::kCredentialReloaded,
+         absl::StrCat("logged in with a new AppRole secret_id from ", auth.secret_id_file),
+         {{"file", auth.secret_id_file}});
+  }
   return absl::OkStatus();
 }
 
@@ -534,15 +699,25 @@ absl::Status VaultClient::LookupSelf(absl::Time deadline) {
   if (!response.ok()) {
     return response.status();
   }
+  if (response->status == 403) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "token invalid or expired: Vault at ", response->address, " refused ", CredentialName(),
+        " (lookup-self: HTTP 403: ", response->Errors(), ")",
+        options_.auth.kind == AuthKind::kToken
+            ? absl::StrCat("; fix: write a valid, unexpired token to ", options_.auth.token_file)
+            : ""));
+  }
   if (response->status != 200) {
     return ErrorStatus(*response, "token lookup-self");
   }
   const nlohmann::json& data = response->body.is_object() ? response->body["data"] : nlohmann::json();
   int64_t ttl = data.is_object() ? data.value("ttl", int64_t{0}) : 0;
+  int64_t creation_ttl = data.is_object() ? data.value("creation_ttl", int64_t{0}) : 0;
   bool renewable = data.is_object() ? data.value("renewable", false) : false;
   absl::MutexLock lock(&mu_);
   if (generation == generation_) {
-    SetLease(absl::Seconds(ttl), renewable);
+    absl::Duration lease = std::max(absl::Seconds(creation_ttl), lease_);
+    Report(absl::Seconds(ttl), lease, renewable);
   }
   return absl::OkStatus();
 }
@@ -552,9 +727,10 @@ absl::Status VaultClient::Authenticate(absl::Time deadline) {
     {
       absl::MutexLock file(&file_mu_);
       bool changed = false;
-      if (absl::Status s = LoadTokenFile(/*force=*/true, deadline, &changed); !s.ok()) {
+      if (absl::Status s = LoadTokenFile(/*force=*/true, &changed); !s.ok()) {
         return s;
       }
+      file_checked_ = clock_->Now();
     }
     return LookupSelf(deadline);
   }
@@ -563,27 +739,43 @@ absl::Status VaultClient::Authenticate(absl::Time deadline) {
 }
 
 absl::Status VaultClient::Reauthenticate(absl::Time deadline, uint64_t generation, const VaultResponse& refused) {
-  absl::MutexLock login(&login_mu_);
+  bool changed = false;
   {
-    absl::MutexLock lock(&mu_);
-    if (generation_ != generation) {
-      return absl::OkStatus();  // another caller already has a fresh token
+    absl::MutexLock login(&login_mu_);
+    {
+      absl::MutexLock lock(&mu_);
+      if (generation_ != generation) {
+        return absl::OkStatus();  // another caller already has a fresh token
+      }
+    }
+    if (options_.auth.kind == AuthKind::kToken) {
+      absl::MutexLock file(&file_mu_);
+      if (absl::Status s = LoadTokenFile(/*force=*/true, &changed); !s.ok()) {
+        return s;
+      }
+      file_checked_ = clock_->Now();
+      if (!changed) {
+        return absl::PermissionDeniedError(absl::StrCat(
+            "token invalid or expired: Vault at ", refused.address, " refused the token from ",
+            options_.auth.token_file, " (HTTP 403: ", refused.Errors(), "); fix: write a valid, unexpired token to ",
+            options_.auth.token_file));
+      }
+    } else if (absl::Status s = Login(deadline); !s.ok()) {
+      return s;
     }
   }
   if (options_.auth.kind == AuthKind::kToken) {
-    absl::MutexLock file(&file_mu_);
-    bool changed = false;
-    if (absl::Status s = LoadTokenFile(/*force=*/true, deadline, &changed); !s.ok()) {
-      return s;
-    }
-    if (!changed) {
-      return absl::PermissionDeniedError(absl::StrCat(
-          "Vault at ", refused.address, " refused the token from ", options_.auth.token_file, " (HTTP 403: ",
-          refused.Errors(), "); fix: write a valid, unexpired token to ", options_.auth.token_file));
-    }
-    return absl::OkStatus();
+    Emit(core::event::kCredentialReloaded,
+         absl::StrCat("picked up a new Vault token from ", options_.auth.token_file,
+                      " after Vault refused the old one as invalid or expired"),
+         {{"file", options_.auth.token_file}});
+  } else {
+    Emit(core::event::kRelogin,
+         absl::StrCat("logged in again at ", AuthMountPath(), " after Vault at ", refused.address,
+                      " refused the token as invalid or expired"),
+         {{"path", AuthMountPath()}, {"address", refused.address}});
   }
-  return Login(deadline);
+  return absl::OkStatus();
 }
 
 absl::Duration VaultClient::TokenTimeToLive() const {
@@ -592,6 +784,70 @@ absl::Duration VaultClient::TokenTimeToLive() const {
     return absl::InfiniteDuration();
   }
   return std::max(absl::ZeroDuration(), expire_ - clock_->Now());
+}
+
+void VaultClient::TokenDead(uint64_t generation, absl::Time deadline) {
+  bool changed = false;
+  absl::Status result;
+  {
+    absl::MutexLock login(&login_mu_);
+    {
+      absl::MutexLock lock(&mu_);
+      if (generation_ != generation) {
+        return;  // a caller already replaced it
+      }
+    }
+    if (options_.auth.kind == AuthKind::kToken) {
+      absl::MutexLock file(&file_mu_);
+      result = LoadTokenFile(/*force=*/true, &changed);
+      file_checked_ = clock_->Now();
+      if (result.ok() && !changed) {
+        // Nothing better on disk: calls fail PERMISSION_DENIED ("token invalid or expired") until the file
+        // changes; its stamp is checked on every call (at most once a second) and here at each check.
+        absl::MutexLock lock(&mu_);
+        renew_at_ = absl::InfiniteFuture();
+        verify_at_ = clock_->Now() + std::min(CheckEvery(), absl::Seconds(5));
+        return;
+      }
+    } else {
+      result = Login(deadline);
+    }
+  }
+  if (!result.ok()) {
+    absl::MutexLock lock(&mu_);
+    verify_at_ = clock_->Now() + std::min(CheckEvery(), absl::Seconds(5));
+    return;
+  }
+  if (options_.auth.kind == AuthKind::kToken) {
+    Emit(core::event::kCredentialReloaded,
+         absl::StrCat("picked up a new Vault token from ", options_.auth.token_file,
+                      " after Vault reported the old one invalid or expired"),
+         {{"file", options_.auth.token_file}});
+    (void)LookupSelf(deadline);
+  } else {
+    Emit(core::event::kRelogin,
+         absl::StrCat("logged in again at ", AuthMountPath(), " because Vault reported the token invalid or expired"),
+         {{"path", AuthMountPath()}});
+  }
+}
+
+void VaultClient::VerifyOnce() {
+  uint64_t generation;
+  bool empty;
+  {
+    absl::MutexLock lock(&mu_);
+    generation = generation_;
+    empty = token_.empty();
+    verify_at_ = clock_->Now() + std::min(CheckEvery(), absl::Seconds(5));  // until a report reschedules it
+  }
+  if (empty) {
+    return;
+  }
+  absl::Time deadline = absl::Now() + std::min(options_.request_timeout, absl::Seconds(10));
+  absl::Status s = LookupSelf(deadline);
+  if (s.code() == absl::StatusCode::kPermissionDenied) {
+    TokenDead(generation, deadline);
+  }
 }
 
 void VaultClient::RenewOnce() {
@@ -603,8 +859,7 @@ void VaultClient::RenewOnce() {
   };
   absl::Time now = clock_->Now();
   crypto::SecretBytes token;
-  bool renewable;
-  bool lease_known;
+  bool renewable, capped;
   absl::Duration lease, grace, remaining;
   uint64_t generation;
   {
@@ -615,17 +870,20 @@ void VaultClient::RenewOnce() {
     generation = generation_;
     token = crypto::SecretBytes::CopyOf(token_.view());
     renewable = renewable_;
+    capped = capped_;
     lease = lease_;
-    lease_known = lease_ > absl::ZeroDuration() || expire_ != absl::InfiniteFuture();
     grace = grace_;
     remaining = expire_ == absl::InfiniteFuture() ? absl::InfiniteDuration() : expire_ - now;
   }
   const bool can_login = options_.auth.kind != AuthKind::kToken;
   absl::Time deadline = absl::Now() + std::min(options_.request_timeout, absl::Seconds(10));
   absl::Status result;
-  if (options_.auth.kind == AuthKind::kToken && !lease_known) {
-    result = token.empty() ? absl::OkStatus() : LookupSelf(deadline);
-  } else if (renewable) {
+  if (token.empty()) {
+    absl::MutexLock lock(&mu_);
+    renew_at_ = absl::InfiniteFuture();
+    return;
+  }
+  if (renewable && !capped) {
     std::string body = absl::StrCat("{\"increment\":\"", absl::ToInt64Seconds(lease), "s\"}");
     auto response = Send("POST", "auth/token/renew-self", body, &token, deadline);
     if (response.ok() && response->status == 200 && response->body.is_object() &&
@@ -641,26 +899,29 @@ void VaultClient::RenewOnce() {
         if (generation != generation_) {
           return;  // a caller logged in meanwhile; that token has its own lease
         }
-        SetLease(new_lease, still_renewable);
-        if (new_lease > absl::ZeroDuration() && new_lease <= grace && can_login) {
-          renew_at_ = clock_->Now();  // max TTL reached: log in again
-          renewable_ = false;
-        }
+        // Vault granted less than asked: the max TTL is near, renewing again cannot extend it (LifetimeWatcher
+        // stops renewing then too); log in again before the end, or (token file) let it run out.
+        capped_ = new_lease > absl::ZeroDuration() && new_lease + absl::Seconds(1) < lease;
+        Report(new_lease, lease, still_renewable);
       }
+      Emit(core::event::kTokenRenewed,
+           absl::StrCat("renewed ", CredentialName(), " for ", absl::FormatDuration(new_lease)),
+           {{"ttl_seconds", absl::StrCat(absl::ToInt64Seconds(new_lease))}});
+      return;
+    }
+    if (response.ok() && response->status == 403) {
+      TokenDead(generation, deadline);  // Vault says the token is gone: do not wait for the next call to find out
       return;
     }
     result = response.ok() ? ErrorStatus(*response, "token renew-self") : response.status();
   } else if (can_login) {
-    result = login(deadline);  // non-renewable: time to log in again
+    result = login(deadline);  // non-renewable or at its max TTL: time to log in again
     if (result.ok()) {
       return;
     }
   } else {
     absl::MutexLock lock(&mu_);
     renew_at_ = absl::InfiniteFuture();
-    return;
-  }
-  if (result.ok()) {
     return;
   }
   // Renewal (or login) failed: log in again when the lease is nearly gone, else back off.
@@ -680,6 +941,7 @@ void VaultClient::RenewOnce() {
     wait = std::min(wait, std::max(remaining / 3, absl::Milliseconds(100)));
   }
   renew_at_ = clock_->Now() + wait * Uniform(0.8, 1.0);
+  verify_at_ = std::max(verify_at_, renew_at_);  // a lookup would only reschedule the renewal that just failed
 }
 
 void VaultClient::StartBackground(std::function<void()> tick, absl::Duration tick_every) {
@@ -711,13 +973,17 @@ void VaultClient::BackgroundLoop(std::function<void()> tick, absl::Duration tick
         return;
       }
     }
-    bool due;
+    bool renew_due, verify_due;
     {
       absl::MutexLock lock(&mu_);
-      due = clock_->Now() >= renew_at_;
+      const absl::Time now = clock_->Now();
+      renew_due = now >= renew_at_;
+      verify_due = now >= verify_at_;
     }
-    if (due) {
+    if (renew_due) {
       RenewOnce();
+    } else if (verify_due) {
+      VerifyOnce();
     }
     if (tick && tick_every > absl::ZeroDuration() && clock_->Now() >= next_tick) {
       tick();

@@ -2,11 +2,14 @@
 
 #include <algorithm>
 #include <limits>
+#include <optional>
+#include <utility>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "kmsplugin/core/sv.h"
 #include "kmsplugin/core/version_rules.h"
 
@@ -49,18 +52,32 @@ absl::Status ParseKeyRef(absl::string_view key_ref, uint64_t* version, int64_t* 
   return absl::OkStatus();
 }
 
-VaultKeySource::VaultKeySource(std::unique_ptr<VaultClient> client, core::Clock* clock)
-    : client_(std::move(client)), clock_(clock), options_(client_->options()) {}
+VaultKeySource::VaultKeySource(std::unique_ptr<VaultClient> client, core::Clock* clock, core::EventSink* events)
+    : client_(std::move(client)),
+      clock_(clock),
+      options_(client_->options()),
+      events_(events != nullptr ? events : &core::NullEventSink()) {}
+
+void VaultKeySource::Emit(const char* name, std::string message, bool warning) const {
+  core::SourceEvent e;
+  e.name = name;
+  e.message = std::move(message);
+  e.warning = warning;
+  e.fields = {{"key", absl::StrCat(options_.transit_mount, "/keys/", options_.key_name)}};
+  events_->Emit(e);
+}
 
 VaultKeySource::~VaultKeySource() { client_->StopBackground(); }
 
 absl::StatusOr<std::shared_ptr<VaultKeySource>> VaultKeySource::Open(VaultOptions options, core::Clock* clock,
-                                                                     int worker_threads, bool background) {
-  auto client = VaultClient::New(std::move(options), clock, static_cast<size_t>(std::max(1, worker_threads)));
+                                                                     int worker_threads, bool background,
+                                                                     core::EventSink* events) {
+  auto client =
+      VaultClient::New(std::move(options), clock, static_cast<size_t>(std::max(1, worker_threads)), events);
   if (!client.ok()) {
     return client.status();
   }
-  std::shared_ptr<VaultKeySource> source(new VaultKeySource(std::move(*client), clock));
+  std::shared_ptr<VaultKeySource> source(new VaultKeySource(std::move(*client), clock, events));
   const absl::Duration first = std::min(source->options_.request_timeout, absl::Seconds(10));
   auto fatal = [](const absl::Status& s) {
     return s.code() != absl::StatusCode::kUnavailable && s.code() != absl::StatusCode::kDeadlineExceeded;
@@ -123,17 +140,31 @@ std::string VaultKeySource::Describe() const {
   return absl::StrCat("Vault transit key ", options_.transit_mount, "/keys/", options_.key_name);
 }
 
-core::KeyVersion VaultKeySource::MakeVersion(uint64_t version, int64_t created) const {
+core::KeyVersion VaultKeySource::MakeVersion(uint64_t version, int64_t created, core::KeyState state) const {
   core::KeyVersion v;
   v.version = version;
   v.created = absl::FromUnixSeconds(created);
   v.key_ref = absl::StrCat("v", version, "@", created);
   v.key_id = absl::StrCat("vault:", options_.vault_namespace.empty() ? "" : options_.vault_namespace + "/",
                           options_.transit_mount, "/", options_.key_name, ":v", version, ":", created);
-  v.state = version < min_decryption_ ? core::KeyState::kRetired
-            : version == latest_      ? core::KeyState::kCurrent
-                                      : core::KeyState::kActive;
+  v.state = state;
   return v;
+}
+
+std::string VaultKeySource::FloorDetail() const {
+  return absl::StrCat("min_decryption_version is ", min_decryption_);
+}
+
+absl::Status VaultKeySource::CheckIdentity(uint64_t version, int64_t created) const {
+  auto it = vault_created_.find(version);
+  if (it != vault_created_.end() && it->second != created) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        Describe(), " key version ", version, " was created at ", it->second,
+        " in Vault, but this one was created at ", created,
+        ": the key was deleted and re-created, so Vault's version ", version,
+        " is another key; fix: restore the original key (Vault backup), or restart once nothing uses the old one"));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<core::KeyVersion> VaultKeySource::Current() const {
@@ -141,12 +172,11 @@ absl::StatusOr<core::KeyVersion> VaultKeySource::Current() const {
   if (!loaded_) {
     return absl::UnavailableError(absl::StrCat(Describe(), ": no key version known yet: ", refresh_error_));
   }
-  auto it = created_.find(latest_);
-  if (it == created_.end()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(Describe(), ": latest_version ", latest_, " is missing from the key's versions"));
+  std::optional<core::KeyVersion> current = core::CurrentOf(versions_);
+  if (!current) {
+    return absl::FailedPreconditionError(absl::StrCat(Describe(), " has no current version"));
   }
-  return MakeVersion(latest_, it->second);
+  return *current;
 }
 
 absl::StatusOr<core::KeyVersion> VaultKeySource::Lookup(std::string_view key_ref) const {
@@ -156,11 +186,26 @@ absl::StatusOr<core::KeyVersion> VaultKeySource::Lookup(std::string_view key_ref
     return s;
   }
   absl::MutexLock lock(&mu_);
-  auto it = created_.find(version);
-  if (it == created_.end() || it->second != created) {
-    return absl::NotFoundError(absl::StrCat(Describe(), " has no version ", Sv(key_ref)));
+  std::optional<core::KeyVersion> known = core::FindVersionNumber(versions_, version);
+  if (known) {
+    if (known->key_ref != Sv(key_ref)) {
+      return absl::NotFoundError(absl::StrCat(
+          Describe(), " key version ", version, " was created at ", absl::ToUnixSeconds(known->created),
+          ", but the ciphertext names one created at ", created,
+          ": the key was deleted and re-created, so this ciphertext cannot be decrypted"));
+    }
+    return *known;
   }
-  return MakeVersion(version, created);
+  if (loaded_ && version < min_decryption_) {
+    // Archived by Vault before this process saw it: retired, as the floor says; identity from the key_ref.
+    return MakeVersion(version, created, core::KeyState::kRetired);
+  }
+  std::vector<std::string> numbers;
+  for (const core::KeyVersion& v : versions_) {
+    numbers.push_back(absl::StrCat(v.version));
+  }
+  return absl::NotFoundError(absl::StrCat(Describe(), " has no key version ", version, " (versions: ",
+                                          numbers.empty() ? "none known yet" : absl::StrJoin(numbers, ", "), ")"));
 }
 
 absl::StatusOr<std::vector<core::KeyVersion>> VaultKeySource::Versions() const {
@@ -168,16 +213,18 @@ absl::StatusOr<std::vector<core::KeyVersion>> VaultKeySource::Versions() const {
   if (!loaded_) {
     return absl::UnavailableError(absl::StrCat(Describe(), ": versions not known yet: ", refresh_error_));
   }
-  std::vector<core::KeyVersion> out;
-  for (const auto& [version, created] : created_) {
-    out.push_back(MakeVersion(version, created));
-  }
-  return out;
+  return versions_;
 }
 
 absl::Status VaultKeySource::Refresh(absl::Time deadline) {
+  {
+    absl::MutexLock lock(&mu_);
+    last_attempt_ = clock_->Now();
+  }
   auto response = client_->Call("GET", KeyPath("keys"), "", deadline);
   absl::Status status;
+  std::map<uint64_t, int64_t> created;
+  uint64_t latest = 0, min_decryption = 1;
   if (!response.ok()) {
     status = response.status();
   } else if (response->status == 404) {
@@ -189,8 +236,6 @@ absl::Status VaultKeySource::Refresh(absl::Time deadline) {
   } else {
     const nlohmann::json& body = response->body;
     const nlohmann::json* data = body.is_object() && body.contains("data") ? &body["data"] : nullptr;
-    std::map<uint64_t, int64_t> created;
-    uint64_t latest = 0, min_decryption = 1;
     bool good = data != nullptr && data->is_object() && data->contains("keys") && (*data)["keys"].is_object();
     if (good) {
       for (const auto& [name, value] : (*data)["keys"].items()) {
@@ -214,38 +259,91 @@ absl::Status VaultKeySource::Refresh(absl::Time deadline) {
       status = absl::UnavailableError(
           absl::StrCat("reading ", Describe(), ": Vault at ", response->address, " returned unusable key metadata"));
     }
-    if (status.ok()) {
-      absl::MutexLock lock(&mu_);
-      // An older view (a lagging replica) never moves the current version back for the same key.
-      bool same_key = !created_.empty() && created.count(created_.begin()->first) == 1 &&
-                      created[created_.begin()->first] == created_.begin()->second;
-      if (!(loaded_ && same_key && latest < latest_)) {
-        created_ = std::move(created);
-        latest_ = latest;
-        min_decryption_ = min_decryption;
+  }
+
+  std::vector<std::pair<const char*, std::string>> events;  // emitted once the lock is released
+  absl::Status result;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!status.ok()) {
+      refresh_error_ = std::string(status.message());
+      if (!failing_) {
+        failing_ = true;
+        events.push_back({core::event::kUnavailable, absl::StrCat("reading ", Describe(), " failed: ",
+                                                                  status.message())});
       }
-      loaded_ = true;
-      refresh_error_.clear();
-      last_refresh_ = clock_->Now();
-      return absl::OkStatus();
+      result = status;
+    } else {
+      // The view Vault gives now. Vault lists only versions >= min_decryption_version (older ones are archived:
+      // keysutil handleArchiving deletes them from p.Keys, formatKeyPolicy lists p.Keys), so the versions of
+      // the old view below the floor are retired by that floor, not gone: they stay, as retired.
+      std::vector<core::KeyVersion> fresh;
+      for (const auto& [version, when] : created) {
+        const core::KeyState state = version < min_decryption ? core::KeyState::kRetired
+                                     : version == latest     ? core::KeyState::kCurrent
+                                                             : core::KeyState::kActive;
+        fresh.push_back(MakeVersion(version, when, state));
+      }
+      for (const core::KeyVersion& was : versions_) {
+        if (was.version < min_decryption && created.count(was.version) == 0) {
+          core::KeyVersion retired = was;
+          retired.state = core::KeyState::kRetired;
+          fresh.push_back(std::move(retired));
+        }
+      }
+      vault_created_ = created;
+      auto advanced = core::CheckAdvance(versions_, fresh, Describe());
+      if (!advanced.ok()) {
+        if (refused_ != advanced.status().message()) {
+          refused_ = std::string(advanced.status().message());
+          events.push_back({core::event::kVersionViewRefused, refused_});
+        }
+        refresh_error_ = refused_;
+        result = advanced.status();
+      } else {
+        const bool first = versions_.empty();
+        versions_ = std::move(advanced->versions);
+        min_decryption_ = min_decryption;
+        loaded_ = true;
+        refresh_error_.clear();
+        refused_.clear();
+        last_refresh_ = clock_->Now();
+        if (!first && !advanced->change.empty()) {
+          events.push_back({core::event::kKeyVersionsChanged,
+                            absl::StrCat(Describe(), ": ", advanced->change.Summary())});
+        }
+      }
+      if (failing_) {
+        failing_ = false;
+        events.push_back({core::event::kRecovered, absl::StrCat(Describe(), " can be read again")});
+      }
     }
   }
-  absl::MutexLock lock(&mu_);
-  refresh_error_ = std::string(status.message());
-  return status;
+  for (auto& [name, message] : events) {
+    const bool warning = name == core::event::kUnavailable || name == core::event::kVersionViewRefused;
+    Emit(name, std::move(message), warning);
+  }
+  return result;
 }
 
 void VaultKeySource::BackgroundTick() {
   bool due;
   {
     absl::MutexLock lock(&mu_);
-    due = !loaded_ || (options_.poll_interval > absl::ZeroDuration() &&
-                       clock_->Now() - last_refresh_ >= options_.poll_interval);
-    if (!loaded_ && clock_->Now() - last_refresh_ < absl::Seconds(1)) {
-      due = false;
-    }
-    if (!loaded_) {
-      last_refresh_ = clock_->Now();  // rate-limit retries while Vault is unreachable
+    const absl::Time now = clock_->Now();
+    if (!loaded_ || failing_) {
+      // Retried every second while failing (at most every poll interval when that is shorter), so recovery is
+      // noticed within one poll interval of Vault coming back.
+      absl::Duration every = absl::Seconds(1);
+      if (options_.poll_interval > absl::ZeroDuration()) {
+        every = std::min(every, options_.poll_interval);
+      } else if (loaded_) {
+        every = absl::InfiniteDuration();  // polling is off: calls find out
+      }
+      due = now - last_attempt_ >= every;
+    } else {
+      due = options_.poll_interval > absl::ZeroDuration() && now - last_refresh_ >= options_.poll_interval &&
+            now - last_attempt_ >= std::min(options_.poll_interval, absl::Seconds(1));
     }
   }
   if (due) {
@@ -315,6 +413,15 @@ absl::StatusOr<std::vector<core::KeyVersion>> VaultKeySource::Reinstate(uint64_t
   return SetMinDecryptionVersion(version, core::VersionsToReinstate, version, deadline);
 }
 
+absl::StatusOr<std::vector<core::KeyVersion>> VaultKeySource::DestroyRetired(uint64_t version, absl::Time deadline) {
+  (void)deadline;
+  return absl::UnimplementedError(absl::StrCat(
+      Describe(), ": kmsplugin does not destroy Vault key versions; a retired version stays recoverable with "
+      "`kmsplugin retire --reinstate`. To delete versions up to ", version, " for good, use Vault's trim yourself: "
+      "`vault write ", options_.transit_mount, "/keys/", options_.key_name, "/trim min_available_version=",
+      version + 1, "` (it needs min_encryption_version set and at least that high)"));
+}
+
 absl::StatusOr<std::string> VaultKeySource::Wrap(const core::KeyVersion& version, std::string_view plaintext,
                                                  std::string_view associated_data, absl::Time deadline) {
   uint64_t number;
@@ -325,9 +432,12 @@ absl::StatusOr<std::string> VaultKeySource::Wrap(const core::KeyVersion& version
   {
     absl::MutexLock lock(&mu_);
     if (loaded_ && number < min_decryption_) {
-      return absl::FailedPreconditionError(absl::StrCat(Describe(), " version ", number,
-                                                        " is retired (below min_decryption_version ",
-                                                        min_decryption_, "); refusing to encrypt under it"));
+      return absl::FailedPreconditionError(absl::StrCat("key version ", number, " of ", Describe(),
+                                                        " is retired (", FloorDetail(),
+                                                        "); refusing to encrypt under it"));
+    }
+    if (absl::Status s = CheckIdentity(number, created); !s.ok()) {
+      return s;
     }
   }
   std::string encoded = Base64(Sv(plaintext));
@@ -381,17 +491,19 @@ absl::StatusOr<crypto::SecretBytes> VaultKeySource::Unwrap(std::string_view key_
   {
     absl::MutexLock lock(&mu_);
     if (loaded_) {
-      auto it = created_.find(number);
-      if (it != created_.end() && it->second != created) {
+      std::optional<core::KeyVersion> known = core::FindVersionNumber(versions_, number);
+      if (known && known->key_ref != Sv(key_ref)) {
         return absl::FailedPreconditionError(absl::StrCat(
-            Describe(), " version ", number, " was created at ", it->second, ", but the ciphertext names one created at ",
-            created, ": the key was deleted and re-created, so this ciphertext cannot be decrypted"));
+            Describe(), " key version ", number, " was created at ", absl::ToUnixSeconds(known->created),
+            ", but the ciphertext names one created at ", created,
+            ": the key was deleted and re-created, so this ciphertext cannot be decrypted"));
       }
-      if (number < min_decryption_) {
-        return absl::FailedPreconditionError(absl::StrCat(Describe(), " version ", number,
-                                                          " is retired (below min_decryption_version ",
-                                                          min_decryption_, "); fix: lower min_decryption_version "
-                                                          "if this data must still be read"));
+      if (absl::Status s = CheckIdentity(number, created); !s.ok()) {
+        return s;
+      }
+      if (number < min_decryption_ || (known && known->state == core::KeyState::kRetired)) {
+        return core::RetiredVersionError(known ? *known : MakeVersion(number, created, core::KeyState::kRetired),
+                                         FloorDetail());
       }
     }
   }
@@ -405,12 +517,12 @@ absl::StatusOr<crypto::SecretBytes> VaultKeySource::Unwrap(std::string_view key_
   if (response->status != 200) {
     std::string errors = response->Errors();
     if (response->status == 400 && (absl::StrContains(errors, "too old") || absl::StrContains(errors, "disallowed"))) {
-      return absl::FailedPreconditionError(absl::StrCat(Describe(), " version ", number,
-                                                        " is retired in Vault (below min_decryption_version): ",
-                                                        errors));
+      // Vault raised min_decryption_version after our last refresh (keysutil ErrTooOld).
+      return core::RetiredVersionError(MakeVersion(number, created, core::KeyState::kRetired),
+                                       absl::StrCat("Vault's min_decryption_version is above it: ", errors));
     }
     if (response->status == 400 && absl::StrContains(errors, "too new")) {
-      return absl::FailedPreconditionError(absl::StrCat(Describe(), " has no version ", number,
+      return absl::FailedPreconditionError(absl::StrCat(Describe(), " has no key version ", number,
                                                         " (Vault: ", errors, "); was the key re-created?"));
     }
     if (response->status == 400 && absl::StrContains(errors, "key not found")) {

@@ -81,7 +81,8 @@ class VaultSpec final : public config::KeySourceSpec {
 
   absl::StatusOr<config::OpenedKeySource> Open(const config::OpenContext& context) const override {
     core::Clock* clock = context.clock != nullptr ? context.clock : &core::SystemClock();
-    auto source = VaultKeySource::Open(options_, clock, context.worker_threads);
+    auto source =
+        VaultKeySource::Open(options_, clock, context.worker_threads, /*background=*/true, context.events);
     if (!source.ok()) {
       return source.status();
     }

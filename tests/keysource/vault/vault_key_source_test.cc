@@ -263,25 +263,6 @@ TEST_CASE("VaultKeySource: one Vault request per Wrap and Unwrap over one kept-a
   CHECK(server.Connections(0) <= 1);
 }
 
-TEST_CASE("VaultKeySource: a deleted and re-created key never repeats a key_id", "[vault]") {
-  VaultTestServer server;
-  server.Control({{"create_key", {{"name", "kms"}, {"created", 1700000000}}}});
-  auto source = MustOpen(TokenOptions(server, MakeTempDir()));
-  auto old_version = source->Current();
-  REQUIRE_THAT(old_version, IsOk());
-  auto wrapped = source->Wrap(*old_version, kSeed, kAad, In(absl::Seconds(5)));
-  REQUIRE_THAT(wrapped, IsOk());
-  server.Control({{"delete_key", {{"name", "kms"}}}});
-  server.Control({{"create_key", {{"name", "kms"}, {"created", 1700000100}}}});
-  REQUIRE_THAT(source->Refresh(In(absl::Seconds(5))), IsOk());
-  auto new_version = source->Current();
-  REQUIRE_THAT(new_version, IsOk());
-  CHECK(new_version->version == 1);
-  CHECK(new_version->key_id != old_version->key_id);
-  CHECK_THAT(source->Unwrap(old_version->key_ref, *wrapped, kAad, In(absl::Seconds(5))),
-             StatusIs(Code::kFailedPrecondition, "re-created"));
-}
-
 TEST_CASE("VaultKeySource: a missing key is FAILED_PRECONDITION from Refresh and Current", "[vault]") {
   VaultTestServer server;
   auto source = VaultKeySource::Open(TokenOptions(server, MakeTempDir()), &core::SystemClock(), 2, false);
