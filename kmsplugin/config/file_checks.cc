@@ -17,21 +17,29 @@
 namespace kmsplugin::config {
 namespace {
 
-std::string UserName(uid_t uid) {
-  // getpwuid_r with a fixed buffer: enough for any passwd entry we print (name only).
+// getpwuid_r with a fixed buffer: enough for any passwd entry (only the name is used).
+std::string NameOf(uid_t uid);
+
+std::string UserName(uid_t uid) { return absl::StrCat(NameOf(uid), " (uid ", uid, ")"); }
+
+bool TrustedOwner(uid_t owner) { return owner == 0 || owner == geteuid(); }
+
+// The plain user name of `uid` (its number when it has none).
+std::string NameOf(uid_t uid) {
   struct passwd entry {};
   struct passwd* found = nullptr;
   char buffer[4096];
   if (getpwuid_r(uid, &entry, buffer, sizeof(buffer), &found) == 0 && found != nullptr) {
-    return absl::StrCat(found->pw_name, " (uid ", uid, ")");
+    return found->pw_name;
   }
-  return absl::StrCat("uid ", uid);
+  return absl::StrCat(uid);
 }
 
-bool TrustedOwner(uid_t owner) { return owner == 0 || owner == geteuid(); }
-
-std::string ChownFix(const std::string& path) {
-  return absl::StrCat("chown ", geteuid() == 0 ? "root" : UserName(geteuid()), " ", path);
+// The two ways out: run as the file's owner (the service user's files, read by a command run as root), or give the
+// file to the user kmsplugin runs as.
+std::string OwnerFix(const std::string& path, uid_t owner) {
+  return absl::StrCat("run kmsplugin as that user (sudo runuser -u ", NameOf(owner), " -- kmsplugin ...), or chown ",
+                      NameOf(geteuid()), " ", path);
 }
 
 absl::Status Stat(const std::string& path, std::string_view what, struct stat& info) {
@@ -62,7 +70,8 @@ absl::Status CheckRegularAndOwner(const struct stat& info, const std::string& pa
     return absl::FailedPreconditionError(absl::StrFormat(
         "%s %s is owned by %s (mode %04o), not by root or by the user kmsplugin runs as (%s): that user could "
         "change it; fix: %s",
-        Sv(what), path, UserName(info.st_uid), info.st_mode & 07777, UserName(geteuid()), ChownFix(path)));
+        Sv(what), path, UserName(info.st_uid), info.st_mode & 07777, UserName(geteuid()),
+        OwnerFix(path, info.st_uid)));
   }
   return absl::OkStatus();
 }
@@ -88,7 +97,7 @@ absl::Status CheckDirectoryOf(const std::string& path, std::string_view what) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "the directory %s of %s %s is owned by %s, not by root or by the user kmsplugin runs as (%s): that user "
         "could replace the file; fix: %s",
-        dir, Sv(what), path, UserName(info.st_uid), UserName(geteuid()), ChownFix(dir)));
+        dir, Sv(what), path, UserName(info.st_uid), UserName(geteuid()), OwnerFix(dir, info.st_uid)));
   }
   if ((info.st_mode & (S_IWGRP | S_IWOTH)) != 0 && (info.st_mode & S_ISVTX) == 0) {
     return absl::FailedPreconditionError(absl::StrFormat(

@@ -575,7 +575,7 @@ TEST_CASE("LocalKeySource: a keyring or root key owned by another user is refuse
   REQUIRE(chown(env.world.keyring.c_str(), 65534, 65534) == 0);
   auto refused = LocalKeySource::Open(env.world.Options(), "dev", env.clock, crypto::SystemRandom());
   CHECK_THAT(refused, StatusIs(Code::kFailedPrecondition, "is owned by nobody (uid 65534)"));
-  CHECK_THAT(refused, StatusIs(Code::kFailedPrecondition, "fix: chown root " + env.world.keyring));
+  CHECK_THAT(refused, StatusIs(Code::kFailedPrecondition, "fix: run kmsplugin as that user (sudo runuser -u nobody -- kmsplugin ...), or chown root " + env.world.keyring));
   REQUIRE(chown(env.world.keyring.c_str(), 0, 0) == 0);
   // The same for the root key file, and for a directory another user could write into.
   REQUIRE(chown(env.world.root_key.c_str(), 65534, 65534) == 0);
