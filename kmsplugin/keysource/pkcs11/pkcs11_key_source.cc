@@ -13,6 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "kmsplugin/core/sv.h"
 #include "kmsplugin/core/version_rules.h"
+#include "kmsplugin/keysource/pkcs11/version_view.h"
 // Last: these include cryptoki.h.
 #include "kmsplugin/keysource/pkcs11/errors.h"
 #include "kmsplugin/keysource/pkcs11/module.h"
@@ -30,6 +31,8 @@ std::string TokenName(const Pkcs11Options& options) {
 }  // namespace
 
 class Pkcs11KeySource::Impl {
+  using Entry = ViewEntry;
+
  public:
   Impl(Pkcs11Options options, std::shared_ptr<Module> module, SecretFile pin)
       : options_(std::move(options)),
@@ -120,16 +123,10 @@ class Pkcs11KeySource::Impl {
     CK_ULONG out_len = 0;
     auto status = pool_.RunWithKey(
         deadline, "C_Encrypt", version.key_ref, /*decrypt=*/false,
-        [&](CK_SESSION_HANDLE session, CK_OBJECT_HANDLE key) -> CK_RV {
-          CK_GCM_PARAMS gcm = Gcm(out.data(), associated_data);
-          CK_MECHANISM mechanism{CKM_AES_GCM, &gcm, sizeof(gcm)};
-          CK_RV rv = f_->C_EncryptInit(session, &mechanism, key);
-          if (rv != CKR_OK) {
-            return rv;
-          }
+        [&](CK_SESSION_HANDLE session, CK_OBJECT_HANDLE key) {
           out_len = out.size() - kGcmIvSize;
-          return f_->C_Encrypt(session, reinterpret_cast<CK_BYTE_PTR>(const_cast<char*>(plaintext.data())),
-                               plaintext.size(), reinterpret_cast<CK_BYTE_PTR>(out.data() + kGcmIvSize), &out_len);
+          return GcmEncrypt(f_, session, key, out.data(), associated_data, plaintext, out.data() + kGcmIvSize,
+                            &out_len);
         });
     if (status.code() == absl::StatusCode::kNotFound) {
       return absl::FailedPreconditionError(
@@ -184,16 +181,10 @@ class Pkcs11KeySource::Impl {
     CK_ULONG out_len = 0;
     auto status = pool_.RunWithKey(
         deadline, "C_Decrypt", key_ref, /*decrypt=*/true,
-        [&](CK_SESSION_HANDLE session, CK_OBJECT_HANDLE key) -> CK_RV {
-          CK_GCM_PARAMS gcm = Gcm(wrapped.data(), associated_data);
-          CK_MECHANISM mechanism{CKM_AES_GCM, &gcm, sizeof(gcm)};
-          CK_RV rv = f_->C_DecryptInit(session, &mechanism, key);
-          if (rv != CKR_OK) {
-            return rv;
-          }
+        [&](CK_SESSION_HANDLE session, CK_OBJECT_HANDLE key) {
           out_len = buffer.size();
-          return f_->C_Decrypt(session, reinterpret_cast<CK_BYTE_PTR>(const_cast<char*>(wrapped.data() + kGcmIvSize)),
-                               body, buffer.data(), &out_len);
+          return GcmDecrypt(f_, session, key, wrapped.data(), associated_data, wrapped.substr(kGcmIvSize),
+                            buffer.data(), &out_len);
         });
     if (status.code() == absl::StatusCode::kNotFound) {
       return absl::FailedPreconditionError(
@@ -274,7 +265,7 @@ class Pkcs11KeySource::Impl {
     // Every object must accept the change before the first one is touched.
     for (const core::KeyVersion& target : *targets) {
       if (auto entry = EntryOf(target.key_ref); entry.has_value() && !entry->modifiable) {
-        return absl::FailedPreconditionError(NotModifiableMessage(*entry, ""));
+        return absl::FailedPreconditionError(NotModifiableMessage(*entry, options_.module_path, token_name_, ""));
       }
     }
     return ChangeUsage(*token, *targets, /*usable=*/false, deadline);
@@ -338,23 +329,6 @@ class Pkcs11KeySource::Impl {
   }
 
  private:
-  struct Entry {
-    core::KeyVersion version;
-    std::string label;
-    bool modifiable = false;  // CKA_MODIFIABLE: false for versions made before retirement existed
-    bool present = true;      // false: no longer on the token (destroyed elsewhere), kept as retired
-  };
-
-  static CK_GCM_PARAMS Gcm(const char* iv, std::string_view associated_data) {
-    CK_GCM_PARAMS gcm{};
-    gcm.pIv = reinterpret_cast<CK_BYTE_PTR>(const_cast<char*>(iv));
-    gcm.ulIvLen = kGcmIvSize;
-    gcm.ulIvBits = kGcmIvSize * 8;
-    gcm.pAAD = reinterpret_cast<CK_BYTE_PTR>(const_cast<char*>(associated_data.data()));
-    gcm.ulAADLen = associated_data.size();
-    gcm.ulTagBits = kGcmTagSize * 8;
-    return gcm;
-  }
 
   static absl::Status Prefixed(std::string_view prefix, const absl::Status& status) {
     return absl::Status(status.code(), absl::StrCat(Sv(prefix), status.message()));
@@ -373,20 +347,10 @@ class Pkcs11KeySource::Impl {
   }
 
   std::vector<core::KeyVersion> VersionsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    std::vector<core::KeyVersion> out;
-    for (const Entry& entry : versions_) {
-      out.push_back(entry.version);
-    }
-    return out;
+    return VersionsOf(versions_);
   }
-
   const Entry* FindLocked(std::string_view key_ref) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    for (const Entry& entry : versions_) {
-      if (entry.version.key_ref == key_ref) {
-        return &entry;
-      }
-    }
-    return nullptr;
+    return FindEntry(versions_, key_ref);
   }
 
   std::optional<Entry> EntryOf(std::string_view key_ref) const {
@@ -397,94 +361,14 @@ class Pkcs11KeySource::Impl {
     return std::nullopt;
   }
 
-  std::string NotModifiableMessage(const Entry& entry, absl::string_view token_said) const {
-    const std::string id = absl::BytesToHexString(entry.version.key_ref);
-    return absl::StrCat(
-        "pkcs11 key version ", entry.version.version, " (", entry.label,
-        ") cannot be retired: it was created with CKA_MODIFIABLE=false (by a kmsplugin from before retirement "
-        "existed), and the token refuses every change to such an object, C_CopyObject included",
-        token_said,
-        "; nothing was changed. Retiring is a floor, so while this version is on the token no version at or above "
-        "it can be retired; fix: once the audit finds no Secret under it, delete it for good with the token's tools "
-        "(e.g. pkcs11-tool --module ",
-        options_.module_path, " --login --delete-object --type secrkey --id ", id, " on the ", token_name_,
-        "); versions created by `kmsplugin rotate` from now on are modifiable and can be retired (and reinstated)");
-  }
-
-  absl::Status PartialFailure(const absl::Status& status, absl::string_view verb,
-                              const std::vector<core::KeyVersion>& done) const {
-    std::vector<std::string> numbers;
-    for (const core::KeyVersion& v : done) {
-      numbers.push_back(absl::StrCat(v.version));
-    }
-    return absl::Status(status.code(), absl::StrCat(status.message(), "; ", verb, " before the failure: ",
-                                                    numbers.empty() ? "none" : absl::StrJoin(numbers, ", "),
-                                                    "; fix: run the same command again once the cause is fixed"));
-  }
-
   // ---- the view ----
 
-  // Entries (from a listing, or the view as an admin change leaves it) with their key_id and state: CKA_DECRYPT
-  // false is retired (the token enforces it, and every process reads it back); otherwise the newest version is
-  // current and the others active.
-  void FinishLocked(std::vector<Entry>& fresh) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    std::sort(fresh.begin(), fresh.end(), [](const Entry& a, const Entry& b) {
-      return std::tie(a.version.version, a.version.created) < std::tie(b.version.version, b.version.created);
-    });
-    const std::string serial = pool_.TokenSerial();
-    for (size_t i = 0; i < fresh.size(); ++i) {
-      core::KeyVersion& v = fresh[i].version;
-      v.key_id = absl::StrCat("pkcs11:", serial, "/", fresh[i].label, "@",
-                              absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", v.created, absl::UTCTimeZone()));
-      if (v.state != core::KeyState::kRetired) {
-        v.state = i + 1 == fresh.size() ? core::KeyState::kCurrent : core::KeyState::kActive;
-      }
-    }
-  }
-
-  // Replaces the view by `fresh` through core::CheckAdvance. Versions of the view missing from `fresh` were
-  // destroyed (the caller made sure other keys are visible): they no longer decrypt, so they count as retired
-  // and stay listed as such, unless one of them is the current version (refused: the key_id would move back).
   absl::StatusOr<core::VersionChange> InstallLocked(std::vector<Entry> fresh) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    FinishLocked(fresh);
-    std::vector<core::KeyVersion> fresh_versions;
-    for (const Entry& entry : fresh) {
-      fresh_versions.push_back(entry.version);
+    FinishEntries(fresh, pool_.TokenSerial());
+    auto change = AdvanceView(&versions_, std::move(fresh), absl::StrCat("the PKCS#11 ", token_name_));
+    if (change.ok()) {
+      last_refusal_.clear();
     }
-    std::vector<core::KeyVersion> old = VersionsLocked();
-    std::vector<uint64_t> destroyed;
-    for (core::KeyVersion& v : old) {
-      const bool listed = std::any_of(fresh.begin(), fresh.end(),
-                                      [&](const Entry& e) { return e.version.version == v.version; });
-      if (!listed && v.state == core::KeyState::kActive) {
-        v.state = core::KeyState::kRetired;
-        destroyed.push_back(v.version);
-      }
-    }
-    auto advanced = core::CheckAdvance(old, fresh_versions, absl::StrCat("the PKCS#11 ", token_name_));
-    if (!advanced.ok()) {
-      return advanced.status();
-    }
-    std::vector<Entry> view;
-    for (const core::KeyVersion& v : advanced->versions) {
-      auto it = std::find_if(fresh.begin(), fresh.end(),
-                             [&](const Entry& e) { return e.version.key_ref == v.key_ref; });
-      if (it != fresh.end()) {
-        view.push_back(*it);
-        continue;
-      }
-      const Entry* was = FindLocked(v.key_ref);
-      Entry kept = was != nullptr ? *was : Entry{};
-      kept.version = v;
-      kept.version.state = core::KeyState::kRetired;
-      kept.present = false;
-      view.push_back(std::move(kept));
-    }
-    versions_ = std::move(view);
-    last_refusal_.clear();
-    core::VersionChange change = std::move(advanced->change);
-    change.retired.insert(change.retired.end(), destroyed.begin(), destroyed.end());
-    std::sort(change.retired.begin(), change.retired.end());
     return change;
   }
 
@@ -501,12 +385,7 @@ class Pkcs11KeySource::Impl {
     if (destroyed.empty()) {
       return;
     }
-    std::vector<std::string> numbers;
-    for (const core::KeyVersion& v : destroyed) {
-      numbers.push_back(absl::StrCat(v.version));
-    }
-    events_->Emit(core::SourceEvent{core::event::kKeyVersionsChanged,
-                                    absl::StrCat("destroyed ", absl::StrJoin(numbers, ", ")),
+    events_->Emit(core::SourceEvent{core::event::kKeyVersionsChanged, absl::StrCat("destroyed ", NumberList(destroyed)),
                                     {{"token", token_name_}, {"key_label", options_.key_label}},
                                     false});
   }
@@ -560,7 +439,7 @@ class Pkcs11KeySource::Impl {
       }
       if (listed != nullptr) {
         std::vector<Entry> as_listed = fresh;
-        FinishLocked(as_listed);
+        FinishEntries(as_listed, pool_.TokenSerial());
         listed->clear();
         for (const Entry& entry : as_listed) {
           listed->push_back(entry.version);
@@ -624,7 +503,8 @@ class Pkcs11KeySource::Impl {
         // The token refuses to change the object although we read CKA_MODIFIABLE true (or it changed since).
         if (auto entry = EntryOf(target.key_ref); entry.has_value()) {
           status = absl::FailedPreconditionError(
-              NotModifiableMessage(*entry, absl::StrCat(" (the token answered ", status.message(), ")")));
+              NotModifiableMessage(*entry, options_.module_path, token_name_,
+                                   absl::StrCat(" (the token answered ", status.message(), ")")));
         }
       } else if (status.code() == absl::StatusCode::kNotFound) {
         status = absl::NotFoundError(absl::StrCat("pkcs11 key version ", target.version, " ", status.message()));

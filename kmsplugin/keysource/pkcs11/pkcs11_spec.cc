@@ -91,6 +91,7 @@ class Pkcs11Spec : public config::KeySourceSpec {
     options.session_pool_size = pool_size_.value_or(std::max(1, context.worker_threads + 1));
     options.clock = context.clock;
     options.random = context.random;
+    options.events = context.events;
     return Pkcs11KeySource::Open(options, Now(context) + kOpenTimeout);
   }
 

@@ -2,6 +2,7 @@
 #include <vector>
 
 #include "kmsplugin/keysource/pkcs11/key_ref.h"
+#include "kmsplugin/keysource/pkcs11/pkcs11_key_source.h"
 // Last: these include cryptoki.h.
 #include "kmsplugin/keysource/pkcs11/errors.h"
 #include "kmsplugin/keysource/pkcs11/token_keys.h"
@@ -165,6 +166,45 @@ CK_RV SetUsage(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session, CK_OBJECT_HAND
   CK_BBOOL value = usable ? CK_TRUE : CK_FALSE;
   CK_ATTRIBUTE usage[] = {{CKA_ENCRYPT, &value, sizeof(value)}, {CKA_DECRYPT, &value, sizeof(value)}};
   return f->C_SetAttributeValue(session, key, usage, 2);
+}
+
+namespace {
+
+CK_GCM_PARAMS Gcm(const char* iv, std::string_view aad) {
+  CK_GCM_PARAMS gcm{};
+  gcm.pIv = reinterpret_cast<CK_BYTE_PTR>(const_cast<char*>(iv));
+  gcm.ulIvLen = kGcmIvSize;
+  gcm.ulIvBits = kGcmIvSize * 8;
+  gcm.pAAD = reinterpret_cast<CK_BYTE_PTR>(const_cast<char*>(aad.data()));
+  gcm.ulAADLen = aad.size();
+  gcm.ulTagBits = kGcmTagSize * 8;
+  return gcm;
+}
+
+}  // namespace
+
+CK_RV GcmEncrypt(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session, CK_OBJECT_HANDLE key, const char* iv,
+                 std::string_view aad, std::string_view plaintext, char* out, CK_ULONG* out_len) {
+  CK_GCM_PARAMS gcm = Gcm(iv, aad);
+  CK_MECHANISM mechanism{CKM_AES_GCM, &gcm, sizeof(gcm)};
+  const CK_RV rv = f->C_EncryptInit(session, &mechanism, key);
+  if (rv != CKR_OK) {
+    return rv;
+  }
+  return f->C_Encrypt(session, reinterpret_cast<CK_BYTE_PTR>(const_cast<char*>(plaintext.data())), plaintext.size(),
+                      reinterpret_cast<CK_BYTE_PTR>(out), out_len);
+}
+
+CK_RV GcmDecrypt(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session, CK_OBJECT_HANDLE key, const char* iv,
+                 std::string_view aad, std::string_view body, uint8_t* out, CK_ULONG* out_len) {
+  CK_GCM_PARAMS gcm = Gcm(iv, aad);
+  CK_MECHANISM mechanism{CKM_AES_GCM, &gcm, sizeof(gcm)};
+  const CK_RV rv = f->C_DecryptInit(session, &mechanism, key);
+  if (rv != CKR_OK) {
+    return rv;
+  }
+  return f->C_Decrypt(session, reinterpret_cast<CK_BYTE_PTR>(const_cast<char*>(body.data())), body.size(), out,
+                      out_len);
 }
 
 }  // namespace kmsplugin::keysource::pkcs11

@@ -48,4 +48,12 @@ CK_RV GenerateKey(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session, const std::
 // Sets CKA_ENCRYPT and CKA_DECRYPT of `key` to `usable` in one C_SetAttributeValue.
 CK_RV SetUsage(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session, CK_OBJECT_HANDLE key, bool usable);
 
+// CKM_AES_GCM in the token under `key`: `iv` of kGcmIvSize bytes, a 128-bit tag, `aad` (non-empty: SoftHSM
+// 2.6.1 mishandles an empty one). Encrypt writes ciphertext || tag to `out` (*out_len: its capacity, then the
+// length written); Decrypt writes the plaintext of `body` (ciphertext || tag) likewise.
+CK_RV GcmEncrypt(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session, CK_OBJECT_HANDLE key, const char* iv,
+                 std::string_view aad, std::string_view plaintext, char* out, CK_ULONG* out_len);
+CK_RV GcmDecrypt(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session, CK_OBJECT_HANDLE key, const char* iv,
+                 std::string_view aad, std::string_view body, uint8_t* out, CK_ULONG* out_len);
+
 }  // namespace kmsplugin::keysource::pkcs11
