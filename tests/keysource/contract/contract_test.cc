@@ -789,7 +789,7 @@ CONTRACT_CASE("while the backend is away calls fail UNAVAILABLE, never FAILED_PR
   seen.ExpectNoSecretsOf(backend);
 }
 
-CONTRACT_CASE("a source opened while its backend is away serves once the backend is back, without a restart") {
+CONTRACT_CASE("a source that has served nothing when its backend goes away serves once it is back, without a restart") {
   TestType backend;
   Instance a = backend.Open();
   const core::KeyVersion v1 = CurrentOf(a);
