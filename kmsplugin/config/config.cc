@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kmsplugin/config/file_checks.h"
+#include "kmsplugin/config/input_limits.h"
 #include "kmsplugin/core/sv.h"
 
 namespace kmsplugin::config {
@@ -206,6 +207,9 @@ absl::StatusOr<const EnvironmentConfig*> Config::Find(std::string_view name) con
 absl::StatusOr<Config> ParseConfig(const std::string& yaml, const std::string& file,
                                    const KeySourceParsers& parsers) {
   const FieldContext top(file, "");
+  if (auto nesting = CheckYamlNesting(yaml, file); !nesting.ok()) {
+    return top.Error(std::string(nesting.message()), "write the config as documented (deploy/config.example.yaml)");
+  }
   YAML::Node root;
   try {
     root = YAML::Load(yaml);

@@ -1,3 +1,4 @@
+#include "kmsplugin/config/input_limits.h"
 #include "kmsplugin/doctor/encryption_config.h"
 
 #include <algorithm>
@@ -335,6 +336,10 @@ absl::StatusOr<EncryptionConfigFile> ParseEncryptionConfig(const std::string& ya
   if (absl::StripAsciiWhitespace(yaml).empty()) {
     return absl::InvalidArgumentError(
         absl::StrCat(file, ": is empty; fix: write an EncryptionConfiguration (kmsplugin render prints one)"));
+  }
+  if (auto nesting = config::CheckYamlNesting(yaml, file); !nesting.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        nesting.message(), "; fix: write an EncryptionConfiguration (kmsplugin render prints one)"));
   }
   std::vector<YAML::Node> documents;
   try {

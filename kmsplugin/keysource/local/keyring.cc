@@ -19,6 +19,7 @@
 #include "crypto/hkdf.h"
 #include "crypto/xchacha20_poly1305_aead.h"
 #include "kmsplugin/config/file_checks.h"
+#include "kmsplugin/config/input_limits.h"
 #include "kmsplugin/keysource/common/secret_file.h"
 
 namespace kmsplugin::keysource::local {
@@ -78,6 +79,10 @@ json RootParamsToJson(const RootKeyParams& params) {
 }
 
 absl::StatusOr<json> ParseJson(const std::string& bytes, const std::string& path) {
+  // Before the parser: the MAC check serialises the document, and serialising recurses once per level.
+  if (auto nesting = config::CheckJsonNesting(bytes, absl::StrCat("keyring ", path)); !nesting.ok()) {
+    return Corrupt(path, std::string(nesting.message()));
+  }
   json doc = json::parse(bytes, nullptr, /*allow_exceptions=*/false);
   if (doc.is_discarded() || !doc.is_object()) {
     return Corrupt(path, "not a JSON object");
@@ -122,26 +127,16 @@ absl::StatusOr<RootKeyParams> ParseRootParams(const json& doc, const std::string
   params.salt = *salt;
   params.ops_limit = root["opsLimit"].get<uint64_t>();
   params.mem_limit = root["memLimit"].get<uint64_t>();
-  if (params.ops_limit < crypto_pwhash_OPSLIMIT_MIN || params.ops_limit > crypto_pwhash_OPSLIMIT_MAX ||
-      params.mem_limit < crypto_pwhash_MEMLIMIT_MIN || params.mem_limit > (uint64_t{4} << 30)) {
-    return Corrupt(path, "passphrase parameters are out of range");
+  // Checked before any derivation: the parameters are read from the file before it can be authenticated (the MAC
+  // key comes from the passphrase they stretch), so a forged opsLimit of 2^32-1 would otherwise burn CPU for ever.
+  if (params.ops_limit < crypto_pwhash_OPSLIMIT_MIN || params.ops_limit > kMaxArgon2OpsLimit ||
+      params.mem_limit < crypto_pwhash_MEMLIMIT_MIN || params.mem_limit > kMaxArgon2MemLimit) {
+    return Corrupt(path, absl::StrCat("passphrase parameters out of range: opsLimit ", params.ops_limit,
+                                      " (allowed ", crypto_pwhash_OPSLIMIT_MIN, "..", kMaxArgon2OpsLimit,
+                                      "), memLimit ", params.mem_limit, " (allowed ", crypto_pwhash_MEMLIMIT_MIN,
+                                      "..", kMaxArgon2MemLimit, ")"));
   }
   return params;
-}
-
-absl::Status FsyncDirectory(const std::filesystem::path& dir) {
-  const int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) {
-    return absl::InternalError(absl::StrCat("cannot open directory ", dir.string(), " to fsync it: ",
-                                            std::strerror(errno)));
-  }
-  const int rc = fsync(fd);
-  const int error = errno;
-  close(fd);
-  if (rc != 0) {
-    return absl::InternalError(absl::StrCat("fsync of directory ", dir.string(), " failed: ", std::strerror(error)));
-  }
-  return absl::OkStatus();
 }
 
 }  // namespace
@@ -418,101 +413,6 @@ const KeyringVersion& AppendVersion(Keyring& keyring, absl::Time now, crypto::Ra
   v.kek = random.NewSecret(kKekSize);
   keyring.versions.push_back(std::move(v));
   return keyring.versions.back();
-}
-
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-  if (fd < 0) {
-    return absl::NotFoundError(absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
-  }
-  std::string bytes;
-  char buffer[4096];
-  while (true) {
-    const ssize_t n = read(fd, buffer, sizeof(buffer));
-    if (n < 0 && errno == EINTR) {
-      continue;
-    }
-    if (n < 0) {
-      const int error = errno;
-      close(fd);
-      crypto::Wipe(buffer, sizeof(buffer));
-      return absl::InternalError(absl::StrCat("cannot read ", path, ": ", std::strerror(error)));
-    }
-    if (n == 0) {
-      break;
-    }
-    bytes.append(buffer, static_cast<size_t>(n));
-    if (bytes.size() > (1 << 20)) {
-      close(fd);
-      crypto::Wipe(buffer, sizeof(buffer));
-      return absl::FailedPreconditionError(absl::StrCat(path, " is larger than 1 MiB; it is not a key file"));
-    }
-  }
-  close(fd);
-  crypto::Wipe(buffer, sizeof(buffer));
-  return bytes;
-}
-
-absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes, bool exclusive) {
-  const std::filesystem::path target(path);
-  const std::filesystem::path dir = target.has_parent_path() ? target.parent_path() : ".";
-  // mkstemp: a unique name created with O_EXCL and mode 0600, so a temp file a crashed writer left behind (even
-  // one with our pid, as PID 1 in a container) never blocks a later write.
-  std::string temp = absl::StrCat(path, ".tmp-XXXXXX");
-  const int fd = mkstemp(temp.data());
-  if (fd < 0) {
-    return absl::FailedPreconditionError(absl::StrCat("cannot create a temporary file next to ", path, ": ",
-                                                      std::strerror(errno), "; fix: check that ", dir.string(),
-                                                      " exists and is writable"));
-  }
-  size_t written = 0;
-  while (written < bytes.size()) {
-    const ssize_t n = write(fd, bytes.data() + written, bytes.size() - written);
-    if (n < 0 && errno == EINTR) {
-      continue;
-    }
-    if (n <= 0) {
-      const int error = errno;
-      close(fd);
-      unlink(temp.c_str());
-      return absl::ResourceExhaustedError(absl::StrCat("cannot write ", temp, ": ", std::strerror(error)));
-    }
-    written += static_cast<size_t>(n);
-  }
-  // A replacement keeps the owner of the file it replaces, so `rotate` or `retire` run as root (as they must be to
-  // read etcd's client key) leaves the keyring readable by the service user. Only root can give files away.
-  struct stat existing {};
-  if (!exclusive && geteuid() == 0 && stat(path.c_str(), &existing) == 0 &&
-      fchown(fd, existing.st_uid, existing.st_gid) != 0) {
-    const int error = errno;
-    close(fd);
-    unlink(temp.c_str());
-    return absl::InternalError(absl::StrCat("cannot keep the owner of ", path, ": ", std::strerror(error)));
-  }
-  if (fsync(fd) != 0) {
-    const int error = errno;
-    close(fd);
-    unlink(temp.c_str());
-    return absl::InternalError(absl::StrCat("fsync of ", temp, " failed: ", std::strerror(error)));
-  }
-  close(fd);
-  if (exclusive) {
-    // link() fails if the target exists, so a racing init can never replace key material.
-    if (link(temp.c_str(), path.c_str()) != 0) {
-      const int error = errno;
-      unlink(temp.c_str());
-      if (error == EEXIST) {
-        return absl::AlreadyExistsError(absl::StrCat(path, " already exists; it is never overwritten"));
-      }
-      return absl::FailedPreconditionError(absl::StrCat("cannot create ", path, ": ", std::strerror(error)));
-    }
-    unlink(temp.c_str());
-  } else if (rename(temp.c_str(), path.c_str()) != 0) {
-    const int error = errno;
-    unlink(temp.c_str());
-    return absl::FailedPreconditionError(absl::StrCat("cannot replace ", path, ": ", std::strerror(error)));
-  }
-  return FsyncDirectory(dir);
 }
 
 }  // namespace kmsplugin::keysource::local

@@ -30,8 +30,15 @@
 #include "crypto/random.h"
 #include "crypto/secret_bytes.h"
 #include "kmsplugin/core/key_source.h"
+#include "kmsplugin/keysource/common/atomic_file.h"
 
 namespace kmsplugin::keysource::local {
+
+// Hard caps on the Argon2id parameters a passphrase keyring may name, checked before derivation. kmsplugin writes
+// opsLimit 3 (MODERATE) and memLimit 64 MiB; the caps leave room for stronger settings while bounding a
+// derivation to seconds and 256 MiB.
+inline constexpr uint64_t kMaxArgon2OpsLimit = 10;
+inline constexpr uint64_t kMaxArgon2MemLimit = uint64_t{256} << 20;
 
 inline constexpr size_t kRootKeySize = 32;
 inline constexpr size_t kKekSize = 32;
@@ -86,10 +93,6 @@ Keyring NewKeyring(const RootKeyParams& params, absl::Time now, crypto::Random& 
 // Appends version max+1 as current; the former current becomes active. Returns the new version.
 const KeyringVersion& AppendVersion(Keyring& keyring, absl::Time now, crypto::Random& random);
 
-// Reads a whole file (mode checked by the caller).
-absl::StatusOr<std::string> ReadFile(const std::string& path);
-// Atomically replaces (or, with `exclusive`, creates and never replaces) `path` with `bytes`, mode 0600. Run as
-// root, a replacement keeps the replaced file's owner and group.
-absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes, bool exclusive);
+// Files are read and written through keysource/common/atomic_file.h (ReadFile, WriteFileAtomically).
 
 }  // namespace kmsplugin::keysource::local

@@ -308,6 +308,7 @@ absl::Status LocalKeySource::EditKeyring(const std::function<absl::Status(Keyrin
     if (!lock.ok()) {
       return lock.status();
     }
+    RemoveStaleTemporaries(options_.keyring);  // a writer killed before its rename left them
     auto bytes = ReadFile(options_.keyring);
     if (!bytes.ok()) {
       return bytes.status();

@@ -48,6 +48,11 @@ class LocalSpec final : public config::KeySourceSpec {
   }
 
   absl::StatusOr<std::string> Init(const config::OpenContext& context) const override {
+    // A killed init may have left temporary files, one of them holding a root key that was never used.
+    RemoveStaleTemporaries(options_.keyring);
+    if (!options_.root_key_file.empty()) {
+      RemoveStaleTemporaries(options_.root_key_file);
+    }
     struct stat info {};
     if (lstat(options_.keyring.c_str(), &info) == 0) {
       return absl::AlreadyExistsError(absl::StrCat("keyring ", options_.keyring,
