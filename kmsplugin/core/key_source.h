@@ -48,6 +48,14 @@ struct KeyVersion {
   KeyState state = KeyState::kActive;
 };
 
+// What every source's Wrap and Unwrap refuse before the backend sees anything (the rule is the same for all, so it
+// is written once): a plaintext of 1..kMaxWrapPlaintextSize bytes, wrapped bytes of 1..kMaxWrappedSize bytes, and
+// non-empty associated data (it binds the environment and version). INVALID_ARGUMENT naming the size.
+inline constexpr size_t kMaxWrapPlaintextSize = 512;
+inline constexpr size_t kMaxWrappedSize = 1024;
+absl::Status CheckWrapInput(std::string_view plaintext, std::string_view associated_data);
+absl::Status CheckUnwrapInput(std::string_view wrapped, std::string_view associated_data);
+
 // A number about the backend worth exporting as a metric (Vault token time-to-live, HSM session pool).
 struct BackendGauge {
   std::string name;  // Prometheus name with unit, e.g. kmsplugin_vault_token_ttl_seconds

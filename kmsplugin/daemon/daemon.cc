@@ -38,6 +38,12 @@ absl::Status RunDaemon(const DaemonOptions& options) {
   runner_options.tuning.max_threads = config.server.max_threads;
   runner_options.registry = &registry;
   server::ServerRunner runner(runner_options, std::move(served));
+  opener.OnStarted([&runner] { runner.RequestRefresh(); });
+  // Destroyed before the runner, on every path out: a source starting then must not reach a runner going away.
+  struct ForgetRunner {
+    SourceOpener& opener;
+    ~ForgetRunner() { opener.OnStarted({}); }
+  } forget_runner{opener};
   RegisterStateMetrics(registry, [&runner] { return runner.Services(); }, options.version);
   if (auto status = runner.Start(); !status.ok()) {
     return status;

@@ -52,8 +52,20 @@ std::shared_ptr<core::KeySource> SourceOpener::OpenOrKeepTrying(const config::En
   // The spec came from the registry's own parsers, so the kind is always there.
   const crypto::KeySourceKind kind_byte = kind != nullptr ? kind->kind : crypto::KeySourceKind::kLocal;
   std::shared_ptr<core::KeySource> source = StartingKeySource::OpenOrKeepTrying(
-      env.name, kind_byte, [this, env] { return OpenRaw(env); }, retry_interval_, HostFiles(env), SinkFor(env));
+      env.name, kind_byte, [this, env] { return OpenRaw(env); }, retry_interval_, HostFiles(env), SinkFor(env),
+      [this] {
+        // Under the lock, so that OnStarted({}) before the runner goes away waits for a call in flight.
+        absl::MutexLock lock(&mu_);
+        if (on_started_) {
+          on_started_();
+        }
+      });
   return std::make_shared<observe::InstrumentedKeySource>(std::move(source), env.name, registry_);
+}
+
+void SourceOpener::OnStarted(std::function<void()> callback) {
+  absl::MutexLock lock(&mu_);
+  on_started_ = std::move(callback);
 }
 
 absl::StatusOr<std::shared_ptr<core::KeySource>> SourceOpener::Open(const config::EnvironmentConfig& env) {

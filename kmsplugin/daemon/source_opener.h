@@ -5,6 +5,7 @@
 // kmsplugin_key_source_events_total increment each), and is wrapped in InstrumentedKeySource (backend metrics).
 // Thread-safe (start runs on the main thread, reloads on the signal thread).
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -29,6 +30,10 @@ class SourceOpener {
   // unhealthy and keeps trying (starting_key_source.h). Never fails.
   std::shared_ptr<core::KeySource> OpenOrKeepTrying(const config::EnvironmentConfig& env);
 
+  // What to do when a source that could not start has started (the daemon: re-probe at once). Set once, before
+  // serving; sources opened earlier see it too.
+  void OnStarted(std::function<void()> callback);
+
   // On a reload (all or nothing): the key source, or why it cannot be opened, naming the environment.
   absl::StatusOr<std::shared_ptr<core::KeySource>> Open(const config::EnvironmentConfig& env);
 
@@ -42,6 +47,7 @@ class SourceOpener {
   absl::Mutex mu_;
   // One sink per environment and kind, kept for the process's life (sources hold a reference to it).
   std::map<std::string, std::unique_ptr<EventLogSink>> sinks_ ABSL_GUARDED_BY(mu_);
+  std::function<void()> on_started_ ABSL_GUARDED_BY(mu_);
 };
 
 // The environment's EnvelopeService on `source`, with the server's health rules.

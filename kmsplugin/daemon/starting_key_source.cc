@@ -14,12 +14,14 @@ constexpr absl::Duration kMinRetryInterval = absl::Seconds(1);
 
 StartingKeySource::StartingKeySource(std::string environment, crypto::KeySourceKind kind, Opener open,
                                      absl::Status first_error, absl::Duration retry_interval,
-                                     std::vector<std::string> files, core::EventSink& events)
+                                     std::vector<std::string> files, core::EventSink& events,
+                                     std::function<void()> on_started)
     : environment_(std::move(environment)),
       kind_(kind),
       open_(std::move(open)),
       retry_interval_(std::max(retry_interval, kMinRetryInterval)),
       files_(std::move(files)),
+      on_started_(std::move(on_started)),
       events_(events),
       error_(std::move(first_error)) {
   for (const std::string& file : files_) {
@@ -40,7 +42,8 @@ std::shared_ptr<core::KeySource> StartingKeySource::OpenOrKeepTrying(std::string
                                                                      crypto::KeySourceKind kind, Opener open,
                                                                      absl::Duration retry_interval,
                                                                      std::vector<std::string> files,
-                                                                     core::EventSink& events) {
+                                                                     core::EventSink& events,
+                                                                     std::function<void()> on_started) {
   auto opened = open();
   if (opened.ok()) {
     return std::move(*opened);
@@ -53,7 +56,7 @@ std::shared_ptr<core::KeySource> StartingKeySource::OpenOrKeepTrying(std::string
                                 {{"error", std::string(opened.status().message())}},
                                 true});
   return std::make_shared<StartingKeySource>(std::move(environment), kind, std::move(open), opened.status(),
-                                             retry_interval, std::move(files), events);
+                                             retry_interval, std::move(files), events, std::move(on_started));
 }
 
 bool StartingKeySource::WorthTrying(const absl::Status& last_error) {
@@ -110,6 +113,9 @@ void StartingKeySource::RetryLoop() {
     events_.Emit(core::SourceEvent{
         core::event::kStarted,
         absl::StrCat("the key source of environment \"", environment_, "\" has started after failing to"), {}});
+    if (on_started_) {
+      on_started_();
+    }
     return;
   }
 }

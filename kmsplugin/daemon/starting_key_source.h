@@ -40,14 +40,18 @@ class StartingKeySource final : public core::KeySource {
   using Opener = std::function<absl::StatusOr<std::shared_ptr<core::KeySource>>()>;
 
   // `first_error`: why the first open failed. `open` is tried again by the retry thread.
+  // `on_started` (may be empty) runs on the retry thread once the source has started: the daemon re-probes then,
+  // rather than at its next poll.
   StartingKeySource(std::string environment, crypto::KeySourceKind kind, Opener open, absl::Status first_error,
-                    absl::Duration retry_interval, std::vector<std::string> files, core::EventSink& events);
+                    absl::Duration retry_interval, std::vector<std::string> files, core::EventSink& events,
+                    std::function<void()> on_started = {});
   ~StartingKeySource() override;
 
   // Opens through `open`; on failure returns a StartingKeySource that keeps trying. Never fails.
   static std::shared_ptr<core::KeySource> OpenOrKeepTrying(std::string environment, crypto::KeySourceKind kind,
                                                            Opener open, absl::Duration retry_interval,
-                                                           std::vector<std::string> files, core::EventSink& events);
+                                                           std::vector<std::string> files, core::EventSink& events,
+                                                           std::function<void()> on_started = {});
 
   crypto::KeySourceKind Kind() const override { return kind_; }
   absl::StatusOr<core::KeyVersion> Current() const override;
@@ -76,6 +80,7 @@ class StartingKeySource final : public core::KeySource {
   const Opener open_;
   const absl::Duration retry_interval_;
   const std::vector<std::string> files_;
+  const std::function<void()> on_started_;
   std::vector<std::optional<keysource::FileStamp>> stamps_;  // only the retry thread touches it
   core::EventSink& events_;
   mutable absl::Mutex mu_;

@@ -42,7 +42,7 @@ struct World : DaemonDriver {
   std::string token_file;
 };
 
-TEST_CASE("Isolation: a revoked Vault token leaves the local environment serving; Vault heals once fixed",
+TEST_CASE("Isolation: a revoked Vault token leaves the local environment serving, and Vault heals once fixed",
           "[integration][isolation]") {
   World w;
   const RunResult init = w.Init();

@@ -178,6 +178,9 @@ absl::StatusOr<core::KeyVersion> LocalKeySource::Current() const {
 
 absl::StatusOr<std::string> LocalKeySource::Wrap(const core::KeyVersion& version, std::string_view plaintext,
                                                  std::string_view associated_data, absl::Time /*deadline*/) {
+  if (auto input = core::CheckWrapInput(plaintext, associated_data); !input.ok()) {
+    return input;
+  }
   const std::shared_ptr<const View> view = Snapshot();
   const Entry* entry = view->Find(version.key_ref);
   if (entry == nullptr) {
@@ -193,6 +196,9 @@ absl::StatusOr<std::string> LocalKeySource::Wrap(const core::KeyVersion& version
 absl::StatusOr<crypto::SecretBytes> LocalKeySource::Unwrap(std::string_view key_ref, std::string_view wrapped,
                                                            std::string_view associated_data,
                                                            absl::Time /*deadline*/) {
+  if (auto input = core::CheckUnwrapInput(wrapped, associated_data); !input.ok()) {
+    return input;
+  }
   const std::shared_ptr<const View> view = Snapshot();
   const Entry* entry = view->Find(key_ref);
   if (entry == nullptr) {
@@ -245,6 +251,14 @@ absl::Status LocalKeySource::Refresh(absl::Time /*deadline*/) {
   absl::MutexLock serial(&refresh_mu_);
   const std::shared_ptr<const View> old = Snapshot();
   absl::Status status = [&]() -> absl::Status {
+    // The root key stays loaded, but its file made readable by others is a leak the operator must hear about.
+    const std::string& secret = options_.root_key_file.empty() ? options_.passphrase_file : options_.root_key_file;
+    if (auto checked = config::CheckSecretFile(
+            secret, options_.root_key_file.empty() ? "passphrase file" : "root key file");
+        !checked.ok()) {
+      return absl::Status(checked.code(),
+                          absl::StrCat(checked.message(), " (still serving the versions loaded before)"));
+    }
     const std::optional<FileStamp> stamp = StatStamp(options_.keyring);
     if (!stamp.has_value()) {
       return absl::NotFoundError(absl::StrCat("keyring ", options_.keyring, " is gone (", std::strerror(errno),

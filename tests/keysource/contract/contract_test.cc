@@ -458,7 +458,7 @@ CONTRACT_CASE("every version keeps decrypting across several rotations") {
   }
 }
 
-CONTRACT_CASE("key_id never moves back when a refresh sees fewer or older versions; the old view is kept") {
+CONTRACT_CASE("key_id never moves back when a refresh sees fewer or older versions, and the old view is kept") {
   TestType backend;
   Messages seen;
   Instance a = backend.Open();
@@ -597,7 +597,7 @@ CONTRACT_CASE("the current version cannot be retired, and the refusal changes no
   }
 }
 
-CONTRACT_CASE("retire or reinstate of a version the backend does not have is NOT_FOUND; reinstate of an active one is refused") {
+CONTRACT_CASE("retire or reinstate of a version the backend does not have is NOT_FOUND, and reinstate of an active one is refused") {
   TestType backend;
   Instance a = backend.Open();
   RotateOrDie(backend, a);
@@ -833,7 +833,7 @@ CONTRACT_CASE("a credential file replaced while serving is picked up by Refresh 
   seen.ExpectNoSecretsOf(backend);
 }
 
-CONTRACT_CASE("a credential file made readable by others is refused by Refresh naming the file; the view is kept") {
+CONTRACT_CASE("a credential file made readable by others is refused by Refresh naming the file, and the view is kept") {
   TestType backend;
   Messages seen;
   Instance a = backend.Open();

@@ -208,7 +208,7 @@ TEST_CASE(
 
 TEST_CASE(
     "Pkcs11KeySource recovery: a PIN changed on the token and rewritten in the file is picked up by Refresh "
-    "while healthy; the next login uses it, exactly once",
+    "while healthy: the next login uses it, exactly once",
     "[pkcs11][recovery]") {
   Served world(Interposer::Path());
   Interposer interposer;  // counts from here on
