@@ -429,6 +429,19 @@ absl::StatusOr<std::string> VaultKeySource::Wrap(const core::KeyVersion& version
   if (absl::Status s = ParseKeyRef(version.key_ref, &number, &created); !s.ok()) {
     return s;
   }
+  if (plaintext.empty() || associated_data.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("refusing to encrypt with ", Describe(), ": the ",
+                                                   plaintext.empty() ? "plaintext" : "associated data",
+                                                   " is empty"));
+  }
+  // "vault:vN:" + base64(nonce[12] || ciphertext || tag[16]) must fit in kMaxWrappedBytes (backends.md A3).
+  const size_t wrapped_size =
+      absl::StrCat("vault:v", number, ":").size() + 4 * ((12 + plaintext.size() + 16 + 2) / 3);
+  if (wrapped_size > kMaxWrappedBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("refusing to encrypt ", plaintext.size(), " bytes with ",
+                                                   Describe(), ": the Transit ciphertext would be ", wrapped_size,
+                                                   " bytes, more than ", kMaxWrappedBytes));
+  }
   {
     absl::MutexLock lock(&mu_);
     if (loaded_ && number < min_decryption_) {
@@ -478,8 +491,20 @@ absl::StatusOr<crypto::SecretBytes> VaultKeySource::Unwrap(std::string_view key_
   if (absl::Status s = ParseKeyRef(Sv(key_ref), &number, &created); !s.ok()) {
     return s;
   }
+  if (associated_data.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("refusing to decrypt with ", Describe(),
+                                                   ": the associated data is empty"));
+  }
   std::string prefix = absl::StrCat("vault:v", number, ":");
   if (!absl::StartsWith(Sv(wrapped), prefix) || wrapped.size() > kMaxWrappedBytes) {
+    {
+      // A key_ref naming a version this source does not have: say that, rather than blame the bytes.
+      absl::MutexLock lock(&mu_);
+      if (loaded_ && number >= min_decryption_ && !core::FindVersionNumber(versions_, number)) {
+        return absl::FailedPreconditionError(
+            absl::StrCat(Describe(), " has no key version ", number, " (the ciphertext names it)"));
+      }
+    }
     return absl::InvalidArgumentError(absl::StrCat(
         "wrapped key is not a Transit ciphertext of version ", number, " (expected the prefix ", prefix, ")"));
   }
