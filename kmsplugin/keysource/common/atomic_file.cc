@@ -175,7 +175,7 @@ int RemoveStaleTemporaries(const std::string& path, absl::Duration min_age) {
         info.st_nlink != 1) {
       continue;
     }
-    if (now - absl::TimeFromTimespec(info.st_ctim) < min_age) {
+    if (now - absl::TimeFromTimespec(info.st_mtim) < min_age) {
       continue;  // a writer may still be working on it
     }
     ZeroFile(file);

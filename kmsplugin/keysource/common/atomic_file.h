@@ -28,7 +28,7 @@ absl::StatusOr<std::string> ReadFile(const std::string& path, size_t max_bytes =
 absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes, bool exclusive,
                                  size_t max_bytes = kMaxKeyFileBytes);
 
-// Removes `<path>.tmp-*` files whose last change is at least `min_age` old, owned by the effective user and not
+// Removes `<path>.tmp-*` files last written at least `min_age` ago (mtime), owned by the effective user and not
 // linked elsewhere. Returns how many it removed.
 inline constexpr absl::Duration kStaleTemporaryAge = absl::Minutes(1);
 int RemoveStaleTemporaries(const std::string& path, absl::Duration min_age = kStaleTemporaryAge);

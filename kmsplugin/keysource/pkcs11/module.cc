@@ -1,4 +1,10 @@
 #include <dlfcn.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <map>
 #include <memory>
@@ -6,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "kmsplugin/config/file_checks.h"
 // Last: these include cryptoki.h.
 #include "kmsplugin/keysource/pkcs11/errors.h"
 #include "kmsplugin/keysource/pkcs11/module.h"
@@ -21,9 +28,31 @@ absl::StatusOr<std::shared_ptr<Module>> Module::Load(const std::string& path) {
       return module;
     }
   }
+  // Loading a module runs its code (constructors first) with our privileges, often root's: it must be a regular
+  // file that only root or the user we run as can change, in a directory only they can write (RUNBOOK 1e). The
+  // checks run on the opened file, and the loader is handed that same file through /proc/self/fd, so the path
+  // cannot be swapped between the check and the load.
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "cannot open PKCS#11 module ", path, ": ", std::strerror(errno),
+        "; fix: set keySource.pkcs11.module to the path of the token's PKCS#11 library"));
+  }
+  struct stat info {};
+  absl::Status trusted = fstat(fd, &info) == 0
+                             ? config::CheckTrustedStat(info, path, "PKCS#11 module")
+                             : absl::FailedPreconditionError(absl::StrCat("cannot stat PKCS#11 module ", path));
+  if (!trusted.ok()) {
+    close(fd);
+    return trusted;
+  }
   // The module stays mapped for the life of the process: unloading a PKCS#11 library that spawned threads or
   // registered atexit handlers is unsafe, and a later key source may load it again.
-  void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  void* handle = dlopen(absl::StrCat("/proc/self/fd/", fd).c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (handle == nullptr && access("/proc/self/fd", F_OK) != 0) {
+    handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);  // no /proc: the check above still ran on this path
+  }
+  close(fd);
   if (handle == nullptr) {
     const char* error = dlerror();
     return absl::FailedPreconditionError(
