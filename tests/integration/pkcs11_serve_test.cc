@@ -17,6 +17,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "crypto/envelope_format.h"
+#include "tests/integration/serve_scenarios.h"
 #include "tests/support/daemon.h"
 #include "tests/support/kms_client.h"
 #include "tests/support/rotation_load.h"
@@ -101,33 +102,9 @@ TEST_CASE("PKCS#11 serve: init creates version 1 in the token, a second init lea
   auto server = h.Serve();
   REQUIRE(h.WaitServing(*server, h.Socket("test")));
   const v2::StatusResponse status = h.Status(h.Socket("test"));
-  CHECK(status.healthz() == "ok");
   CHECK(VersionOf(status.key_id()) == 1);
   CHECK(Has(status.key_id(), h.serials["kms"]));
-  KmsClient client(h.Socket("test"));
-  v2::EncryptResponse encrypted;
-  REQUIRE(client.Encrypt(std::string(32, 'p'), encrypted).ok());
-  CHECK(encrypted.key_id() == status.key_id());
-  v2::DecryptResponse decrypted;
-  REQUIRE(client.DecryptResponseOf(encrypted, decrypted).ok());
-  CHECK(decrypted.plaintext() == std::string(32, 'p'));
-
-  v1beta1::EncryptResponse v1_encrypted;
-  REQUIRE(client.V1Encrypt(std::string(48, 'q'), v1_encrypted).ok());
-  v1beta1::DecryptResponse v1_decrypted;
-  REQUIRE(client.V1Decrypt(v1_encrypted.cipher(), v1_decrypted).ok());
-  CHECK(v1_decrypted.plain() == std::string(48, 'q'));
-
-  // Tampered ciphertexts are refused by the token's GCM check, not retried or crashed on.
-  std::string tampered = encrypted.ciphertext();
-  tampered[tampered.size() - 1] ^= 0x01;
-  std::map<std::string, std::string> annotations(encrypted.annotations().begin(), encrypted.annotations().end());
-  CHECK(client.Decrypt(tampered, encrypted.key_id(), annotations, decrypted).error_code() ==
-        grpc::StatusCode::INVALID_ARGUMENT);
-  std::string v1_tampered = v1_encrypted.cipher();
-  v1_tampered[v1_tampered.size() / 2] ^= 0x20;
-  CHECK(client.V1Decrypt(v1_tampered, v1_decrypted).error_code() == grpc::StatusCode::INVALID_ARGUMENT);
-  CHECK(h.Status(h.Socket("test")).healthz() == "ok");
+  ScenarioRoundTripBothApis(h.Socket("test"));
   server->Signal(SIGTERM);
   CHECK(server->Wait(std::chrono::seconds(15)) == std::optional<int>(0));
   CHECK(!Has(server->Stderr(), kPin + std::string("\n")));
@@ -171,52 +148,7 @@ TEST_CASE("PKCS#11 serve: rotate then SIGHUP changes the Status key_id at once, 
   REQUIRE(h.Init().exit_code == 0);
   auto server = h.Serve();
   REQUIRE(h.WaitServing(*server, h.Socket("test")));
-  const std::string socket = h.Socket("test");
-  const std::string before = h.Status(socket).key_id();
-  KmsClient client(socket);
-  v2::EncryptResponse old_ciphertext;
-  REQUIRE(client.Encrypt(std::string(32, 'o'), old_ciphertext).ok());
-  v1beta1::EncryptResponse old_v1;
-  REQUIRE(client.V1Encrypt(std::string(32, 'O'), old_v1).ok());
-
-  const RunResult rotate = h.Rotate();
-  INFO(rotate.out << rotate.err);
-  REQUIRE(rotate.exit_code == 0);
-  CHECK(h.Status(socket).key_id() == before);  // a poll interval of an hour: nothing yet
-  const std::string after = h.KeyIdAfterHup(*server, socket, before);
-  CHECK(after != before);
-  CHECK(VersionOf(after) == 2);
-  CHECK(Has(rotate.out, after));
-
-  v2::EncryptResponse fresh;
-  REQUIRE(client.Encrypt(std::string(32, 'n'), fresh).ok());
-  CHECK(fresh.key_id() == after);
-  v2::DecryptResponse decrypted;
-  REQUIRE(client.DecryptResponseOf(old_ciphertext, decrypted).ok());
-  CHECK(decrypted.plaintext() == std::string(32, 'o'));
-  v1beta1::DecryptResponse v1_decrypted;
-  REQUIRE(client.V1Decrypt(old_v1.cipher(), v1_decrypted).ok());
-  CHECK(v1_decrypted.plain() == std::string(32, 'O'));
-
-  // The old key_id with the new ciphertext (or the reverse) is a mismatch, not a silent success.
-  std::map<std::string, std::string> annotations(fresh.annotations().begin(), fresh.annotations().end());
-  CHECK(client.Decrypt(fresh.ciphertext(), before, annotations, decrypted).error_code() ==
-        grpc::StatusCode::INVALID_ARGUMENT);
-
-  // keys --env lists both versions, the new one current, as a table and as JSON.
-  const RunResult table = h.Cli({"keys", "--config", h.config, "--env", "test"});
-  CHECK(table.exit_code == 0);
-  CHECK(Has(table.out, before));
-  CHECK(Has(table.out, after));
-  const RunResult json = h.Cli({"keys", "--config", h.config, "--env", "test", "--json"});
-  REQUIRE(json.exit_code == 0);
-  const auto doc = nlohmann::json::parse(json.out);
-  REQUIRE(doc["versions"].size() == 2);
-  CHECK(doc["versions"][0]["keyId"] == before);
-  CHECK(doc["versions"][0]["state"] == "active");
-  CHECK(doc["versions"][1]["keyId"] == after);
-  CHECK(doc["versions"][1]["state"] == "current");
-  CHECK(server->Running());
+  ScenarioRotateThenHup(h, *server, "test", h.Socket("test"), VersionOf);
 }
 
 TEST_CASE("PKCS#11 keys: an unknown environment is refused, listing the ones there are", "[pkcs11][bad-input]") {
@@ -237,23 +169,8 @@ TEST_CASE("PKCS#11 serve: rotation under load keeps Status and Encrypt in agreem
   auto server = h.Serve();
   const std::string socket = h.Socket("test");
   REQUIRE(h.WaitServing(*server, socket));
-  RotationLoad load(socket, VersionOf);
-  for (int r = 0; r < 3; ++r) {
-    absl::SleepFor(absl::Milliseconds(200));
-    const RunResult rotate = h.Rotate();
-    INFO(rotate.err);
-    CHECK(rotate.exit_code == 0);
-    server->Signal(SIGHUP);
-  }
-  absl::SleepFor(absl::Milliseconds(400));
-  load.Stop();
-  CHECK(load.failures() == 0);
-  CHECK(load.disagreements() == 0);
-  CHECK(load.rounds() > 10);
-  CHECK(VersionOf(h.Status(socket).key_id()) == 4);
-  std::set<std::string> key_ids;
-  CHECK(load.DecryptAllAgain(key_ids) == 0);
-  CHECK(key_ids.size() >= 3);
+  ScenarioRotationUnderLoad(h, *server, "test", socket, VersionOf, /*writers=*/4, absl::Milliseconds(200),
+                            /*min_rounds=*/10);
 }
 
 TEST_CASE("PKCS#11 serve: 32 concurrent client streams finish with zero failed calls", "[pkcs11][serve][load]") {
@@ -263,41 +180,7 @@ TEST_CASE("PKCS#11 serve: 32 concurrent client streams finish with zero failed c
   auto server = h.Serve();
   const std::string socket = h.Socket("test");
   REQUIRE(h.WaitServing(*server, socket));
-  std::atomic<int> failures{0}, calls{0};
-  std::mutex mu;
-  std::set<std::string> errors;
-  std::vector<std::thread> streams;
-  for (int t = 0; t < 32; ++t) {
-    streams.emplace_back([&, t] {
-      KmsClient client(socket);  // its own channel: its own HTTP/2 connection
-      const std::string plaintext(32, static_cast<char>('A' + t % 26));
-      for (int i = 0; i < 25; ++i) {
-        v2::EncryptResponse encrypted;
-        v2::DecryptResponse decrypted;
-        grpc::Status status = client.Encrypt(plaintext, encrypted);
-        if (status.ok()) {
-          status = client.DecryptResponseOf(encrypted, decrypted);
-        }
-        if (!status.ok() || decrypted.plaintext() != plaintext) {
-          ++failures;
-          std::lock_guard<std::mutex> lock(mu);
-          errors.insert(std::to_string(status.error_code()) + " " + status.error_message());
-        }
-        calls += 2;
-      }
-    });
-  }
-  for (std::thread& stream : streams) {
-    stream.join();
-  }
-  std::string seen;
-  for (const std::string& error : errors) {
-    seen += error + "\n";
-  }
-  INFO(seen);
-  CHECK(failures.load() == 0);
-  CHECK(calls.load() == 32 * 25 * 2);
-  CHECK(h.Status(socket).healthz() == "ok");
+  ScenarioConcurrentStreams(socket, /*streams=*/32, /*rounds=*/25);
   CHECK(!Has(server->Stderr(), "CKR_OPERATION_ACTIVE"));
   CHECK(!Has(server->Stderr(), "\"level\":\"error\""));
 }

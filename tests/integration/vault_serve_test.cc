@@ -19,6 +19,7 @@
 #include "absl/time/time.h"
 #include "crypto/envelope_format.h"
 #include "tests/keysource/vault/vault_test_server.h"
+#include "tests/integration/serve_scenarios.h"
 #include "tests/support/daemon.h"
 #include "tests/support/kms_client.h"
 #include "tests/support/rotation_load.h"
@@ -122,26 +123,9 @@ TEST_CASE("Vault serve: init creates the transit key, a second init leaves it, b
   auto server = v.Serve();
   REQUIRE(v.WaitServing(*server, v.Socket("prod")));
   const v2::StatusResponse status = v.Status(v.Socket("prod"));
-  CHECK(status.healthz() == "ok");
   CHECK(VersionOf(status.key_id()) == 1);
   CHECK(Has(status.key_id(), "transit/kms"));
-  KmsClient client(v.Socket("prod"));
-  v2::EncryptResponse encrypted;
-  REQUIRE(client.Encrypt(std::string(32, 'v'), encrypted).ok());
-  CHECK(encrypted.key_id() == status.key_id());
-  v2::DecryptResponse decrypted;
-  REQUIRE(client.DecryptResponseOf(encrypted, decrypted).ok());
-  CHECK(decrypted.plaintext() == std::string(32, 'v'));
-  v1beta1::EncryptResponse v1_encrypted;
-  REQUIRE(client.V1Encrypt(std::string(40, 'w'), v1_encrypted).ok());
-  v1beta1::DecryptResponse v1_decrypted;
-  REQUIRE(client.V1Decrypt(v1_encrypted.cipher(), v1_decrypted).ok());
-  CHECK(v1_decrypted.plain() == std::string(40, 'w'));
-  std::string tampered = encrypted.ciphertext();
-  tampered[tampered.size() - 2] ^= 0x04;
-  std::map<std::string, std::string> annotations(encrypted.annotations().begin(), encrypted.annotations().end());
-  CHECK(client.Decrypt(tampered, encrypted.key_id(), annotations, decrypted).error_code() ==
-        grpc::StatusCode::INVALID_ARGUMENT);
+  ScenarioRoundTripBothApis(v.Socket("prod"));
   server->Signal(SIGTERM);
   CHECK(server->Wait(std::chrono::seconds(15)) == std::optional<int>(0));
   CheckNoToken(*server);
@@ -207,29 +191,7 @@ TEST_CASE("Vault serve: rotate then SIGHUP changes the Status key_id at once, ol
   auto server = v.Serve();
   const std::string socket = v.Socket("prod");
   REQUIRE(v.WaitServing(*server, socket));
-  const std::string before = v.Status(socket).key_id();
-  KmsClient client(socket);
-  v2::EncryptResponse old_ciphertext;
-  REQUIRE(client.Encrypt(std::string(32, 'o'), old_ciphertext).ok());
-  const RunResult rotate = v.Rotate();
-  INFO(rotate.out << rotate.err);
-  REQUIRE(rotate.exit_code == 0);
-  CHECK(v.Status(socket).key_id() == before);
-  const std::string after = v.KeyIdAfterHup(*server, socket, before);
-  CHECK(VersionOf(after) == 2);
-  CHECK(Has(rotate.out, after));
-  v2::EncryptResponse fresh;
-  REQUIRE(client.Encrypt(std::string(32, 'n'), fresh).ok());
-  CHECK(fresh.key_id() == after);
-  v2::DecryptResponse decrypted;
-  REQUIRE(client.DecryptResponseOf(old_ciphertext, decrypted).ok());
-  CHECK(decrypted.plaintext() == std::string(32, 'o'));
-  const RunResult keys = v.Cli({"keys", "--config", v.config, "--env", "prod", "--json"});
-  REQUIRE(keys.exit_code == 0);
-  const auto doc = nlohmann::json::parse(keys.out);
-  REQUIRE(doc["versions"].size() == 2);
-  CHECK(doc["versions"][1]["keyId"] == after);
-  CHECK(doc["versions"][1]["state"] == "current");
+  ScenarioRotateThenHup(v, *server, "prod", socket, VersionOf);
   CheckNoToken(*server);
 }
 
@@ -241,21 +203,8 @@ TEST_CASE("Vault serve: rotation under load keeps Status and Encrypt in agreemen
   auto server = v.Serve();
   const std::string socket = v.Socket("prod");
   REQUIRE(v.WaitServing(*server, socket));
-  RotationLoad load(socket, VersionOf, /*writers=*/3);
-  for (int r = 0; r < 3; ++r) {
-    absl::SleepFor(absl::Milliseconds(250));
-    CHECK(v.Rotate().exit_code == 0);
-    server->Signal(SIGHUP);
-  }
-  absl::SleepFor(absl::Milliseconds(400));
-  load.Stop();
-  CHECK(load.failures() == 0);
-  CHECK(load.disagreements() == 0);
-  CHECK(load.rounds() > 5);
-  CHECK(VersionOf(v.Status(socket).key_id()) == 4);
-  std::set<std::string> key_ids;
-  CHECK(load.DecryptAllAgain(key_ids) == 0);
-  CHECK(key_ids.size() >= 3);
+  ScenarioRotationUnderLoad(v, *server, "prod", socket, VersionOf, /*writers=*/3, absl::Milliseconds(250),
+                            /*min_rounds=*/5);
 }
 
 TEST_CASE("Vault serve: a server that accepts and never answers ends a 3 s Encrypt in time, and the daemon "
@@ -337,37 +286,7 @@ TEST_CASE("Vault serve: 32 concurrent client streams against a Vault answering i
   const std::string socket = v.Socket("prod");
   REQUIRE(v.WaitServing(*server, socket));
   v.vault.Control({{"delay", 0.02}});
-  std::atomic<int> failures{0};
-  std::mutex mu;
-  std::map<std::string, int> errors;
-  std::vector<std::thread> streams;
-  for (int t = 0; t < 32; ++t) {
-    streams.emplace_back([&] {
-      KmsClient client(socket);
-      for (int i = 0; i < 8; ++i) {
-        v2::EncryptResponse encrypted;
-        v2::DecryptResponse decrypted;
-        grpc::Status status = client.Encrypt(std::string(32, 's'), encrypted);
-        if (status.ok()) {
-          status = client.DecryptResponseOf(encrypted, decrypted);
-        }
-        if (!status.ok()) {
-          ++failures;
-          std::lock_guard<std::mutex> lock(mu);
-          ++errors[std::to_string(status.error_code()) + " " + status.error_message()];
-        }
-      }
-    });
-  }
-  for (std::thread& stream : streams) {
-    stream.join();
-  }
-  std::string seen;
-  for (const auto& [error, n] : errors) {
-    seen += std::to_string(n) + "x " + error + "\n";
-  }
-  INFO(seen);
-  CHECK(failures.load() == 0);
+  ScenarioConcurrentStreams(socket, /*streams=*/32, /*rounds=*/8);
   CHECK(server->Running());
 }
 
