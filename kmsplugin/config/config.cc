@@ -272,16 +272,12 @@ absl::StatusOr<Config> ParseConfig(const std::string& yaml, const std::string& f
 }
 
 absl::StatusOr<std::string> ReadConfigFile(const std::string& path) {
-  if (auto status = CheckFileNotWritableByOthers(path, "config file"); !status.ok()) {
-    return status;
+  // Checked and read on one descriptor: a path swapped between the two is never used.
+  auto file = ReadCheckedFile(path, "config file", FileKind::kTrusted, kMaxConfigBytes);
+  if (!file.ok()) {
+    return file.status();
   }
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  if (!in) {
-    return absl::NotFoundError(absl::StrCat(path, ": cannot read the config file; fix: check its permissions"));
-  }
-  return text.str();
+  return std::move(file->bytes);
 }
 
 absl::StatusOr<Config> LoadConfig(const std::string& path, const KeySourceParsers& parsers) {

@@ -66,6 +66,8 @@ struct Config {
 using KeySourceParsers = std::map<std::string, KeySourceParser, std::less<>>;
 
 // The text of the config file `path`. Refuses one that group or others can write.
+// The most a config file may hold; a larger one is refused before it is parsed.
+inline constexpr size_t kMaxConfigBytes = size_t{1} << 20;
 absl::StatusOr<std::string> ReadConfigFile(const std::string& path);
 // Reads and validates `path`. Refuses a config file that group or others can write.
 absl::StatusOr<Config> LoadConfig(const std::string& path, const KeySourceParsers& parsers);

@@ -17,6 +17,7 @@
 #include <string_view>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace kmsplugin::config {
 
@@ -34,9 +35,22 @@ absl::Status CheckTrustedFile(const std::string& path, std::string_view what);
 // The same on an fstat'ed file.
 absl::Status CheckTrustedStat(const struct stat& info, const std::string& path, std::string_view what);
 
-// The directory holding `path` (after resolving links): owned by root or the effective user, and not writable by
-// group or others unless it is sticky.
+// Every directory on the way to `path`, both as written and after resolving links: owned by root or the effective
+// user, and not writable by group or others unless it is sticky; a symbolic link on the way must be owned by
+// root or the effective user too. (A link to a trusted file, placed in a directory someone else controls, is
+// refused: that someone could point it elsewhere between two reads.)
 absl::Status CheckDirectoryOf(const std::string& path, std::string_view what);
+
+// A file opened once, checked on its descriptor (CheckSecretStat or CheckTrustedStat), and read from that same
+// descriptor, so a path swapped between the check and the read is never used. O_NONBLOCK at open, so a FIFO
+// planted at the path is refused instead of hanging; O_NOFOLLOW when `follow_links` is false. At most `max_bytes`.
+enum class FileKind { kSecret, kTrusted };
+struct CheckedFile {
+  std::string bytes;
+  struct stat info {};
+};
+absl::StatusOr<CheckedFile> ReadCheckedFile(const std::string& path, std::string_view what, FileKind kind,
+                                            size_t max_bytes, bool follow_links = true);
 
 // Kept for callers that only need the config-file rule: same as CheckTrustedFile.
 absl::Status CheckFileNotWritableByOthers(const std::string& path, std::string_view what);

@@ -11,6 +11,7 @@
 #include <functional>
 
 #include "absl/strings/escaping.h"
+#include "absl/time/clock.h"
 #include "absl/strings/str_cat.h"
 #include "kmsplugin/core/sv.h"
 #include "kmsplugin/core/version_rules.h"
@@ -23,19 +24,38 @@ namespace {
 
 constexpr char kWrapLabel[] = "kmsplugin/local/wrap/v1";
 
-// Holds an exclusive flock on `<keyring>.lock` for its lifetime, so two rotations never interleave.
+// Holds an exclusive flock on `<keyring>.lock` for its lifetime, so two rotations never interleave. The lock file
+// must be our own regular file (someone else's, planted first in a shared directory, could be held for ever), and
+// waiting for it ends at the caller's deadline, saying who to look for.
 class KeyringLock {
  public:
-  static absl::StatusOr<std::unique_ptr<KeyringLock>> Acquire(const std::string& keyring) {
+  static absl::StatusOr<std::unique_ptr<KeyringLock>> Acquire(const std::string& keyring, absl::Time deadline) {
     const std::string path = keyring + ".lock";
-    const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0600);
     if (fd < 0) {
-      return absl::FailedPreconditionError(absl::StrCat("cannot open lock file ", path, ": ", std::strerror(errno)));
+      return absl::FailedPreconditionError(absl::StrCat("cannot open lock file ", path, ": ", std::strerror(errno),
+                                                        "; fix: check that it is a regular file of this user"));
     }
-    if (flock(fd, LOCK_EX) != 0) {
-      const int error = errno;
+    struct stat info {};
+    if (fstat(fd, &info) != 0 || !S_ISREG(info.st_mode) || (info.st_uid != 0 && info.st_uid != geteuid())) {
       close(fd);
-      return absl::FailedPreconditionError(absl::StrCat("cannot lock ", path, ": ", std::strerror(error)));
+      return absl::FailedPreconditionError(absl::StrCat(
+          "lock file ", path, " is not a regular file owned by root or by the user kmsplugin runs as; fix: remove "
+          "it (nothing else may create files next to the keyring)"));
+    }
+    while (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      const int error = errno;
+      if (error != EWOULDBLOCK && error != EINTR) {
+        close(fd);
+        return absl::FailedPreconditionError(absl::StrCat("cannot lock ", path, ": ", std::strerror(error)));
+      }
+      if (absl::Now() >= deadline) {
+        close(fd);
+        return absl::DeadlineExceededError(absl::StrCat(
+            "another kmsplugin rotate, retire or init holds ", path,
+            " and did not finish before the deadline; fix: wait for it, or find it with `fuser ", path, "`"));
+      }
+      absl::SleepFor(absl::Milliseconds(20));
     }
     return std::unique_ptr<KeyringLock>(new KeyringLock(fd));
   }
@@ -48,6 +68,18 @@ class KeyringLock {
 
 }  // namespace
 
+absl::StatusOr<config::CheckedFile> ReadKeyring(const std::string& path) {
+  // One descriptor for the checks and the read; a link is refused (a rewrite would replace it with a file).
+  auto file = config::ReadCheckedFile(path, "keyring", config::FileKind::kSecret, kMaxKeyFileBytes,
+                                      /*follow_links=*/false);
+  if (absl::IsNotFound(file.status())) {
+    return absl::NotFoundError(absl::StrCat(
+        "keyring ", path, " does not exist; fix: restore it from a backup if this environment has stored anything "
+        "(kmsplugin init would create new, unrelated keys), or run kmsplugin init --config FILE for a new one"));
+  }
+  return file;
+}
+
 absl::StatusOr<crypto::SecretBytes> LoadRootKey(const LocalOptions& options) {
   if (!options.root_key_file.empty()) {
     return ReadRootKeyFile(options.root_key_file);
@@ -56,11 +88,11 @@ absl::StatusOr<crypto::SecretBytes> LoadRootKey(const LocalOptions& options) {
   if (!passphrase.ok()) {
     return passphrase.status();
   }
-  auto bytes = ReadFile(options.keyring);
-  if (!bytes.ok()) {
-    return bytes.status();
+  auto file = ReadKeyring(options.keyring);
+  if (!file.ok()) {
+    return file.status();
   }
-  auto params = ReadRootKeyParams(*bytes, options.keyring);
+  auto params = ReadRootKeyParams(file->bytes, options.keyring);
   if (!params.ok()) {
     return params.status();
   }
@@ -103,12 +135,8 @@ absl::StatusOr<std::shared_ptr<LocalKeySource>> LocalKeySource::Open(const Local
                                                                      std::string environment, core::Clock& clock,
                                                                      crypto::Random& random,
                                                                      core::EventSink& events) {
-  if (auto status = config::CheckSecretFile(options.keyring, "keyring"); !status.ok()) {
-    if (absl::IsNotFound(status)) {
-      return absl::NotFoundError(absl::StrCat("keyring ", options.keyring,
-                                              " does not exist; fix: run kmsplugin init --config FILE"));
-    }
-    return status;
+  if (auto status = ReadKeyring(options.keyring).status(); !status.ok()) {
+    return status;  // before the root key: a missing keyring says restore-or-init, not a passphrase problem
   }
   auto root_key = LoadRootKey(options);
   if (!root_key.ok()) {
@@ -126,18 +154,12 @@ absl::StatusOr<std::shared_ptr<LocalKeySource>> LocalKeySource::Open(const Local
 }
 
 absl::StatusOr<std::shared_ptr<const LocalKeySource::View>> LocalKeySource::Load() const {
-  if (auto status = config::CheckSecretFile(options_.keyring, "keyring"); !status.ok()) {
-    return status;
+  auto file = ReadKeyring(options_.keyring);
+  if (!file.ok()) {
+    return file.status();
   }
-  struct stat info {};
-  if (stat(options_.keyring.c_str(), &info) != 0) {
-    return absl::NotFoundError(absl::StrCat("cannot stat keyring ", options_.keyring, ": ", std::strerror(errno)));
-  }
-  auto bytes = ReadFile(options_.keyring);
-  if (!bytes.ok()) {
-    return bytes.status();
-  }
-  auto keyring = OpenKeyring(*bytes, root_key_, options_.keyring);
+  const struct stat& info = file->info;
+  auto keyring = OpenKeyring(file->bytes, root_key_, options_.keyring);
   if (!keyring.ok()) {
     return keyring.status();
   }
@@ -318,16 +340,16 @@ absl::Status LocalKeySource::Refresh(absl::Time /*deadline*/) {
 
 absl::Status LocalKeySource::EditKeyring(const std::function<absl::Status(Keyring&)>& edit, absl::Time deadline) {
   {
-    auto lock = KeyringLock::Acquire(options_.keyring);
+    auto lock = KeyringLock::Acquire(options_.keyring, deadline);
     if (!lock.ok()) {
       return lock.status();
     }
     RemoveStaleTemporaries(options_.keyring);  // a writer killed before its rename left them
-    auto bytes = ReadFile(options_.keyring);
-    if (!bytes.ok()) {
-      return bytes.status();
+    auto file = ReadKeyring(options_.keyring);
+    if (!file.ok()) {
+      return file.status();
     }
-    auto keyring = OpenKeyring(*bytes, root_key_, options_.keyring);
+    auto keyring = OpenKeyring(file->bytes, root_key_, options_.keyring);
     if (!keyring.ok()) {
       return keyring.status();
     }

@@ -25,6 +25,7 @@
 #include "absl/synchronization/mutex.h"
 #include "crypto/aead.h"
 #include "crypto/random.h"
+#include "kmsplugin/config/file_checks.h"
 #include "kmsplugin/core/clock.h"
 #include "kmsplugin/core/events.h"
 #include "kmsplugin/core/key_admin.h"
@@ -43,6 +44,10 @@ struct LocalOptions {
 // Reads the root key the options name: the root key file, or the passphrase stretched with the parameters the
 // keyring at `options.keyring` was made with.
 absl::StatusOr<crypto::SecretBytes> LoadRootKey(const LocalOptions& options);
+
+// The keyring file, checked (owner, mode, directories) and read on one descriptor; NOT_FOUND says to restore a
+// backup before creating new keys.
+absl::StatusOr<config::CheckedFile> ReadKeyring(const std::string& path);
 
 class LocalKeySource final : public core::KeySource, public core::KeyAdmin {
  public:

@@ -7,6 +7,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "kmsplugin/config/file_checks.h"
 #include "kmsplugin/keysource/local/keyring.h"
 #include "kmsplugin/keysource/local/local_key_source.h"
 
@@ -48,10 +49,20 @@ class LocalSpec final : public config::KeySourceSpec {
   }
 
   absl::StatusOr<std::string> Init(const config::OpenContext& context) const override {
-    // A killed init may have left temporary files, one of them holding a root key that was never used.
-    RemoveStaleTemporaries(options_.keyring);
-    if (!options_.root_key_file.empty()) {
-      RemoveStaleTemporaries(options_.root_key_file);
+    // Key material is only ever written where nobody else can replace it (RUNBOOK 1e); then the temporaries a
+    // killed init left are removed (one may hold a root key that was never used).
+    for (const auto& [path, what] : {std::pair<const std::string*, const char*>{&options_.keyring, "keyring"},
+                                     {&options_.root_key_file, "root key file"}}) {
+      if (path->empty()) {
+        continue;
+      }
+      if (auto status = EnsureParentDirectory(*path); !status.ok()) {
+        return status;
+      }
+      if (auto status = config::CheckDirectoryOf(*path, what); !status.ok()) {
+        return status;
+      }
+      RemoveStaleTemporaries(*path);
     }
     struct stat info {};
     if (lstat(options_.keyring.c_str(), &info) == 0) {
