@@ -40,14 +40,18 @@ absl::Status CheckJsonNesting(std::string_view text, std::string_view what, int 
 }
 
 absl::Status CheckYamlNesting(std::string_view text, std::string_view what, int max_depth) {
-  // Every [ and { counts as an opening, inside a quoted scalar or not; only a closing outside quotes counts down.
-  // Telling YAML's quoted scalars from plain ones exactly takes a YAML parser; this way a wrong guess can only
-  // over-count (refusing an absurd file), never let a deep nesting through.
+  // Flow collections: every [ and { counts as an opening, inside a quoted scalar or not; only a closing outside
+  // quotes counts down, and a quote opens a quoted scalar only where a scalar can start (after indentation, ":",
+  // "-", "?", ",", "[" or "{"), so an apostrophe inside a plain scalar (don't) does not flip the state. Block
+  // nesting: the indentation plus each "- " or "? " that opens another level on the same line ("- - - a").
+  // yaml-cpp bounds its own recursion as well; this refuses early, with a message naming the input.
   int flow = 0;
   char quote = 0;
   bool comment = false;
   bool line_start = true;
+  size_t level = 0;     // block levels on this line so far: indentation / 2, then inline "- " / "? "
   size_t indent = 0;
+  char significant = '\n';  // the last character that was not a space, '\n' at the start of a line
   char previous = '\n';
   for (size_t i = 0; i < text.size(); ++i) {
     const char c = text[i];
@@ -55,21 +59,29 @@ absl::Status CheckYamlNesting(std::string_view text, std::string_view what, int 
       comment = false;
       line_start = true;
       indent = 0;
+      level = 0;
+      significant = '\n';
+      previous = c;
+      continue;
+    }
+    if (line_start && c == ' ') {
+      ++indent;
       previous = c;
       continue;
     }
     if (line_start) {
-      if (c == ' ') {
-        if (++indent / 2 > static_cast<size_t>(max_depth)) {
-          return TooDeep(what, static_cast<int>(indent / 2), max_depth, i);
-        }
-        previous = c;
-        continue;
-      }
       line_start = false;
+      level = indent / 2;
     }
     if (comment) {
       continue;
+    }
+    if (quote == 0 && (c == '-' || c == '?') && (significant == '\n' || significant == '-' || significant == '?') &&
+        i + 1 < text.size() && (text[i + 1] == ' ' || text[i + 1] == '\n')) {
+      ++level;  // a block sequence entry or complex key that nests one more level
+    }
+    if (level > static_cast<size_t>(max_depth)) {
+      return TooDeep(what, static_cast<int>(level), max_depth, i);
     }
     if (c == '[' || c == '{') {
       if (++flow > max_depth) {
@@ -78,15 +90,23 @@ absl::Status CheckYamlNesting(std::string_view text, std::string_view what, int 
     } else if (quote != 0) {
       if (quote == '"' && c == '\\') {
         ++i;
+      } else if (quote == '\'' && c == '\'' && i + 1 < text.size() && text[i + 1] == '\'') {
+        ++i;  // '' is a quote inside a single-quoted scalar
       } else if (c == quote) {
         quote = 0;
       }
-    } else if (c == '"' || c == '\'') {
+    } else if ((c == '"' || c == '\'') &&
+               (significant == '\n' || significant == ':' || significant == '-' || significant == '?' ||
+                significant == ',' || significant == '[' || significant == '{') &&
+               (previous == ' ' || previous == '\n' || previous == '[' || previous == '{' || previous == ',')) {
       quote = c;
     } else if (c == '#' && (previous == ' ' || previous == '\t' || previous == '\n')) {
       comment = true;
     } else if ((c == ']' || c == '}') && flow > 0) {
       --flow;
+    }
+    if (c != ' ' && c != '\t') {
+      significant = c;
     }
     previous = c;
   }

@@ -5,6 +5,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "crypto/envelope_format.h"
+#include "kmsplugin/core/version_rules.h"
 
 namespace kmsplugin::core {
 namespace {
@@ -134,9 +135,13 @@ absl::StatusOr<crypto::SecretBytes> EnvelopeService::DecryptWith(KeySource& sour
   }
   absl::StatusOr<KeyVersion> version = source.Lookup(header.key_ref);
   if (!version.ok()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "ciphertext names key version ", absl::BytesToHexString(header.key_ref), ", which environment \"",
-        options_.environment, "\" does not have: ", version.status().message()));
+    // A source that is away (or has not started) says so with its own code: UNAVAILABLE is not "unknown version".
+    if (!absl::IsNotFound(version.status())) {
+      return version.status();
+    }
+    return absl::FailedPreconditionError(absl::StrCat("the ciphertext names a key version that environment \"",
+                                                      options_.environment,
+                                                      "\" does not have: ", version.status().message()));
   }
   if (metadata != nullptr && metadata->key_id != version->key_id) {
     return absl::InvalidArgumentError(absl::StrCat("key_id \"", absl::CHexEscape(metadata->key_id.substr(0, 128)),
@@ -144,8 +149,7 @@ absl::StatusOr<crypto::SecretBytes> EnvelopeService::DecryptWith(KeySource& sour
                                                    version->key_id, "\")"));
   }
   if (version->state == KeyState::kRetired) {
-    return absl::FailedPreconditionError(absl::StrCat("key version ", version->version, " (", version->key_id,
-                                                      ") is retired and no longer decrypts"));
+    return RetiredVersionError(*version, "");
   }
   if (auto status = CheckDeadline(clock_.Now(), deadline); !status.ok()) {
     return status;
