@@ -136,9 +136,15 @@ TEST_CASE("Hostile files: a keyring nested 100,000 deep is refused by keys and b
   auto server = l.Serve();
   REQUIRE(DaemonDriver::WaitServing(*server, l.dir.File("dev.sock")));
   const std::string key_id = DaemonDriver::Status(l.dir.File("dev.sock")).key_id();
-  // rootKeyCheck is in clear, so no key is needed to build this: a 200 KB file.
-  const std::string deep =
-      "{\"format\":\"kmsplugin-keyring-v1\",\"x\":" + std::string(100000, '[') + std::string(100000, ']') + "}";
+  // The real keyring with one more member nested 100,000 deep: rootKeyCheck is in clear and still matches, so
+  // no key is needed, and before the fix the MAC check's serialiser overflowed the stack (keys exited 139).
+  std::string deep = ReadAll(l.keyring);
+  while (!deep.empty() && deep.back() != '}') {
+    deep.pop_back();
+  }
+  REQUIRE(!deep.empty());
+  deep.pop_back();
+  deep += ",\"x\":" + std::string(100000, '[') + std::string(100000, ']') + "}";
   Replace(l.keyring, deep);
   const RunResult keys = l.Cli({"keys", "--config", l.config, "--env", "dev"});
   CHECK(keys.exit_code == 1);  // a refusal, not a crash (a signal would be 128+)
