@@ -4,11 +4,30 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "kmsplugin/core/sv.h"
 
 namespace kmsplugin::config {
 namespace {
+
+// Every string of the config is bounded and free of control characters before any other rule sees it: a NUL in
+// `socket:` would otherwise serve on the truncated path, and a 10 MB name would be echoed into every message.
+absl::Status CheckText(const FieldContext& context, const std::string& text) {
+  if (text.size() > kMaxConfigString) {
+    return context.Error(absl::StrCat("is ", text.size(), " bytes long; a config value holds at most ",
+                                      kMaxConfigString),
+                         "write the intended value");
+  }
+  for (size_t i = 0; i < text.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(text[i]);
+    if (c < 0x20 || c == 0x7f) {
+      return context.Error(absl::StrFormat("holds a control character (byte 0x%02x at offset %d)", c, i),
+                           "write the value without control characters (a NUL would cut a path short)");
+    }
+  }
+  return absl::OkStatus();
+}
 
 std::string NodeTypeName(const YAML::Node& node) {
   switch (node.Type()) {
@@ -62,7 +81,11 @@ absl::StatusOr<std::optional<std::string>> FieldContext::OptionalString(const YA
     return Child(key).Error(absl::StrCat("must be a string, not ", NodeTypeName(value)),
                             "write a single value");
   }
-  return std::optional<std::string>(value.Scalar());
+  const std::string& text = value.Scalar();
+  if (auto status = CheckText(Child(key), text); !status.ok()) {
+    return status;
+  }
+  return std::optional<std::string>(text);
 }
 
 absl::StatusOr<std::optional<absl::Duration>> FieldContext::OptionalDuration(const YAML::Node& node,
@@ -131,6 +154,9 @@ absl::StatusOr<std::optional<std::vector<std::string>>> FieldContext::OptionalSt
   for (size_t i = 0; i < value.size(); ++i) {
     if (!value[i].IsScalar() || value[i].Scalar().empty()) {
       return Child(key).Index(i).Error("must be a non-empty string", "write a single value");
+    }
+    if (auto status = CheckText(Child(key).Index(i), value[i].Scalar()); !status.ok()) {
+      return status;
     }
     items.push_back(value[i].Scalar());
   }

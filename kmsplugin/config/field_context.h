@@ -17,6 +17,9 @@
 
 namespace kmsplugin::config {
 
+// The longest string any config value may hold (paths are far shorter; this bounds what messages echo).
+inline constexpr size_t kMaxConfigString = 4096;
+
 class FieldContext {
  public:
   FieldContext(std::string file, std::string path) : file_(std::move(file)), path_(std::move(path)) {}

@@ -433,3 +433,30 @@ TEST_CASE("FileChecks: secret files readable by group or others are refused with
 
 }  // namespace
 }  // namespace kmsplugin::config
+
+namespace kmsplugin::config {
+namespace {
+
+TEST_CASE("Config: a control character in any value is refused (a NUL would cut the socket path short)",
+          "[config][hardening]") {
+  CheckFieldError(Parse("environments:\n" + Env("dev", "\"/run/kmsplugin/dev\\0.sock\"",
+                                                "/var/lib/kmsplugin/dev.keyring")),
+                  "environments[0].socket", "control character (byte 0x00 at offset 18)");
+  CheckFieldError(Parse("environments:\n" + Env("dev", "/run/kmsplugin/dev.sock", "\"/var/lib/k\\tring\"")),
+                  "environments[0].keySource.local.keyring", "byte 0x09");
+}
+
+TEST_CASE("Config: a value longer than 4096 bytes is refused without echoing it", "[config][hardening]") {
+  const std::string huge(10 * 1024 * 1024, 'n');
+  auto result = Parse("environments:\n" + Env(huge, "/run/kmsplugin/dev.sock", "/var/lib/kmsplugin/dev.keyring"));
+  CheckFieldError(result, "environments[0].name", "is 10485760 bytes long; a config value holds at most 4096");
+  CHECK(result.status().message().size() < 1000);
+}
+
+TEST_CASE("Config: relative key paths are refused", "[config][hardening]") {
+  CheckFieldError(Parse("environments:\n" + Env("dev", "/run/kmsplugin/dev.sock", "state/dev.keyring")),
+                  "environments[0].keySource.local.keyring", "\"state/dev.keyring\" is not an absolute path");
+}
+
+}  // namespace
+}  // namespace kmsplugin::config

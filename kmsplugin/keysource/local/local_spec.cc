@@ -169,6 +169,16 @@ absl::StatusOr<std::unique_ptr<config::KeySourceSpec>> ParseSpec(const YAML::Nod
   }
   options.root_key_file = root_key->value_or("");
   options.passphrase_file = passphrase->value_or("");
+  // Relative paths would depend on the directory each command happens to run in: `serve` and `rotate` could open
+  // different keyrings.
+  for (const auto& [field, path] : {std::pair<const char*, const std::string*>{"keyring", &options.keyring},
+                                    {"rootKeyFile", &options.root_key_file},
+                                    {"passphraseFile", &options.passphrase_file}}) {
+    if (!path->empty() && (*path)[0] != '/') {
+      return context.Child(field).Error(absl::StrCat("\"", *path, "\" is not an absolute path"),
+                                        "write the full path, e.g. /var/lib/kmsplugin/dev.keyring");
+    }
+  }
   return std::unique_ptr<config::KeySourceSpec>(new LocalSpec(std::move(options)));
 }
 
