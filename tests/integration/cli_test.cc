@@ -42,6 +42,7 @@ struct Setup : DaemonDriver {
   }
 
   bool WaitServing(Subprocess& process) const { return DaemonDriver::WaitServing(process, socket); }
+  std::string ServeUnhealthy() const { return DaemonDriver::ServeUnhealthy(socket); }
   std::string StatusKeyId() const { return Status(socket).key_id(); }
 
   std::string socket, keyring, root_key;
@@ -345,10 +346,13 @@ TEST_CASE("CLI: serve refuses a keyring readable by group or others, naming the 
   REQUIRE(s.Init().exit_code == 0);
   for (mode_t mode : {0644, 0640, 0604}) {
     chmod(s.keyring.c_str(), mode);
-    const RunResult result = s.Cli({"serve", "--config", s.config});
-    CHECK(result.exit_code != 0);
-    CHECK(Has(result.err, s.keyring));
-    CHECK(Has(result.err, "chmod 600"));
+    const std::string why = s.ServeUnhealthy();
+    CHECK(Has(why, s.keyring));
+    CHECK(Has(why, "chmod 600"));
+    // The command line refuses too, with exit 1.
+    const RunResult keys = s.Cli({"keys", "--config", s.config, "--env", "dev"});
+    CHECK(keys.exit_code == 1);
+    CHECK(Has(keys.err, "chmod 600"));
   }
 }
 
@@ -356,26 +360,23 @@ TEST_CASE("CLI: serve refuses a world-readable root key file", "[cli][bad-input]
   Setup s;
   REQUIRE(s.Init().exit_code == 0);
   chmod(s.root_key.c_str(), 0644);
-  const RunResult result = s.Cli({"serve", "--config", s.config});
-  CHECK(result.exit_code != 0);
-  CHECK(Has(result.err, s.root_key));
-  CHECK(Has(result.err, "chmod 600"));
+  const std::string why = s.ServeUnhealthy();
+  CHECK(Has(why, s.root_key));
+  CHECK(Has(why, "chmod 600"));
 }
 
-TEST_CASE("CLI: a missing keyring says to run init", "[cli][bad-input]") {
+TEST_CASE("CLI: a missing keyring says to restore a backup, or to run init", "[cli][bad-input]") {
   Setup s;
-  const RunResult result = s.Cli({"serve", "--config", s.config});
-  CHECK(result.exit_code != 0);
-  CHECK(Has(result.err, "kmsplugin init"));
+  const std::string why = s.ServeUnhealthy();
+  CHECK(Has(why, "restore it from a backup"));
+  CHECK(Has(why, "kmsplugin init"));
 }
 
 TEST_CASE("CLI: a missing root key file is refused with its path", "[cli][bad-input]") {
   Setup s;
   REQUIRE(s.Init().exit_code == 0);
   std::remove(s.root_key.c_str());
-  const RunResult result = s.Cli({"serve", "--config", s.config});
-  CHECK(result.exit_code != 0);
-  CHECK(Has(result.err, s.root_key));
+  CHECK(Has(s.ServeUnhealthy(), s.root_key));
 }
 
 TEST_CASE("CLI: corrupt and truncated keyrings are refused with a clear message", "[cli][bad-input]") {
@@ -385,11 +386,10 @@ TEST_CASE("CLI: corrupt and truncated keyrings are refused with a clear message"
   for (const std::string& bad : {good.substr(0, good.size() / 2), std::string(), std::string("{}"),
                                  std::string(good).replace(good.find("current"), 7, "retired")}) {
     s.dir.Write("state/dev.keyring", bad);
-    const RunResult result = s.Cli({"serve", "--config", s.config});
-    INFO(result.err);
-    CHECK(result.exit_code != 0);
-    CHECK(Has(result.err, s.keyring));
-    CHECK((Has(result.err, "corrupt") || Has(result.err, "integrity")));
+    const std::string why = s.ServeUnhealthy();
+    INFO(why);
+    CHECK(Has(why, s.keyring));
+    CHECK((Has(why, "corrupt") || Has(why, "integrity")));
   }
 }
 
@@ -397,13 +397,9 @@ TEST_CASE("CLI: a root key of the wrong size or another root key is refused", "[
   Setup s;
   REQUIRE(s.Init().exit_code == 0);
   s.dir.Write("state/dev.rootkey", std::string(31, 'r'));
-  RunResult result = s.Cli({"serve", "--config", s.config});
-  CHECK(result.exit_code != 0);
-  CHECK(Has(result.err, "exactly 32"));
+  CHECK(Has(s.ServeUnhealthy(), "exactly 32"));
   s.dir.Write("state/dev.rootkey", std::string(32, 'r'));
-  result = s.Cli({"serve", "--config", s.config});
-  CHECK(result.exit_code != 0);
-  CHECK(Has(result.err, "wrong passphrase or root key"));
+  CHECK(Has(s.ServeUnhealthy(), "wrong passphrase or root key"));
 }
 
 TEST_CASE("CLI: passphrase keyrings open with the right passphrase and refuse a wrong one", "[cli][bad-input]") {
@@ -416,10 +412,13 @@ TEST_CASE("CLI: passphrase keyrings open with the right passphrase and refuse a 
   REQUIRE(s.Init().exit_code == 0);
   REQUIRE(s.Cli({"keys", "--config", s.config, "--env", "dev"}).exit_code == 0);
   s.dir.Write("pass", "wrong horse battery staple\n");
-  const RunResult result = s.Cli({"serve", "--config", s.config});
-  CHECK(result.exit_code != 0);
-  CHECK(Has(result.err, "wrong passphrase"));
-  CHECK(!Has(result.err, "wrong horse"));  // never echo the secret
+  const std::string why = s.ServeUnhealthy();
+  CHECK(Has(why, "wrong passphrase"));
+  CHECK(!Has(why, "wrong horse"));  // never echo the secret
+  const RunResult keys = s.Cli({"keys", "--config", s.config, "--env", "dev"});
+  CHECK(keys.exit_code == 1);
+  CHECK(Has(keys.err, "wrong passphrase"));
+  CHECK(!Has(keys.err, "wrong horse"));
 }
 
 TEST_CASE("CLI: config errors name the file, the field and the fix", "[cli][bad-input]") {

@@ -372,22 +372,18 @@ TEST_CASE("PKCS#11 serve: a PIN file readable by others is refused, naming the f
   h.Configure();
   REQUIRE(h.Init().exit_code == 0);
   chmod(h.pin_file.c_str(), 0644);
-  const RunResult result = h.Cli({"serve", "--config", h.config});
-  INFO(result.err);
-  CHECK(result.exit_code != 0);
-  CHECK(Has(result.err, h.pin_file));
-  CHECK(Has(result.err, "chmod 600"));
-  CHECK(!Has(result.err, std::string(kPin) + "\n"));
+  const std::string why = h.ServeUnhealthy(h.Socket("test"));
+  INFO(why);
+  CHECK(Has(why, h.pin_file));
+  CHECK(Has(why, "chmod 600"));
+  CHECK(!Has(why, std::string(kPin) + "\n"));
 }
 
 TEST_CASE("PKCS#11 serve: a token label that no slot has is refused at start, naming the label",
           "[pkcs11][serve][bad-input]") {
   Hsm h;
   h.Configure({{"test", "no-such-token", "kmsplugin-test"}});
-  const RunResult result = h.Cli({"serve", "--config", h.config});
-  INFO(result.err);
-  CHECK(result.exit_code != 0);
-  CHECK(Has(result.err, "no-such-token"));
+  CHECK(Has(h.ServeUnhealthy(h.Socket("test")), "no-such-token"));
   const RunResult init = h.Init();
   CHECK(init.exit_code != 0);
   CHECK(Has(init.err, "no-such-token"));

@@ -66,6 +66,20 @@ struct DaemonDriver {
     }
     return after;
   }
+  // A key source that cannot start does not stop serve (README "Environments are isolated"): its environment
+  // serves unhealthy, with the reason. Starts serve, waits for `socket`, returns its Status healthz and the log,
+  // stops it with SIGTERM and checks exit 0.
+  std::string ServeUnhealthy(const std::string& socket) const {
+    auto server = Serve();
+    const bool serving = WaitServing(*server, socket);
+    INFO(server->Stderr());
+    REQUIRE(serving);
+    const std::string healthz = Status(socket).healthz();
+    CHECK(healthz != "ok");
+    server->Signal(SIGTERM);
+    CHECK(server->Wait() == std::optional<int>(0));
+    return healthz + "\n" + server->Stderr();
+  }
   // The HTTP port the daemon logged ("http listening" ... "port":N); -1 if it never did.
   static int LoggedHttpPort(Subprocess& server) {
     for (int i = 0; i < 200; ++i) {
