@@ -146,8 +146,8 @@ absl::Status CheckDirectoryOf(const std::string& path, std::string_view what) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<CheckedFile> ReadCheckedFile(const std::string& path, std::string_view what, FileKind kind,
-                                            size_t max_bytes, bool follow_links) {
+absl::StatusOr<int> OpenCheckedFile(const std::string& path, std::string_view what, FileKind kind,
+                                    bool follow_links, struct stat* info) {
   const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK | (follow_links ? 0 : O_NOFOLLOW));
   if (fd < 0) {
     const int error = errno;
@@ -163,15 +163,25 @@ absl::StatusOr<CheckedFile> ReadCheckedFile(const std::string& path, std::string
     return absl::FailedPreconditionError(absl::StrCat("cannot open ", Sv(what), " ", path, ": ",
                                                       std::strerror(error), "; fix: check the path and its owner"));
   }
-  CheckedFile out;
-  absl::Status checked = fstat(fd, &out.info) != 0
+  absl::Status checked = fstat(fd, info) != 0
                              ? absl::FailedPreconditionError(absl::StrCat("cannot stat ", Sv(what), " ", path))
-                         : kind == FileKind::kSecret ? CheckSecretStat(out.info, path, what)
-                                                     : CheckTrustedStat(out.info, path, what);
+                         : kind == FileKind::kSecret ? CheckSecretStat(*info, path, what)
+                                                     : CheckTrustedStat(*info, path, what);
   if (!checked.ok()) {
     close(fd);
     return checked;
   }
+  return fd;
+}
+
+absl::StatusOr<CheckedFile> ReadCheckedFile(const std::string& path, std::string_view what, FileKind kind,
+                                            size_t max_bytes, bool follow_links) {
+  CheckedFile out;
+  auto opened = OpenCheckedFile(path, what, kind, follow_links, &out.info);
+  if (!opened.ok()) {
+    return opened.status();
+  }
+  const int fd = *opened;
   char buffer[8192];
   while (true) {
     const ssize_t n = read(fd, buffer, sizeof(buffer));

@@ -45,6 +45,10 @@ absl::Status CheckDirectoryOf(const std::string& path, std::string_view what);
 // descriptor, so a path swapped between the check and the read is never used. O_NONBLOCK at open, so a FIFO
 // planted at the path is refused instead of hanging; O_NOFOLLOW when `follow_links` is false. At most `max_bytes`.
 enum class FileKind { kSecret, kTrusted };
+// The open and the checks alone: a descriptor (the caller closes it) of a file that passed them, and its fstat in
+// `info`. ReadCheckedFile and keysource::ReadSecretFile (which reads into locked memory) both start here.
+absl::StatusOr<int> OpenCheckedFile(const std::string& path, std::string_view what, FileKind kind,
+                                    bool follow_links, struct stat* info);
 struct CheckedFile {
   std::string bytes;
   struct stat info {};

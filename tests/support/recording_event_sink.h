@@ -40,6 +40,15 @@ class RecordingEventSink final : public core::EventSink {
     }
     return "";
   }
+  // Every event as "name: message" lines, for INFO on failure.
+  std::string All() const {
+    absl::MutexLock lock(&mu_);
+    std::string out;
+    for (const core::SourceEvent& e : events_) {
+      out += e.name + ": " + e.message + "\n";
+    }
+    return out;
+  }
   void Clear() {
     absl::MutexLock lock(&mu_);
     events_.clear();

@@ -55,41 +55,6 @@ void ZeroFile(const std::string& path) {
 
 }  // namespace
 
-absl::StatusOr<std::string> ReadFile(const std::string& path, size_t max_bytes) {
-  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-  if (fd < 0) {
-    return absl::NotFoundError(absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
-  }
-  std::string bytes;
-  char buffer[4096];
-  while (true) {
-    const ssize_t n = read(fd, buffer, sizeof(buffer));
-    if (n < 0 && errno == EINTR) {
-      continue;
-    }
-    if (n < 0) {
-      const int error = errno;
-      close(fd);
-      crypto::Wipe(buffer, sizeof(buffer));
-      return absl::InternalError(absl::StrCat("cannot read ", path, ": ", std::strerror(error)));
-    }
-    if (n == 0) {
-      break;
-    }
-    bytes.append(buffer, static_cast<size_t>(n));
-    if (bytes.size() > max_bytes) {
-      close(fd);
-      crypto::Wipe(buffer, sizeof(buffer));
-      crypto::Wipe(bytes.data(), bytes.size());
-      return absl::FailedPreconditionError(
-          absl::StrCat(path, " is larger than ", max_bytes, " bytes, the most a key file may hold"));
-    }
-  }
-  close(fd);
-  crypto::Wipe(buffer, sizeof(buffer));
-  return bytes;
-}
-
 absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes, bool exclusive,
                                  size_t max_bytes) {
   // The writer never produces what the reader refuses: a file past the read limit would lock every later command

@@ -6,7 +6,7 @@
 //   fsync'ed, then renamed over the target (or, `exclusive`, hard-linked to it so an existing file is never
 //   replaced), then the directory fsync'ed: a crash at any point leaves the old or the new file, never a broken
 //   one. A file larger than the limit it would be read back with is refused before anything is written.
-// - ReadFile: the whole file, refused past `max_bytes`, not following a symbolic link at the last component.
+// - Reading key files back: config::ReadCheckedFile (checked on the descriptor it reads), with kMaxKeyFileBytes.
 // - RemoveStaleTemporaries: the temporary files a killed writer left next to `path` (they may hold key material,
 //   such as a root key that was never used), overwritten with zeros and removed.
 // Thread-compatible.
@@ -22,8 +22,6 @@ namespace kmsplugin::keysource {
 
 // The most a key file (a keyring, a root key) may hold, for writers and readers alike.
 inline constexpr size_t kMaxKeyFileBytes = size_t{1} << 20;
-
-absl::StatusOr<std::string> ReadFile(const std::string& path, size_t max_bytes = kMaxKeyFileBytes);
 
 absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes, bool exclusive,
                                  size_t max_bytes = kMaxKeyFileBytes);

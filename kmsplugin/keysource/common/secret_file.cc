@@ -32,27 +32,14 @@ std::optional<FileStamp> StatStamp(const std::string& path) {
 
 absl::StatusOr<SecretFile> ReadSecretFile(const std::string& path, std::string_view what,
                                           const SecretFileOptions& options) {
-  // O_NONBLOCK: a FIFO planted at the path must not hang the daemon before fstat refuses it.
-  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
-  if (fd < 0) {
-    const int error = errno;
-    if (error == ENOENT) {
-      return absl::NotFoundError(absl::StrCat(Sv(what), " ", path, " does not exist; fix: create it, or correct "
-                                              "the path in the config"));
-    }
-    return absl::FailedPreconditionError(absl::StrCat("cannot open ", Sv(what), " ", path, ": ",
-                                                      std::strerror(error), "; fix: check the path and its owner"));
-  }
+  // The same open and checks as every checked file (config/file_checks.h); only the read differs: into locked
+  // memory, never into a std::string that could be copied or left in the heap.
   struct stat info {};
-  if (fstat(fd, &info) != 0) {
-    const int error = errno;
-    close(fd);
-    return absl::FailedPreconditionError(absl::StrCat("cannot stat ", Sv(what), " ", path, ": ", std::strerror(error)));
+  auto opened = config::OpenCheckedFile(path, what, config::FileKind::kSecret, /*follow_links=*/true, &info);
+  if (!opened.ok()) {
+    return opened.status();
   }
-  if (auto status = config::CheckSecretStat(info, path, what); !status.ok()) {
-    close(fd);
-    return status;
-  }
+  const int fd = *opened;
   // One byte more than allowed tells "too large" from "exactly at the limit".
   crypto::SecretBytes buffer(options.max_bytes + 1);
   size_t filled = 0;

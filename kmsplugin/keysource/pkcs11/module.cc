@@ -29,9 +29,11 @@ absl::StatusOr<std::shared_ptr<Module>> Module::Load(const std::string& path) {
     }
   }
   // Loading a module runs its code (constructors first) with our privileges, often root's: it must be a regular
-  // file that only root or the user we run as can change, in a directory only they can write (RUNBOOK 1e). The
-  // checks run on the opened file, and the loader is handed that same file through /proc/self/fd, so the path
-  // cannot be swapped between the check and the load.
+  // file that only root or the user we run as can change, and every directory on the way to it, as written and as
+  // resolved, only writable by them (RUNBOOK 1e). With the whole chain trusted nobody else can swap the file
+  // between the check and the load, so the loader gets the path. (Not /proc/self/fd/N: the loader matches an
+  // already loaded object by that name, so a later module opened on a reused descriptor number would be answered
+  // with the earlier one.)
   const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -48,11 +50,8 @@ absl::StatusOr<std::shared_ptr<Module>> Module::Load(const std::string& path) {
   }
   // The module stays mapped for the life of the process: unloading a PKCS#11 library that spawned threads or
   // registered atexit handlers is unsafe, and a later key source may load it again.
-  void* handle = dlopen(absl::StrCat("/proc/self/fd/", fd).c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (handle == nullptr && access("/proc/self/fd", F_OK) != 0) {
-    handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);  // no /proc: the check above still ran on this path
-  }
   close(fd);
+  void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (handle == nullptr) {
     const char* error = dlerror();
     return absl::FailedPreconditionError(

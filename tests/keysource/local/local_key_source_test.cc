@@ -364,9 +364,9 @@ template <typename Edit>
 void RewriteKeyring(const LocalWorld& world, Edit edit) {
   auto root = ReadRootKeyFile(world.root_key);
   REQUIRE_THAT(root, IsOk());
-  auto bytes = ReadFile(world.keyring);
-  REQUIRE_THAT(bytes, IsOk());
-  auto keyring = OpenKeyring(*bytes, *root, world.keyring);
+  auto file = ReadKeyring(world.keyring);
+  REQUIRE_THAT(file, IsOk());
+  auto keyring = OpenKeyring(file->bytes, *root, world.keyring);
   REQUIRE_THAT(keyring, IsOk());
   edit(*keyring);
   auto sealed = SealKeyring(*keyring, *root, crypto::SystemRandom());

@@ -18,6 +18,7 @@
 #include "tests/keysource/pkcs11/direct_token.h"
 #include "tests/keysource/pkcs11/pkcs11_test_util.h"
 #include "tests/support/fake_clock.h"
+#include "tests/support/recording_event_sink.h"
 
 namespace kmsplugin::keysource::pkcs11 {
 namespace {
@@ -35,48 +36,7 @@ const std::string kDek(32, '\x5a');
 // The daemon polls Refresh() every poll interval; these tests use one second.
 constexpr auto kPoll = std::chrono::seconds(1);
 
-// Records every event, for assertions on what was said and how often.
-class RecordingSink : public core::EventSink {
- public:
-  void Emit(const core::SourceEvent& event) override {
-    absl::MutexLock lock(&mu_);
-    events_.push_back(event);
-  }
-  int Count(const std::string& name) const {
-    absl::MutexLock lock(&mu_);
-    int n = 0;
-    for (const core::SourceEvent& e : events_) {
-      n += e.name == name ? 1 : 0;
-    }
-    return n;
-  }
-  // The message of the last event called `name` (empty when none).
-  std::string Last(const std::string& name) const {
-    absl::MutexLock lock(&mu_);
-    for (auto it = events_.rbegin(); it != events_.rend(); ++it) {
-      if (it->name == name) {
-        return it->message;
-      }
-    }
-    return "";
-  }
-  std::string All() const {
-    absl::MutexLock lock(&mu_);
-    std::string out;
-    for (const core::SourceEvent& e : events_) {
-      out += e.name + ": " + e.message + "\n";
-    }
-    return out;
-  }
-  void Clear() {
-    absl::MutexLock lock(&mu_);
-    events_.clear();
-  }
-
- private:
-  mutable absl::Mutex mu_;
-  std::vector<core::SourceEvent> events_ ABSL_GUARDED_BY(mu_);
-};
+using RecordingSink = kmsplugin::testing::RecordingEventSink;
 
 struct Served {
   TokenFixture token;
