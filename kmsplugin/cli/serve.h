@@ -1,7 +1,13 @@
 #pragma once
 
 // `kmsplugin serve --config FILE`: serves every environment of FILE on its socket, with /metrics, /healthz and
-// /readyz when http is enabled, until SIGTERM or SIGINT (drain, remove the sockets, exit 0).
+// /readyz when http is enabled, until SIGTERM or SIGINT (drain, remove the sockets, exit 0). The composition is
+// kmsplugin/daemon (daemon.h); this file only runs it.
+//
+// An environment whose key source cannot start (credentials refused, key missing, backend unreachable, a file
+// with the wrong owner or mode) still serves, unhealthy, with the reason in Status and /readyz, and heals without
+// a restart (daemon/starting_key_source.h). Only the config file itself, or a socket or HTTP address that cannot
+// be bound, makes serve exit non-zero.
 //
 // SIGHUP re-reads FILE and applies it all or nothing (reload_plan.h says what counts as a change):
 // - a file that does not load or validate, a change to server.* or http.* (restart-only), a new key source

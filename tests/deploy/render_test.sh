@@ -130,7 +130,7 @@ PY
 sed 's|/srv/kms/keyrings/dev.keyring|keyrings/dev.keyring|' "$work/etc/custom.yaml" >"$work/etc/relative.yaml"
 chmod 0600 "$work/etc/relative.yaml"
 if out=$("$binary" render --config "$work/etc/relative.yaml" --kind static-pod 2>&1); then fail "relative path accepted"; fi
-grep -q '"keyrings/dev.keyring" is a relative path' <<<"$out" || fail "relative path error unclear: $out"
+grep -q 'keyring: "keyrings/dev.keyring" is not an absolute path' <<<"$out" || fail "relative path error unclear: $out"
 if out=$("$binary" render --config "$work/config.yaml" --kind helm 2>&1); then fail "--kind helm accepted"; fi
 grep -q 'is not one of encryption-config, static-pod, systemd-unit' <<<"$out" || fail "bad kind error unclear: $out"
 if out=$("$binary" render --config "$work/config.yaml" 2>&1); then fail "encryption-config without --env accepted"; fi
