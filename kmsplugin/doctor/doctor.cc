@@ -277,6 +277,27 @@ CheckResult IdentityFallback(const EncryptionConfigFile& file) {
              "remove identity once `kmsplugin audit` reports none unencrypted");
 }
 
+// kube-apiserver 1.29+ refuses to start with any kms v1 provider in the file unless the KMSv1 feature gate is on
+// (pkg/apis/apiserver/validation/validation_encryption.go checks every provider, not only the first one), so a
+// v1 fallback that reads old Secrets is a start-up failure waiting for the next apiserver upgrade.
+CheckResult KmsV1FeatureGate(const EncryptionConfigFile& file) {
+  std::vector<std::string> found;
+  for (const Provider* p : file.KmsProviders()) {
+    if (p->kms.EffectiveApiVersion() == "v1") {
+      found.push_back(absl::StrCat(KmsLabel(*p), " (", p->path, ")"));
+    }
+  }
+  if (found.empty()) {
+    return Row("kms.v1-feature-gate", Verdict::kPass, "no kms v1 provider");
+  }
+  return Row("kms.v1-feature-gate", Verdict::kWarn,
+             absl::StrCat("kms v1 provider ", Listed(found),
+                          ": kube-apiserver 1.29 and later refuses to load it unless started with "
+                          "--feature-gates=KMSv1=true (KMS v1 is deprecated since 1.28)"),
+             "start kube-apiserver with --feature-gates=KMSv1=true while the v1 provider is needed; remove it once "
+             "`kmsplugin audit` reports no kms-v1 objects");
+}
+
 CheckResult KmsNames(const EncryptionConfigFile& file) {
   const std::vector<const Provider*> providers = file.KmsProviders();
   if (providers.empty()) {
@@ -609,6 +630,7 @@ std::vector<CheckResult> RunChecks(const EncryptionConfigFile& file, const Docto
   results.push_back(SecretsWriteProvider(coverage));
   results.push_back(IdentityFallback(file));
   results.push_back(KmsNames(file));
+  results.push_back(KmsV1FeatureGate(file));
   ProbeCache probes{prober, options.probe_timeout, {}};
   for (const Provider* provider : file.KmsProviders()) {
     results.push_back(KmsEndpoint(*provider, probes));

@@ -34,4 +34,18 @@ assert providers[-1] == {"identity": {}}, providers
 print("OK: rendered EncryptionConfiguration (with --identity-fallback) parses")
 ' || failed=1
 fi
+# A v1 fallback says, in the file itself, the feature gate kube-apiserver 1.29+ needs to load it, and doctor warns.
+if [[ $failed == 0 ]]; then
+  "$binary" render --config "$work/config.yaml" --env prod --v1-fallback >"$work/v1.yaml" || failed=1
+  grep -q -- "--feature-gates=KMSv1=true" "$work/v1.yaml" \
+    || { echo "FAIL: render --v1-fallback does not name the KMSv1 feature gate"; failed=1; }
+  doctor_out=$("$binary" doctor --encryption-config "$work/v1.yaml" --json 2>&1) || true
+  /usr/bin/python3 -c '
+import json, sys
+doc = json.loads(sys.argv[1])
+row = [c for c in doc["checks"] if c["id"] == "kms.v1-feature-gate"]
+assert row and row[0]["verdict"] == "WARN" and "--feature-gates=KMSv1=true" in row[0]["found"], doc
+print("OK: doctor warns on the v1 fallback with the feature gate it needs")
+' "$doctor_out" || { echo "FAIL: doctor on a v1 fallback: $doctor_out"; failed=1; }
+fi
 exit $failed

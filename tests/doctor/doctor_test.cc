@@ -293,6 +293,24 @@ TEST_CASE("Doctor identity.fallback: identity after kms warns that a migration i
   CHECK(ExitCodeFor(results) == 0);
 }
 
+TEST_CASE("Doctor kms.v1-feature-gate: any kms v1 provider warns with the feature gate kube-apiserver 1.29+ needs",
+          "[doctor]") {
+  const auto v2_only = Check(Rendered());
+  EXPECT_VERDICT(v2_only, "kms.v1-feature-gate", Verdict::kPass);
+  // The shape `render --v1-fallback` writes: v2 first, then a v1 provider on the same socket.
+  const auto fallback = Check(Rendered(
+      "      - kms:\n          apiVersion: v1\n          name: kmsplugin-dev-v1\n"
+      "          endpoint: unix:///run/kmsplugin/dev.sock\n"));
+  EXPECT_VERDICT(fallback, "kms.v1-feature-gate", Verdict::kWarn);
+  const CheckResult& row = Find(fallback, "kms.v1-feature-gate");
+  CHECK(Has(row.found, "\"kmsplugin-dev-v1\""));
+  CHECK(Has(row.found, "--feature-gates=KMSv1=true"));
+  CHECK(Has(row.fix, "kmsplugin audit"));
+  // A provider without apiVersion is v1 by kube-apiserver's default.
+  EXPECT_VERDICT(Check(SecretsWith({"kms: {name: a, endpoint: unix:///run/a.sock}"})), "kms.v1-feature-gate",
+                 Verdict::kWarn);
+}
+
 TEST_CASE("Doctor kms.names: ':' in a v2 name fails, in a v1 name it warns", "[doctor]") {
   const auto v2 = Check(SecretsWith({"kms: {apiVersion: v2, name: 'a:b', endpoint: unix:///run/a.sock}"}));
   EXPECT_VERDICT(v2, "kms.names", Verdict::kFail);
