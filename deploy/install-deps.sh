@@ -7,7 +7,7 @@ set -euo pipefail
 build_packages=(
   cmake g++ make pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
-  libssl-dev libsodium-dev libcurl4-openssl-dev
+  libssl-dev libsodium-dev libcurl4-openssl-dev libsystemd-dev
   nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libspdlog-dev libcpp-httplib-dev libp11-kit-dev
 )
 test_packages=(

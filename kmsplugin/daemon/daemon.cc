@@ -5,10 +5,14 @@
 
 #include <spdlog/spdlog.h>
 
+#include "absl/strings/str_cat.h"
+
+#include "kmsplugin/core/exit_codes.h"
 #include "kmsplugin/daemon/config_reloader.h"
 #include "kmsplugin/daemon/reload_plan.h"
 #include "kmsplugin/daemon/source_opener.h"
 #include "kmsplugin/daemon/state_metrics.h"
+#include "kmsplugin/daemon/systemd_notifier.h"
 #include "kmsplugin/keysource/registry.h"
 #include "kmsplugin/observe/http_endpoint.h"
 #include "kmsplugin/observe/log.h"
@@ -21,7 +25,7 @@ absl::Status RunDaemon(const DaemonOptions& options) {
   server::BlockServerSignals();
   auto loaded = LoadServeConfig(options.config_path, keysource::KeySourceParsers());
   if (!loaded.ok()) {
-    return loaded.status();
+    return core::AsUsageError(loaded.status());
   }
   const config::Config& config = loaded->config;
   observe::Registry registry;
@@ -51,7 +55,14 @@ absl::Status RunDaemon(const DaemonOptions& options) {
   const size_t environments = config.environments.size();
   const config::HttpConfig http_config = config.http;
   ConfigReloader reloader(options.config_path, std::move(*loaded), registry, runner, opener);
-  runner.SetReloadHandler([&reloader] { reloader.Reload(); });
+  SystemdNotifier notifier;
+  const auto serving_line = [&runner] { return absl::StrCat("serving ", runner.Services().size(), " environment(s)"); };
+  runner.SetReloadHandler([&reloader, &notifier, &serving_line] {
+    notifier.Reloading("reloading the configuration (SIGHUP)");
+    reloader.Reload();
+    notifier.Ready(serving_line());
+  });
+  runner.SetStopHandler([&notifier] { notifier.Stopping("draining in-flight calls"); });
   std::unique_ptr<observe::HttpEndpoint> http;
   if (http_config.enabled) {
     auto endpoint = observe::HttpEndpoint::Start(http_config.listen, registry, [&runner] {
@@ -71,6 +82,13 @@ absl::Status RunDaemon(const DaemonOptions& options) {
                  {{"address", http_config.listen}, {"port", http->port()}, {"paths", "/metrics /healthz /readyz"}});
   }
   observe::Log(spdlog::level::info, "ready", {{"version", options.version}, {"environments", environments}});
+  // Every socket listens and the HTTP endpoint answers: units ordered after this one may start now.
+  notifier.Ready(serving_line());
+  // A maintenance pass takes at most a refresh and a probe per environment, each bounded by the probe timeout;
+  // beyond that (plus a poll interval and slack) the daemon is wedged, and systemd may restart it.
+  const absl::Duration stuck_after = config.server.poll_interval +
+                                     2 * kProbeTimeout * static_cast<int64_t>(environments + 1) + absl::Seconds(5);
+  notifier.StartWatchdog([&runner, stuck_after] { return runner.MaintenanceProgressing(stuck_after); });
   const absl::Status stopped = runner.RunUntilSignalled();
   http.reset();
   return stopped;

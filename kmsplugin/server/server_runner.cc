@@ -27,6 +27,11 @@ sigset_t ServerSignals() {
 }
 
 
+int64_t SteadyNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 absl::Status ForEnvironment(const std::string& environment, const absl::Status& status) {
   return absl::Status(status.code(), absl::StrCat("environment \"", environment, "\": ", status.message()));
 }
@@ -69,6 +74,7 @@ absl::Status ServerRunner::Start() {
       return status;
     }
   }
+  last_progress_ns_.store(SteadyNanos());
   maintenance_ = std::thread([this] { MaintenanceLoop(); });
   return absl::OkStatus();
 }
@@ -283,6 +289,12 @@ std::vector<std::shared_ptr<core::EnvelopeService>> ServerRunner::Services() con
 
 void ServerRunner::SetReloadHandler(std::function<void()> handler) { reload_handler_ = std::move(handler); }
 
+void ServerRunner::SetStopHandler(std::function<void()> handler) { stop_handler_ = std::move(handler); }
+
+bool ServerRunner::MaintenanceProgressing(absl::Duration limit) const {
+  return absl::Nanoseconds(SteadyNanos() - last_progress_ns_.load()) <= limit;
+}
+
 namespace {
 
 // The versions `source` reports retired ("1,2"); empty when none are or the versions are unknown.
@@ -344,6 +356,7 @@ void ServerRunner::MaintainOnce() {
 
 void ServerRunner::MaintenanceLoop() {
   while (true) {
+    last_progress_ns_.store(SteadyNanos());
     {
       absl::MutexLock lock(&mu_);
       auto wake = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return refresh_requested_ || stopping_; };
@@ -354,6 +367,7 @@ void ServerRunner::MaintenanceLoop() {
       refresh_requested_ = false;
     }
     MaintainOnce();
+    last_progress_ns_.store(SteadyNanos());
   }
 }
 
@@ -405,6 +419,9 @@ absl::Status ServerRunner::RunUntilSignalled() {
     observe::Log(spdlog::level::info, signal == SIGTERM ? "SIGTERM: draining in-flight calls"
                                                         : "SIGINT: draining in-flight calls",
                  {{"grace_period", absl::FormatDuration(options_.shutdown_grace_period)}});
+    if (stop_handler_) {
+      stop_handler_();
+    }
     Shutdown();
     return absl::OkStatus();
   }

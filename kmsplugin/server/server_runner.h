@@ -16,6 +16,8 @@
 //   BlockServerSignals() in main before anything starts a thread.
 // Thread-safe: Apply() and Shutdown() are serialised; Services() may be called from any thread at any time.
 
+#include <atomic>
+#include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
@@ -97,6 +99,12 @@ class ServerRunner {
   // Called on the signal thread at each SIGHUP, before every key source is refreshed. Set before
   // RunUntilSignalled(); it may call Apply().
   void SetReloadHandler(std::function<void()> handler);
+  // Called on the signal thread at SIGTERM/SIGINT, before the drain starts. Set before RunUntilSignalled().
+  void SetStopHandler(std::function<void()> handler);
+
+  // True while the maintenance thread completes its passes: the last one ended (or the loop last woke) within
+  // `limit`. A pass stuck in a key source beyond every deadline makes this false (the systemd watchdog uses it).
+  bool MaintenanceProgressing(absl::Duration limit) const;
 
   void RequestRefresh();
   void Shutdown();
@@ -122,6 +130,9 @@ class ServerRunner {
   const RunnerOptions options_;
   std::thread maintenance_;
   std::function<void()> reload_handler_;
+  std::function<void()> stop_handler_;
+  // steady_clock nanoseconds at the end of the last maintenance pass (or the start of the loop's wait).
+  std::atomic<int64_t> last_progress_ns_{0};
 
   // Serialises Apply() and Shutdown(); taken before mu_.
   absl::Mutex change_mu_ ABSL_ACQUIRED_BEFORE(mu_);

@@ -27,7 +27,7 @@ if grep -q 'kmsplugin' <<<"$output"; then
 fi
 
 # Settings the runbook and the static pod rely on: these must not be lost in an edit.
-for line in 'Type=simple' 'ExecReload=/bin/kill -HUP $MAINPID' 'User=kmsplugin' 'Group=kmsplugin' \
+for line in 'Type=notify' 'NotifyAccess=main' 'ExecReload=/bin/kill -HUP $MAINPID' 'User=kmsplugin' 'Group=kmsplugin' \
             'RuntimeDirectory=kmsplugin' 'RuntimeDirectoryMode=0750' 'RuntimeDirectoryPreserve=yes' \
             'StateDirectory=kmsplugin' 'ConfigurationDirectory=kmsplugin' 'UMask=0077' 'LimitCORE=0' \
             'NoNewPrivileges=yes' 'CapabilityBoundingSet=' 'AmbientCapabilities=' 'Restart=on-failure' \
