@@ -39,10 +39,17 @@ fi
 nohup "$bin" serve --config "$config" >"$state/kmsplugin.log" 2>&1 &
 echo $! >"$pidfile"
 socket=$state/run/kms.sock
+serving=no
 for _ in $(seq 100); do
-  "$bin" status --socket "$socket" --timeout 0.2 >/dev/null 2>&1 && break
+  if "$bin" status --socket "$socket" --timeout 200ms >/dev/null 2>&1; then serving=yes; break; fi
+  kill -0 "$(cat "$pidfile")" 2>/dev/null || break
   sleep 0.1
 done
+if [[ $serving != yes ]]; then
+  echo "kmsplugin did not come up on $socket; its log, $state/kmsplugin.log, ends with:" >&2
+  tail -n 20 "$state/kmsplugin.log" >&2
+  exit 1
+fi
 
 echo
 echo "== kmsplugin is serving (pid $(cat "$pidfile"), log $state/kmsplugin.log) =="

@@ -12,12 +12,13 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/time.h"
+#include "kmsplugin/core/duration_flag.h"
+#include "kmsplugin/core/exit_codes.h"
 #include "kmsplugin/core/sv.h"
 
 namespace kmsplugin::audit {
 namespace {
 
-constexpr int kExitUsage = 2;
 constexpr int64_t kMaxPageSize = 10000;
 
 // Opening a key source may bring key material into memory: no core dumps from here on.
@@ -27,9 +28,10 @@ void NoCoreDumps() {
   setrlimit(RLIMIT_CORE, &no_core);
 }
 
+// Flags, config and TLS files that cannot be used are usage errors (2); etcd that cannot be reached is 3.
 int Fail(std::ostream& err, const absl::Status& status) {
   err << "kmsplugin audit: " << status.message() << "\n";
-  return kExitUsage;
+  return core::ExitCodeFor(status, core::kExitUsage);
 }
 
 }  // namespace
@@ -46,7 +48,18 @@ void AddAuditFlags(CLI::App& subcommand, AuditFlags& flags) {
                         "etcd key prefix to audit, repeatable (default /registry/secrets/)");
   subcommand.add_option("--page-size", flags.page_size, "keys read per etcd request")->capture_default_str();
   subcommand.add_flag("--json", flags.json, "machine-readable output");
-  subcommand.add_option("--timeout", flags.timeout_seconds, "seconds per etcd request")->capture_default_str();
+  subcommand
+      .add_option_function<std::string>(
+          "--timeout",
+          [&flags](const std::string& text) {
+            const std::optional<absl::Duration> timeout = core::ParseDurationFlag(text);
+            if (!timeout.has_value()) {
+              throw CLI::ValidationError(core::DurationFlagError("--timeout", text));
+            }
+            flags.timeout_seconds = absl::ToDoubleSeconds(*timeout);
+          },
+          "deadline of each etcd request (5s, 500ms; a bare number is seconds)")
+      ->default_str(absl::StrCat(flags.timeout_seconds, "s"));
 }
 
 absl::StatusOr<EtcdOptions> EtcdOptionsFromFlags(const AuditFlags& flags) {

@@ -11,7 +11,7 @@
 // under an unknown or retired key; 2 usage, config, key source or etcd connection error (one line on stderr
 // naming the problem and the fix). Without --config, key_ids are listed but not checked.
 //
-// Also the etcd part of `kmsplugin keys --env NAME --etcd ...` (KeyUsageFromEtcd): per key version, how many
+// Also the etcd part of `kmsplugin keys --env NAME --endpoints ...` (KeyUsageFromEtcd): per key version, how many
 // objects still use it.
 
 #include <cstdint>
@@ -44,7 +44,9 @@ struct AuditFlags {
 // Registers the flags above on `subcommand` (e.g. app.add_subcommand("audit", ...)).
 void AddAuditFlags(CLI::App& subcommand, AuditFlags& flags);
 
-// Runs the audit; prints the table (or JSON with --json) on stdout, errors on stderr. Returns the exit code.
+// Runs the audit; prints the table (or JSON with --json) on stdout, errors on stderr. Returns the exit code
+// (core/exit_codes.h): 0 nothing needs attention, 1 something does, 2 a flag, config or TLS file is unusable,
+// 3 etcd cannot be reached.
 int RunAudit(const AuditFlags& flags, const config::KeySourceParsers& parsers);
 int RunAudit(const AuditFlags& flags, const config::KeySourceParsers& parsers, std::ostream& out,
              std::ostream& err);
@@ -54,7 +56,7 @@ absl::StatusOr<EtcdOptions> EtcdOptionsFromFlags(const AuditFlags& flags);
 // The audit options the flags describe (prefixes normalised to end in '/', page size checked).
 absl::StatusOr<AuditOptions> AuditOptionsFromFlags(const AuditFlags& flags);
 
-// `kmsplugin keys --config FILE --env NAME --etcd ...`: opens only `environment`'s key source (read-only),
+// `kmsplugin keys --config FILE --env NAME --endpoints ...`: opens only `environment`'s key source (read-only),
 // scans the flags' prefixes and counts the objects under each of its key versions. Uses flags.endpoints, the
 // TLS files, prefixes, page size and timeout; flags.config_path and flags.json are ignored.
 absl::StatusOr<KeyUsageReport> KeyUsageFromEtcd(const AuditFlags& flags, const config::Config& config,

@@ -105,7 +105,7 @@ int ExitCodeFor(const AuditReport& report);
 std::string RenderTable(const AuditReport& report);
 nlohmann::json ToJson(const AuditReport& report);
 
-// For `kmsplugin keys --env NAME --etcd ...`: for every key version of `environment` (oldest first), how many
+// For `kmsplugin keys --env NAME --endpoints ...`: for every key version of `environment` (oldest first), how many
 // objects under `options.prefixes` still use it (0 included), so retiring a version in use can be refused.
 // Objects of this environment under a key_ref the catalog does not know are not counted here (the audit
 // reports them as unknown).

@@ -6,6 +6,7 @@
 
 #include <iostream>
 
+#include "kmsplugin/core/exit_codes.h"
 #include "kmsplugin/daemon/event_log_sink.h"
 #include "kmsplugin/keysource/registry.h"
 
@@ -13,8 +14,10 @@ namespace kmsplugin::cli {
 
 int Fail(const absl::Status& status) {
   std::cerr << "kmsplugin: " << status.message() << "\n";
-  return status.code() == absl::StatusCode::kUnavailable ? 3 : 1;
+  return core::ExitCodeFor(status, core::IsUsageError(status) ? core::kExitUsage : core::kExitFailed);
 }
+
+int FailConfig(const absl::Status& status) { return Fail(core::AsUsageError(status)); }
 
 void HardenProcess() {
   prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
@@ -26,11 +29,11 @@ void HardenProcess() {
 absl::StatusOr<OpenedEnvironment> OpenEnvironment(const std::string& config_path, const std::string& environment) {
   auto config = config::LoadConfig(config_path, keysource::KeySourceParsers());
   if (!config.ok()) {
-    return config.status();
+    return core::AsUsageError(config.status());
   }
   auto env = config->Find(environment);
   if (!env.ok()) {
-    return env.status();
+    return core::AsUsageError(env.status());
   }
   auto events = std::make_shared<daemon::EventLogSink>((*env)->name, std::string((*env)->key_source->Kind()),
                                                        /*registry=*/nullptr);

@@ -16,8 +16,11 @@ namespace kmsplugin::cli {
 
 inline constexpr char kDefaultConfig[] = "/etc/kmsplugin/config.yaml";
 
-// Prints "kmsplugin: <message>" on stderr. Exit code 3 when something could not be reached, else 1.
+// Prints "kmsplugin: <message>" on stderr and returns the exit code (core/exit_codes.h): 3 when something could
+// not be reached, 2 for an invalid argument or a config error (core::IsUsageError), else 1.
 int Fail(const absl::Status& status);
+// The same for a config that cannot be loaded or an environment it does not have: 2 (a config error), or 3.
+int FailConfig(const absl::Status& status);
 
 // No core dumps (they would hold keys), not dumpable, no files readable by others (umask 077).
 void HardenProcess();
@@ -29,7 +32,8 @@ struct OpenedEnvironment {
   std::shared_ptr<core::KeySource> source;
   std::shared_ptr<core::KeyAdmin> admin;  // the same key source's rotate/retire side
 };
-// Loads `config_path` and opens `environment` (NOT_FOUND listing the environments there are).
+// Loads `config_path` and opens `environment` (NOT_FOUND listing the environments there are). Errors of the
+// config itself are marked core::AsUsageError.
 absl::StatusOr<OpenedEnvironment> OpenEnvironment(const std::string& config_path, const std::string& environment);
 
 }  // namespace kmsplugin::cli

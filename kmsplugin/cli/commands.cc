@@ -13,6 +13,8 @@
 #include <spdlog/spdlog.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "crypto/random.h"
 #include "kms_v2.grpc.pb.h"
@@ -25,6 +27,8 @@
 #include "kmsplugin/config/config.h"
 #include "kmsplugin/keysource/registry.h"
 #include "kmsplugin/core/clock.h"
+#include "kmsplugin/core/duration_flag.h"
+#include "kmsplugin/core/exit_codes.h"
 #include "kmsplugin/core/envelope_service.h"
 #include "kmsplugin/core/version_rules.h"
 #include "kmsplugin/observe/http_endpoint.h"
@@ -42,11 +46,11 @@ int Init(const std::string& config_path, const std::string& only_env) {
   HardenProcess();
   auto config = config::LoadConfig(config_path, keysource::KeySourceParsers());
   if (!config.ok()) {
-    return Fail(config.status());
+    return FailConfig(config.status());
   }
   if (!only_env.empty()) {
     if (auto env = config->Find(only_env); !env.ok()) {
-      return Fail(env.status());
+      return FailConfig(env.status());
     }
   }
   int failures = 0;
@@ -178,10 +182,10 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
       if (!force) {
         return Fail(absl::FailedPreconditionError(absl::StrCat(
             verb, " checks etcd first that no object still uses versions ", VersionList(*plan),
-            "; fix: pass --etcd host:port (and --cacert/--cert/--key as for etcdctl), or --force to ", verb,
+            "; fix: pass --endpoints host:port (and --cacert/--cert/--key as for etcdctl), or --force to ", verb,
             " without checking")));
       }
-      std::cout << "--force without --etcd: not checked whether objects still use versions " << VersionList(*plan)
+      std::cout << "--force without --endpoints: not checked whether objects still use versions " << VersionList(*plan)
                 << "; any that do " << effect << ".\n";
     } else {
       std::ostringstream in_use;
@@ -195,7 +199,7 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
                   << in_use.str()
                   << "fix: rewrite them under the current key (kubectl get secrets -A -o json | kubectl replace -f -),"
                      " check with `kmsplugin keys --env "
-                  << env_name << " --etcd ...`, then run this again\n";
+                  << env_name << " --endpoints ...`, then run this again\n";
         return 1;
       }
       if (*objects > 0) {
@@ -288,19 +292,18 @@ int Keys(const std::string& config_path, const std::string& env_name, bool as_js
   return 0;
 }
 
-int StatusCommand(const std::string& socket, bool as_json, double timeout_seconds) {
+int StatusCommand(const std::string& socket, bool as_json, absl::Duration timeout) {
   grpc::ChannelArguments args;
   auto channel = grpc::CreateCustomChannel(absl::StrCat("unix:", socket), grpc::InsecureChannelCredentials(), args);
   auto stub = v2::KeyManagementService::NewStub(channel);
   grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() +
-                       std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000)));
+  context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
   v2::StatusResponse response;
   const grpc::Status status = stub->Status(&context, v2::StatusRequest(), &response);
   if (!status.ok()) {
     std::cerr << "kmsplugin: Status on " << socket << " failed: " << status.error_message()
               << " (code " << status.error_code() << "); fix: check that kmsplugin serve is running on it\n";
-    return 3;
+    return core::kExitUnreachable;
   }
   if (as_json) {
     std::cout << nlohmann::json{{"socket", socket},
@@ -313,7 +316,8 @@ int StatusCommand(const std::string& socket, bool as_json, double timeout_second
     std::cout << "socket:  " << socket << "\nversion: " << response.version() << "\nhealthz: " << response.healthz()
               << "\nkey_id:  " << response.key_id() << "\n";
   }
-  return response.healthz() == "ok" ? 0 : 1;
+  // Reached but unhealthy (its backend is down, say) is 1; not reached at all is 3.
+  return response.healthz() == "ok" ? core::kExitOk : core::kExitFailed;
 }
 
 }  // namespace
@@ -322,8 +326,13 @@ int Main(int argc, char** argv) {
   CLI::App app{"kmsplugin: a Kubernetes KMS v2 (and v1beta1) plugin; KEKs in a sealed local keyring, Vault "
                "Transit or a PKCS#11 HSM"};
   app.require_subcommand(1);
+  // Global flags are accepted before or after the subcommand.
+  app.fallthrough();
   std::string log_level = "info";
-  app.add_option("--log-level", log_level, "trace, debug, info, warn, error")->capture_default_str();
+  // spdlog reads an unknown name as "off" (so "verbose" silenced every line): only its own names are accepted.
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical or off")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "warning", "error", "critical", "off"}));
 
   std::string config_path = kDefaultConfig;
   std::string env_name;
@@ -346,8 +355,9 @@ int Main(int argc, char** argv) {
   keys->add_flag("--json", as_json, "machine-readable output");
   audit::AuditFlags keys_etcd;
   keys_etcd.endpoints.clear();
-  keys->add_option("--etcd", keys_etcd.endpoints,
+  keys->add_option("--endpoints", keys_etcd.endpoints,
                    "also count the objects etcd holds under each version: host:port[,host:port] (read-only)");
+  keys->add_option("--etcd", keys_etcd.endpoints, "old spelling of --endpoints")->group("");
   keys->add_option("--cacert", keys_etcd.cacert, "etcd CA bundle (like etcdctl --cacert)");
   keys->add_option("--cert", keys_etcd.cert, "etcd client certificate");
   keys->add_option("--key", keys_etcd.key, "etcd client key");
@@ -374,7 +384,8 @@ int Main(int argc, char** argv) {
       ->excludes(reinstate_flag);
   audit::AuditFlags retire_etcd;
   retire_etcd.endpoints.clear();
-  retire->add_option("--etcd", retire_etcd.endpoints, "etcd host:port[,host:port] to check (read-only)");
+  retire->add_option("--endpoints", retire_etcd.endpoints, "etcd host:port[,host:port] to check (read-only)");
+  retire->add_option("--etcd", retire_etcd.endpoints, "old spelling of --endpoints")->group("");
   retire->add_option("--cacert", retire_etcd.cacert, "etcd CA bundle (like etcdctl --cacert)");
   retire->add_option("--cert", retire_etcd.cert, "etcd client certificate");
   retire->add_option("--key", retire_etcd.key, "etcd client key");
@@ -394,10 +405,21 @@ int Main(int argc, char** argv) {
   AddDoctorFlags(*doctor_command, doctor_flags);
 
   std::string socket;
-  double timeout_seconds = 3;
+  absl::Duration status_timeout = absl::Seconds(3);
   CLI::App* status = app.add_subcommand("status", "Call Status on a running socket and print it");
   status->add_option("--socket", socket, "Unix socket path")->required();
-  status->add_option("--timeout", timeout_seconds, "seconds")->capture_default_str();
+  status
+      ->add_option_function<std::string>(
+          "--timeout",
+          [&status_timeout](const std::string& text) {
+            const std::optional<absl::Duration> timeout = core::ParseDurationFlag(text);
+            if (!timeout.has_value()) {
+              throw CLI::ValidationError(core::DurationFlagError("--timeout", text));
+            }
+            status_timeout = *timeout;
+          },
+          "deadline of the Status call (3s, 500ms; a bare number is seconds)")
+      ->default_str("3s");
   status->add_flag("--json", as_json, "machine-readable output");
 
   CLI::App* version = app.add_subcommand("version", "Print the version");
@@ -415,14 +437,45 @@ int Main(int argc, char** argv) {
   render->add_flag("--identity-fallback", render_options.identity_fallback,
                    "also read unencrypted Secrets (while migrating from no encryption)");
   render->add_flag("--v1-fallback", render_options.v1_fallback,
-                   "also read Secrets written through KMS v1 (while migrating from v1 to v2)");
+                   "also read Secrets written through KMS v1 (while migrating from v1 to v2; kube-apiserver 1.29+ "
+                   "then needs --feature-gates=KMSv1=true)");
   render->add_option("--image", render_options.image, "container image (static-pod)")->capture_default_str();
   render->add_option("--uid", render_options.uid, "user and group id the pod runs as (static-pod)")
       ->capture_default_str();
   render->add_option("--binary", render_options.binary, "installed kmsplugin binary (systemd-unit, probes)")
       ->capture_default_str();
 
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& error) {
+    if (error.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) {
+      return app.exit(error);  // --help
+    }
+    // One line naming the flag, and exit 2, whatever CLI11's own code for the kind of mistake is.
+    std::string command = "kmsplugin";
+    for (const CLI::App* sub : app.get_subcommands()) {
+      absl::StrAppend(&command, " ", sub->get_name());
+    }
+    if (app.get_subcommands().empty()) {
+      // CLI11 says "A subcommand is required" for a misspelt one too: name the word and the commands there are.
+      std::vector<std::string> names;
+      for (const CLI::App* sub : app.get_subcommands({})) {
+        names.push_back(sub->get_name());
+      }
+      for (int i = 1; i < argc; ++i) {
+        const std::string word = argv[i];
+        if (word == "--log-level") {
+          ++i;  // its value
+        } else if (!word.empty() && word[0] != '-') {
+          std::cerr << "kmsplugin: unknown command \"" << word.substr(0, 64) << "\"; fix: use one of "
+                    << absl::StrJoin(names, ", ") << " (kmsplugin --help)\n";
+          return core::kExitUsage;
+        }
+      }
+    }
+    std::cerr << "kmsplugin: " << error.what() << "; fix: see `" << command << " --help`\n";
+    return core::kExitUsage;
+  }
   observe::SetUpJsonLogging(log_level);
 
   if (*serve) {
@@ -449,7 +502,7 @@ int Main(int argc, char** argv) {
     return RunDoctor(doctor_flags, keysource::KeySourceParsers());
   }
   if (*status) {
-    return StatusCommand(socket, as_json, timeout_seconds);
+    return StatusCommand(socket, as_json, status_timeout);
   }
   if (*render) {
     if (render_options.config_path.empty()) {

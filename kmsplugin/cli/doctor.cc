@@ -16,6 +16,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "kms_v2.grpc.pb.h"
+#include "kmsplugin/core/duration_flag.h"
 #include "kmsplugin/doctor/doctor.h"
 #include "kmsplugin/doctor/encryption_config.h"
 #include "kmsplugin/doctor/report.h"
@@ -54,23 +55,9 @@ int UsageError(std::ostream& err, const std::string& text) {
   return kUsageExit;
 }
 
-std::optional<absl::Duration> ParseTimeoutFlag(const std::string& text) {
-  if (std::optional<absl::Duration> d = doctor::ParseGoDuration(text); d.has_value()) {
-    return d;
-  }
-  double seconds = 0;
-  if (absl::SimpleAtod(text, &seconds)) {
-    return absl::Seconds(seconds);
-  }
-  return std::nullopt;
-}
-
 }  // namespace
 
 void AddDoctorFlags(CLI::App& subcommand, DoctorFlags& flags) {
-  flags.command = &subcommand;
-  // Usage errors are ours to report (exit 2, one line), not CLI11's.
-  subcommand.allow_extras();
   subcommand.add_option("--encryption-config", flags.encryption_config,
                         "the kube-apiserver EncryptionConfiguration (--encryption-provider-config) to check");
   subcommand.add_option("--config", flags.config_path,
@@ -89,18 +76,13 @@ int RunDoctor(const DoctorFlags& flags, const config::KeySourceParsers& parsers)
 
 int RunDoctor(const DoctorFlags& flags, const config::KeySourceParsers& parsers, doctor::StatusProber& prober,
               std::ostream& out, std::ostream& err) {
-  if (flags.command != nullptr && !flags.command->remaining().empty()) {
-    return UsageError(err, absl::StrCat("unexpected argument(s): ", absl::StrJoin(flags.command->remaining(), " "),
-                                        "; fix: see kmsplugin doctor --help"));
-  }
   if (flags.encryption_config.empty()) {
     return UsageError(err, "--encryption-config FILE is required; fix: pass the file kube-apiserver's "
                            "--encryption-provider-config names, e.g. /etc/kubernetes/enc/encryption-config.yaml");
   }
-  const std::optional<absl::Duration> timeout = ParseTimeoutFlag(flags.timeout);
+  const std::optional<absl::Duration> timeout = core::ParseDurationFlag(flags.timeout);
   if (!timeout.has_value() || *timeout <= absl::ZeroDuration()) {
-    return UsageError(err, absl::StrCat("--timeout \"", flags.timeout,
-                                        "\" is not a positive duration; fix: write e.g. 3s or 500ms"));
+    return UsageError(err, core::DurationFlagError("--timeout", flags.timeout));
   }
   const std::string& path = flags.encryption_config;
   struct stat info {};

@@ -24,7 +24,6 @@ struct DoctorFlags {
   std::string config_path;         // optional: kmsplugin's config, for the kmsplugin.* checks
   std::string timeout = "3s";      // per Status call: a duration (3s, 500ms) or seconds
   bool json = false;
-  const CLI::App* command = nullptr;  // set by AddDoctorFlags; its leftover arguments are usage errors
 };
 
 // Registers the flags above on `subcommand` (app.add_subcommand("doctor", ...)).

@@ -12,6 +12,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kmsplugin/cli/cli_common.h"
 #include "kmsplugin/keysource/registry.h"
 #include "kmsplugin/server/unix_socket.h"
 
@@ -178,7 +179,8 @@ absl::StatusOr<std::string> RenderEncryptionConfig(const config::Config& config,
       << "          timeout: " << options.timeout << "\n";
   if (options.v1_fallback) {
     // The same socket serves v1beta1 too, so Secrets an older KMS v1 provider of this plugin wrote stay readable.
-    out << "      # reads Secrets written through KMS v1; remove once `kmsplugin audit` reports no kms-v1 objects\n"
+    out << "      # reads Secrets written through KMS v1; remove once `kmsplugin audit` reports no kms-v1 objects.\n"
+        << "      # kube-apiserver 1.29+ loads a kms v1 provider only when started with --feature-gates=KMSv1=true.\n"
         << "      - kms:\n"
         << "          apiVersion: v1\n"
         << "          name: " << name << "-v1\n"
@@ -331,7 +333,7 @@ absl::StatusOr<std::string> RenderSystemdUnit(const config::Config& config, cons
       << "[Unit]\nDescription=kmsplugin: Kubernetes KMS v2 plugin (envelope encryption of Secrets)\n"
       << "Documentation=file:///usr/local/share/doc/kmsplugin/RUNBOOK.md\n"
       << "Wants=network-online.target\nAfter=network-online.target\nBefore=kubelet.service\n\n"
-      << "[Service]\nType=simple\n"
+      << "[Service]\nType=notify\nNotifyAccess=main\nWatchdogSec=60s\n"
       << "ExecStart=" << options.binary << " serve --config " << config_file << "\n"
       << "ExecReload=/bin/kill -HUP $MAINPID\nKillSignal=SIGTERM\n"
       << "TimeoutStopSec="
@@ -382,8 +384,7 @@ absl::StatusOr<std::string> RenderSystemdUnit(const config::Config& config, cons
 int RunRender(const RenderOptions& options, const config::KeySourceParsers& parsers) {
   auto config = config::LoadConfig(options.config_path, parsers);
   if (!config.ok()) {
-    std::cerr << "kmsplugin: " << config.status().message() << "\n";
-    return 1;
+    return FailConfig(config.status());
   }
   absl::StatusOr<std::string> text;
   if (options.kind == "encryption-config") {
@@ -398,8 +399,7 @@ int RunRender(const RenderOptions& options, const config::KeySourceParsers& pars
         absl::StrCat("--kind \"", options.kind, "\" is not one of encryption-config, static-pod, systemd-unit"));
   }
   if (!text.ok()) {
-    std::cerr << "kmsplugin: " << text.status().message() << "\n";
-    return 1;
+    return Fail(text.status());
   }
   std::cout << *text;
   return 0;

@@ -473,7 +473,7 @@ TEST_CASE("Retire: refused while etcd holds objects under the version, allowed a
   CHECK(current.err.find("is the current version") != std::string::npos);
   RunResult unchecked = RetireCli(w, {"--version", "1", "--allow-recent"});
   CHECK(unchecked.exit_code == 1);
-  CHECK(unchecked.err.find("fix: pass --etcd") != std::string::npos);
+  CHECK(unchecked.err.find("fix: pass --endpoints") != std::string::npos);
   auto versions = w.plugin.source->Versions();
   REQUIRE_THAT(versions, IsOk());
   CHECK((*versions)[0].state == core::KeyState::kActive);
@@ -555,7 +555,7 @@ TEST_CASE("Audit: etcd down is a clear error with exit 2, a dead endpoint fails 
   const auto start = std::chrono::steady_clock::now();
   const AuditRun down = RunTable(flags);
   CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(10));
-  CHECK(down.exit_code == 2);
+  CHECK(down.exit_code == 3);
   CHECK(down.out.empty());
   CHECK(down.err.find("cannot reach etcd") != std::string::npos);
   CHECK(down.err.find(w.etcd.endpoint()) != std::string::npos);
@@ -591,7 +591,7 @@ TEST_CASE("Audit: TLS with --cacert/--cert/--key works and a wrong CA is refused
   wrong_ca.cacert = other.ca_cert;
   wrong_ca.timeout_seconds = 3;
   const AuditRun refused = RunTable(wrong_ca);
-  CHECK(refused.exit_code == 2);
+  CHECK(refused.exit_code == 3);
   INFO(refused.err);
   CHECK(refused.err.find("TLS handshake failed") != std::string::npos);
 
@@ -599,7 +599,7 @@ TEST_CASE("Audit: TLS with --cacert/--cert/--key works and a wrong CA is refused
   audit::AuditFlags plain = w.Flags();
   plain.timeout_seconds = 3;
   const AuditRun plaintext = RunTable(plain);
-  CHECK(plaintext.exit_code == 2);
+  CHECK(plaintext.exit_code == 3);
   CHECK(plaintext.err.find("cannot reach etcd") != std::string::npos);
 
   // Half a client certificate, and a file that is not PEM, are usage errors naming the flag.

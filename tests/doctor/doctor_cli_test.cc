@@ -164,7 +164,7 @@ TEST_CASE("CLI doctor: usage errors and unreadable or unparsable files exit 2 wi
       {{"doctor", "--encryption-config", empty}, "is empty"},
       {{"doctor", "--encryption-config", good, "--timeout", "soon"}, "--timeout \"soon\""},
       {{"doctor", "--encryption-config", good, "--timeout", "0"}, "not a positive duration"},
-      {{"doctor", "--encryption-config", good, "--bogus"}, "unexpected argument(s): --bogus"},
+      {{"doctor", "--encryption-config", good, "--bogus"}, "not expected: --bogus"},
       {{"doctor", "--encryption-config", good, "--config", s.dir.File("nope.yaml")}, "nope.yaml"},
   };
   for (const auto& [args, message] : cases) {

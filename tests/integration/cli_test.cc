@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <sstream>
 
 #include <catch2/catch.hpp>
@@ -475,6 +476,96 @@ TEST_CASE("CLI: --help works for every subcommand, version prints the version", 
   CHECK(version.exit_code == 0);
   CHECK(Has(version.out, "kmsplugin 0."));
   CHECK(s.Cli({"no-such-command"}).exit_code != 0);
+}
+
+// The README's exit-code table (core/exit_codes.h), true for every subcommand: 0 ok, 1 a check failed or unhealthy,
+// 2 a usage or config error with one line naming the flag or field, 3 a socket or backend that cannot be reached.
+TEST_CASE("CLI grammar: every usage error exits 2 with one line naming the flag", "[cli][bad-input]") {
+  Setup s;
+  REQUIRE(s.Init().exit_code == 0);
+  struct Case {
+    std::vector<std::string> args;
+    std::string names;  // what the one line must name
+  };
+  const std::vector<Case> cases = {
+      {{"serve", "--bogus"}, "--bogus"},
+      {{"status"}, "--socket"},
+      {{"status", "--socket", s.socket, "--timeout", "abc"}, "--timeout \"abc\""},
+      {{"status", "--socket", s.socket, "--timeout", "-1s"}, "--timeout"},
+      {{"keys", "--config", s.config}, "--env"},
+      {{"rotate", "--config", s.config, "--env"}, "--env"},
+      {{"retire", "--config", s.config, "--env", "dev"}, "--version"},
+      {{"retire", "--config", s.config, "--env", "dev", "--version", "x"}, "--version"},
+      {{"audit", "--timeout", "soon"}, "--timeout \"soon\""},
+      {{"doctor", "--timeout", "soon", "--encryption-config", s.config}, "--timeout"},
+      {{"render", "--config", s.config, "--kind", "helm"}, "--kind"},
+      {{"render", "--config", s.config, "--kind", "encryption-config"}, "--env"},
+      {{"--log-level", "verbose", "version"}, "--log-level"},
+      {{"version", "--log-level", "verbose"}, "--log-level"},
+      {{"no-such-command"}, "no-such-command"},
+      {{"keys", "--config", s.config, "--env", "prod"}, "no environment named \"prod\""},
+      {{"keys", "--config", s.dir.File("missing.yaml"), "--env", "dev"}, "missing.yaml"},
+      {{"init", "--config", s.dir.File("missing.yaml")}, "missing.yaml"},
+      {{"serve", "--config", s.dir.File("missing.yaml")}, "missing.yaml"},
+      {{"render", "--config", s.dir.File("missing.yaml"), "--kind", "systemd-unit"}, "missing.yaml"},
+  };
+  for (const Case& c : cases) {
+    const RunResult result = s.Cli(c.args);
+    std::string joined;
+    for (const std::string& arg : c.args) {
+      joined += arg + " ";
+    }
+    INFO(joined << "-> exit " << result.exit_code << ", stderr: " << result.err);
+    CHECK(result.exit_code == 2);
+    CHECK(Has(result.err, c.names));
+    CHECK(result.err.rfind("kmsplugin", 0) == 0);  // starts with the program's name
+    // One line (a config error may carry its own "fix:"; nothing else follows it).
+    CHECK(std::count(result.err.begin(), result.err.end(), '\n') == 1);
+  }
+}
+
+TEST_CASE("CLI grammar: global flags anywhere, durations in one form, old spellings kept", "[cli]") {
+  Setup s;
+  REQUIRE(s.Init().exit_code == 0);
+  CHECK(s.Cli({"--log-level", "error", "keys", "--config", s.config, "--env", "dev"}).exit_code == 0);
+  CHECK(s.Cli({"keys", "--config", s.config, "--env", "dev", "--log-level", "warn"}).exit_code == 0);
+  CHECK(s.Cli({"keys", "--config", s.config, "--env", "dev", "--log-level", "warning"}).exit_code == 0);
+  auto server = s.Serve();
+  REQUIRE(s.WaitServing(*server));
+  for (const std::string& timeout : {"3s", "500ms", "2", "1m30s"}) {
+    INFO(timeout);
+    CHECK(s.Cli({"status", "--socket", s.socket, "--timeout", timeout}).exit_code == 0);
+  }
+  // --endpoints on keys and retire, as on audit; --etcd still works but is not shown.
+  const RunResult help = s.Cli({"keys", "--help"});
+  CHECK(Has(help.out, "--endpoints"));
+  CHECK(!Has(help.out, "--etcd"));
+  server->Signal(SIGTERM);
+  CHECK(server->Wait() == std::optional<int>(0));
+}
+
+TEST_CASE("CLI grammar: an unreachable socket or etcd exits 3, an unhealthy service 1", "[cli][bad-input]") {
+  Setup s;
+  REQUIRE(s.Init().exit_code == 0);
+  const RunResult status = s.Cli({"status", "--socket", s.dir.File("none.sock"), "--timeout", "500ms"});
+  CHECK(status.exit_code == 3);
+  // Nothing listens on port 1 of loopback: etcd cannot be reached.
+  const RunResult audit = s.Cli({"audit", "--endpoints", "127.0.0.1:1", "--timeout", "1s"});
+  INFO(audit.err);
+  CHECK(audit.exit_code == 3);
+  CHECK(Has(audit.err, "cannot reach etcd"));
+  const RunResult keys = s.Cli({"keys", "--config", s.config, "--env", "dev", "--endpoints", "127.0.0.1:1"});
+  INFO(keys.err);
+  CHECK(keys.exit_code == 3);
+  const RunResult old_spelling = s.Cli({"keys", "--config", s.config, "--env", "dev", "--etcd", "127.0.0.1:1"});
+  CHECK(old_spelling.exit_code == 3);
+  // A served environment whose key source cannot open answers Status unhealthy: exit 1, not 3.
+  chmod(s.keyring.c_str(), 0644);
+  auto server = s.Serve();
+  REQUIRE(s.WaitServing(*server));
+  CHECK(s.Cli({"status", "--socket", s.socket}).exit_code == 1);
+  server->Signal(SIGTERM);
+  CHECK(server->Wait() == std::optional<int>(0));
 }
 
 }  // namespace
