@@ -111,6 +111,28 @@ copies = [l for l in runtime if l.upper().startswith("COPY") and "--from=" in l 
 if not copies:
     failures.append("runtime stage does not copy the binary from the build stage to /usr/local/bin/kmsplugin")
 
+# OCI labels, and the version label's default equal to the one version of the project (CMakeLists.txt).
+import os
+source_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+project = re.search(r"project\(kmsplugin VERSION ([0-9.]+)", open(os.path.join(source_dir, "CMakeLists.txt")).read())
+arg = re.search(r"^ARG KMSPLUGIN_VERSION=(\S+)$", text, re.M)
+if not project or not arg or arg.group(1) != project.group(1):
+    failures.append(f"ARG KMSPLUGIN_VERSION ({arg and arg.group(1)}) must equal CMakeLists.txt's project version "
+                    f"({project and project.group(1)})")
+for label in ("title", "description", "version", "licenses"):
+    if f"org.opencontainers.image.{label}=" not in text:
+        failures.append(f"runtime stage lacks the OCI label org.opencontainers.image.{label}")
+if 'org.opencontainers.image.licenses="Apache-2.0"' not in text:
+    failures.append("the licenses label must say Apache-2.0 (LICENSE)")
+# podman/buildah (.containerignore) and BuildKit (Containerfile.dockerignore) filter the context alike.
+def patterns(p):
+    return sorted(l.strip() for l in open(p) if l.strip() and not l.startswith("#"))
+ignore_oci = os.path.join(source_dir, ".containerignore")
+ignore_buildkit = path + ".dockerignore"
+if not os.path.exists(ignore_oci) or patterns(ignore_oci) != patterns(ignore_buildkit):
+    failures.append(".containerignore (podman, buildah) and Containerfile.dockerignore (BuildKit) must list the "
+                    "same patterns")
+
 for failure in failures:
     print("FAIL:", failure)
 if failures:
