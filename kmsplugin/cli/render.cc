@@ -386,6 +386,12 @@ int RunRender(const RenderOptions& options, const config::KeySourceParsers& pars
   if (!config.ok()) {
     return FailConfig(config.status());
   }
+  // What is valid but will fail the layout being rendered (e.g. Kubernetes auth in a static pod) is said first.
+  for (const config::EnvironmentConfig& env : config->environments) {
+    for (const std::string& warning : env.key_source->Warnings()) {
+      std::cerr << "kmsplugin: warning: environment \"" << env.name << "\": " << warning << "\n";
+    }
+  }
   absl::StatusOr<std::string> text;
   if (options.kind == "encryption-config") {
     text = options.environment.empty() ? absl::InvalidArgumentError("--kind encryption-config needs --env NAME")

@@ -71,6 +71,10 @@ class KeySourceSpec {
 
   // Every file this key source reads or writes (key material, credentials, CA bundles, modules), absolute paths.
   virtual std::vector<HostPath> HostPaths() const = 0;
+
+  // Settings that are valid but will fail an operator in a known way (one line each, naming the field and the
+  // fix). `serve` logs them at start and `render` prints them; they never stop anything.
+  virtual std::vector<std::string> Warnings() const { return {}; }
 };
 
 // Parses `node` (the mapping under keySource.<kind>); `context` points at that node.

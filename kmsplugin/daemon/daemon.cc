@@ -28,6 +28,12 @@ absl::Status RunDaemon(const DaemonOptions& options) {
     return core::AsUsageError(loaded.status());
   }
   const config::Config& config = loaded->config;
+  for (const config::EnvironmentConfig& env : config.environments) {
+    for (const std::string& warning : env.key_source->Warnings()) {
+      observe::Log(spdlog::level::warn, "config warning",
+                   {{"event", "config_warning"}, {"environment", env.name}, {"warning", warning}});
+    }
+  }
   observe::Registry registry;
   SourceOpener opener(registry, config.server.max_threads, config.server.poll_interval);
   std::vector<server::ServedEnvironment> served;

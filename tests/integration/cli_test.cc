@@ -568,5 +568,23 @@ TEST_CASE("CLI grammar: an unreachable socket or etcd exits 3, an unhealthy serv
   CHECK(server->Wait() == std::optional<int>(0));
 }
 
+TEST_CASE("CLI: render warns that Kubernetes auth cannot start a static-pod control plane, and still renders",
+          "[cli]") {
+  Setup s;
+  const std::string config = s.dir.Write(
+      "vault.yaml",
+      "environments:\n  - name: prod\n    socket: /run/kmsplugin/prod.sock\n    keySource:\n      vault:\n"
+      "        address: https://vault.example:8200\n        keyName: k\n        auth:\n          jwt:\n"
+      "            role: kms\n            tokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token\n");
+  const RunResult pod = s.Cli({"render", "--config", config, "--kind", "static-pod"});
+  CHECK(pod.exit_code == 0);
+  CHECK(Has(pod.out, "kind: Pod"));
+  CHECK(Has(pod.err, "kmsplugin: warning: environment \"prod\""));
+  CHECK(Has(pod.err, "a static pod gets no projected token"));
+  CHECK(Has(pod.err, "fix: use auth.cert"));
+  // The local setup has nothing to warn about.
+  CHECK(s.Cli({"render", "--config", s.config, "--kind", "static-pod"}).err.empty());
+}
+
 }  // namespace
 }  // namespace kmsplugin::testing

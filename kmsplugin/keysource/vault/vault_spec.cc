@@ -101,6 +101,27 @@ class VaultSpec final : public config::KeySourceSpec {
                         options_.transit_mount, "/keys/", options_.key_name);
   }
 
+  // A control-plane plugin starts before kube-apiserver: a static pod gets no projected service-account token,
+  // and Vault's Kubernetes auth method asks kube-apiserver (TokenReview) to vouch for the token, while
+  // kube-apiserver waits for this plugin. So Kubernetes/JWT auth from a service-account token cannot start a cold
+  // control plane, and is said so.
+  std::vector<std::string> Warnings() const override {
+    if (options_.auth.kind != AuthKind::kJwt) {
+      return {};
+    }
+    const bool service_account_token = absl::StrContains(options_.auth.jwt_file, "/secrets/kubernetes.io/");
+    if (!service_account_token && options_.auth.mount != "kubernetes") {
+      return {};
+    }
+    return {absl::StrCat(
+        "keySource.vault.auth.jwt logs in with ",
+        service_account_token ? absl::StrCat("a Kubernetes service-account token (", options_.auth.jwt_file, ")")
+                              : "Vault's Kubernetes auth method (mount \"kubernetes\")",
+        ": a static pod gets no projected token, and Vault would ask kube-apiserver, which waits for this plugin, "
+        "to review it, so a cold control plane cannot start; fix: use auth.cert with the node's certificate, "
+        "auth.appRole from root-owned files, or auth.token.file written by a Vault Agent sink (RUNBOOK 1b)")};
+  }
+
   std::vector<config::HostPath> HostPaths() const override {
     std::vector<config::HostPath> paths;
     for (const std::string* file : {&options_.tls.ca_file, &options_.tls.cert_file, &options_.tls.key_file,

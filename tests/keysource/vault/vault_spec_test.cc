@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "absl/strings/match.h"
 #include "tests/keysource/vault/vault_test_util.h"
 #include "tests/support/status_matchers.h"
 
@@ -70,6 +71,33 @@ TEST_CASE("VaultSpec: defaults and environment fallbacks apply only where the co
   unsetenv("VAULT_ADDR");
   unsetenv("VAULT_CACERT");
   unsetenv("VAULT_NAMESPACE");
+}
+
+TEST_CASE("VaultSpec: Kubernetes auth from a service-account token warns that a cold control plane cannot start",
+          "[vault]") {
+  const std::string base = "address: https://v:8200\nkeyName: k\n";
+  auto projected = ParseSpec(
+      YAML::Load(base + "auth: {jwt: {role: kms, tokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token}}\n"),
+      kContext);
+  REQUIRE_THAT(projected, IsOk());
+  const std::vector<std::string> warnings = (*projected)->Warnings();
+  REQUIRE(warnings.size() == 1);
+  CHECK(absl::StrContains(warnings[0], "/var/run/secrets/kubernetes.io/serviceaccount/token"));
+  CHECK(absl::StrContains(warnings[0], "auth.cert"));
+  CHECK(absl::StrContains(warnings[0], "auth.appRole"));
+  // The kubernetes auth mount with a token from elsewhere still needs kube-apiserver's TokenReview.
+  auto mount = ParseSpec(YAML::Load(base + "auth: {jwt: {role: kms, tokenFile: /etc/kmsplugin/jwt}}\n"), kContext);
+  REQUIRE_THAT(mount, IsOk());
+  CHECK((*mount)->Warnings().size() == 1);
+  // A JWT of another issuer on another mount, AppRole and certificates: nothing to say.
+  for (const std::string& auth :
+       {std::string("auth: {jwt: {mount: jwt-oidc, role: kms, tokenFile: /etc/kmsplugin/jwt}}\n"),
+        std::string("auth: {appRole: {roleIdFile: /etc/kmsplugin/r, secretIdFile: /etc/kmsplugin/s}}\n"),
+        std::string(kAuth)}) {
+    auto quiet = ParseSpec(YAML::Load(base + auth), kContext);
+    REQUIRE_THAT(quiet, IsOk());
+    CHECK((*quiet)->Warnings().empty());
+  }
 }
 
 TEST_CASE("VaultSpec: YAML errors name the file, the field and the fix", "[vault]") {
