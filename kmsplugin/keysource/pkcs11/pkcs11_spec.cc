@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kmsplugin/keysource/pkcs11/pkcs11_key_source.h"
+#include "kmsplugin/keysource/pkcs11/pkcs11_uri.h"
 
 namespace kmsplugin::keysource::pkcs11 {
 namespace {
@@ -110,13 +111,57 @@ absl::StatusOr<std::unique_ptr<config::KeySourceSpec>> ParseSpec(const YAML::Nod
                          "pinFile: /etc/kmsplugin/kms.pin}`");
   }
   if (auto status = context.RejectUnknownKeys(
-          node, {"module", "tokenLabel", "tokenSerial", "pinFile", "keyLabel", "sessionPoolSize"});
+          node, {"uri", "module", "tokenLabel", "tokenSerial", "pinFile", "keyLabel", "sessionPoolSize"});
       !status.ok()) {
     return status;
   }
   Pkcs11Options options;
-  auto module = context.RequiredString(node, "module",
-                                       "set it to the token's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so");
+  // An RFC 7512 URI may name the module, the token, the key's label prefix and the PIN file; each may also be its
+  // own key, but not both.
+  Pkcs11UriFields from_uri;
+  auto uri = context.OptionalString(node, "uri");
+  if (!uri.ok()) {
+    return uri.status();
+  }
+  if (uri->has_value()) {
+    auto parsed = ParsePkcs11Uri(**uri, context.Child("uri"));
+    if (!parsed.ok()) {
+      return parsed.status();
+    }
+    from_uri = std::move(*parsed);
+    const std::pair<const char*, bool> both[] = {
+        {"module", from_uri.module_path.has_value()},
+        {"tokenLabel", from_uri.token_label.has_value() || from_uri.token_serial.has_value()},
+        {"tokenSerial", from_uri.token_label.has_value() || from_uri.token_serial.has_value()},
+        {"keyLabel", from_uri.object_label.has_value()},
+        {"pinFile", from_uri.pin_file.has_value()}};
+    for (const auto& [key, in_uri] : both) {
+      if (in_uri && node[key]) {
+        return context.Error(absl::StrCat("uri and ", key, " both say the same thing"),
+                             absl::StrCat("keep one: the uri's attribute or ", key));
+      }
+    }
+  }
+  YAML::Node effective = YAML::Clone(node);
+  if (from_uri.module_path.has_value()) {
+    effective["module"] = *from_uri.module_path;
+  }
+  if (from_uri.token_label.has_value()) {
+    effective["tokenLabel"] = *from_uri.token_label;
+  }
+  if (from_uri.token_serial.has_value()) {
+    effective["tokenSerial"] = *from_uri.token_serial;
+  }
+  if (from_uri.object_label.has_value()) {
+    effective["keyLabel"] = *from_uri.object_label;
+  }
+  if (from_uri.pin_file.has_value()) {
+    effective["pinFile"] = *from_uri.pin_file;
+  }
+  const YAML::Node& fields = effective;
+  auto module = context.RequiredString(fields, "module",
+                                       "set it to the token's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so "
+                                       "(or module-path= in uri)");
   if (!module.ok()) {
     return module.status();
   }
@@ -126,11 +171,11 @@ absl::StatusOr<std::unique_ptr<config::KeySourceSpec>> ParseSpec(const YAML::Nod
   }
   options.module_path = *module;
 
-  auto token_label = context.OptionalString(node, "tokenLabel");
+  auto token_label = context.OptionalString(fields, "tokenLabel");
   if (!token_label.ok()) {
     return token_label.status();
   }
-  auto token_serial = context.OptionalString(node, "tokenSerial");
+  auto token_serial = context.OptionalString(fields, "tokenSerial");
   if (!token_serial.ok()) {
     return token_serial.status();
   }
@@ -140,8 +185,8 @@ absl::StatusOr<std::unique_ptr<config::KeySourceSpec>> ParseSpec(const YAML::Nod
   }
   if (!token_label->has_value() && !token_serial->has_value()) {
     return context.Error("neither tokenLabel nor tokenSerial is set",
-                         "set tokenLabel (or tokenSerial) to the token that holds the key; slot numbers are "
-                         "not stable and are not accepted");
+                         "set tokenLabel (or tokenSerial, or token=/serial= in uri) to the token that holds the key; "
+                         "slot numbers are not stable and are not accepted");
   }
   if (token_label->has_value()) {
     if ((*token_label)->empty() || (*token_label)->size() > 32) {
@@ -159,7 +204,7 @@ absl::StatusOr<std::unique_ptr<config::KeySourceSpec>> ParseSpec(const YAML::Nod
     options.token_serial = **token_serial;
   }
 
-  auto pin_file = context.RequiredString(node, "pinFile",
+  auto pin_file = context.RequiredString(fields, "pinFile",
                                          "set it to a file of mode 0600 holding the user PIN, e.g. "
                                          "/etc/kmsplugin/token.pin");
   if (!pin_file.ok()) {
@@ -171,7 +216,7 @@ absl::StatusOr<std::unique_ptr<config::KeySourceSpec>> ParseSpec(const YAML::Nod
   }
   options.pin_file = *pin_file;
 
-  auto key_label = context.OptionalString(node, "keyLabel");
+  auto key_label = context.OptionalString(fields, "keyLabel");
   if (!key_label.ok()) {
     return key_label.status();
   }
@@ -185,7 +230,7 @@ absl::StatusOr<std::unique_ptr<config::KeySourceSpec>> ParseSpec(const YAML::Nod
     options.key_label = label;
   }
 
-  auto pool = context.OptionalInt(node, "sessionPoolSize", 1, 1024);
+  auto pool = context.OptionalInt(fields, "sessionPoolSize", 1, 1024);
   if (!pool.ok()) {
     return pool.status();
   }

@@ -123,6 +123,70 @@ TEST_CASE("Pkcs11 spec: init creates the first version once, then refuses naming
   CHECK_THAT(other->source->Current(), StatusIs(absl::StatusCode::kFailedPrecondition, "kmsplugin-other-v<N>"));
 }
 
+TEST_CASE("Pkcs11 spec: an RFC 7512 uri names module, token, key label and PIN file as the keys do", "[pkcs11]") {
+  auto keys = Parse("{module: /m.so, tokenLabel: kms, pinFile: /etc/kmsplugin/kms.pin, keyLabel: kek-prod}");
+  auto uri = Parse("{uri: 'pkcs11:token=kms;object=kek-prod;type=secret-key?module-path=/m.so&"
+                   "pin-source=file:/etc/kmsplugin/kms.pin'}");
+  REQUIRE_THAT(keys, IsOk());
+  REQUIRE_THAT(uri, IsOk());
+  CHECK((*uri)->BackendKeyIdentity() == (*keys)->BackendKeyIdentity());
+  std::vector<std::string> key_paths, uri_paths;
+  for (const auto& p : (*keys)->HostPaths()) key_paths.push_back(p.path);
+  for (const auto& p : (*uri)->HostPaths()) uri_paths.push_back(p.path);
+  CHECK(uri_paths == key_paths);
+  // Percent-encoding and a serial, with the module and PIN file as their own keys.
+  auto serial = Parse("{uri: 'pkcs11:serial=1a2b;object=kek%2Dprod', module: /m.so, pinFile: /p}");
+  REQUIRE_THAT(serial, IsOk());
+  CHECK((*serial)->BackendKeyIdentity() == "pkcs11:serial=1a2b/kek-prod");
+  // A pin-source that is a bare absolute path is a file too.
+  CHECK_THAT(Parse("{uri: 'pkcs11:token=kms?module-path=/m.so&pin-source=/p'}"), IsOk());
+}
+
+TEST_CASE("Pkcs11 spec: a uri that would put the PIN in the config, pick a slot or one object is refused", "[pkcs11]") {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"pkcs11:token=kms?module-path=/m.so&pin-value=1234", "pin-value"},
+      {"pkcs11:token=kms;id=%01?module-path=/m.so&pin-source=file:/p", "by id"},
+      {"pkcs11:token=kms;type=private?module-path=/m.so&pin-source=file:/p", "secret-key"},
+      {"pkcs11:slot-id=0?module-path=/m.so&pin-source=file:/p", "slot numbers are not stable"},
+      {"pkcs11:token=kms;manufacturer=SoftHSM?module-path=/m.so&pin-source=file:/p", "manufacturer or model"},
+      {"pkcs11:token=kms;library-manufacturer=x?module-path=/m.so&pin-source=file:/p", "library"},
+      {"pkcs11:token=kms?module-name=softhsm2&pin-source=file:/p", "module-path"},
+      {"pkcs11:token=kms?module-path=/m.so&pin-source=https://pins.example/kms", "file:/absolute/path"},
+      {"pkcs11:token=kms;colour=blue?module-path=/m.so&pin-source=file:/p", "does not recognise"},
+      {"https://not-a-pkcs11-uri", "not a PKCS#11 URI"},
+      {"pkcs11:token=kms?pin-source=file:/p", "module"},  // no module anywhere
+  };
+  for (const auto& [uri, names] : cases) {
+    INFO(uri);
+    auto spec = Parse("{uri: '" + uri + "'}");
+    CHECK_THAT(spec, StatusIs(absl::StatusCode::kInvalidArgument, names));
+    if (!spec.ok()) {
+      CHECK(absl::StrContains(spec.status().message(), "keySource.pkcs11"));
+      CHECK(!absl::StrContains(spec.status().message(), "1234"));  // a PIN is never echoed
+    }
+  }
+  // The uri and a key that says the same thing.
+  CHECK_THAT(Parse("{uri: 'pkcs11:token=kms?module-path=/m.so', module: /m.so, pinFile: /p}"),
+             StatusIs(absl::StatusCode::kInvalidArgument, "uri and module"));
+  CHECK_THAT(Parse("{uri: 'pkcs11:token=kms', tokenSerial: 1a2b, module: /m.so, pinFile: /p}"),
+             StatusIs(absl::StatusCode::kInvalidArgument, "uri and token"));
+}
+
+TEST_CASE("Pkcs11 spec: a uri opens a real SoftHSM2 token", "[pkcs11]") {
+  TokenFixture token;
+  auto spec = Parse("{uri: 'pkcs11:token=kms;object=kek-uri?module-path=/usr/lib/softhsm/libsofthsm2.so&"
+                    "pin-source=file:" + token.pin_file + "'}");
+  REQUIRE_THAT(spec, IsOk());
+  config::OpenContext context;
+  context.environment = "prod";
+  REQUIRE_THAT((*spec)->Init(context), IsOk());
+  auto source = (*spec)->Open(context);
+  REQUIRE_THAT(source, IsOk());
+  auto current = source->source->Current();
+  REQUIRE_THAT(current, IsOk());
+  CHECK(absl::StrContains(current->key_id, "/kek-uri-v1@"));
+}
+
 TEST_CASE("Pkcs11 spec: open refuses a PIN file others can read", "[pkcs11]") {
   TokenFixture token;
   chmod(token.pin_file.c_str(), 0644);
