@@ -6,16 +6,31 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <cerrno>
+#include <atomic>
 #include <utility>
 #include <vector>
 
 namespace kmsplugin::crypto {
 namespace {
 
+std::atomic<size_t> lock_failures{0};
+
+// sodium_malloc has already tried to lock `p` and ignored the outcome; mlock is idempotent, so a second try tells
+// whether the block is locked. Cost: one system call per block (the arena once; then only secrets of more than
+// kArenaSlotSize bytes, or when the arena is full).
+bool LockAgain(void* p, size_t size) {
+  if (sodium_mlock(p, size) == 0) {
+    return true;
+  }
+  lock_failures.fetch_add(1, std::memory_order_relaxed);
+  return false;
+}
+
 // One sodium_malloc'd block (guard pages around it, locked, not dumped) cut into fixed slots.
 class SecretArena {
  public:
-  static constexpr size_t kSlots = 1024;  // 128 KiB locked
+  static constexpr size_t kSlots = kSecretArenaBytes / SecretBytes::kArenaSlotSize;  // 128 KiB locked
 
   static SecretArena& Get() {
     static SecretArena* const arena = new SecretArena();  // lives as long as the process
@@ -36,6 +51,8 @@ class SecretArena {
     return base_ != nullptr && p >= base_ && p < base_ + kSlots * SecretBytes::kArenaSlotSize;
   }
 
+  bool locked() const { return locked_; }
+
   void Release(uint8_t* p) {
     sodium_memzero(p, SecretBytes::kArenaSlotSize);
     const auto slot = static_cast<uint32_t>((p - base_) / SecretBytes::kArenaSlotSize);
@@ -51,6 +68,7 @@ class SecretArena {
       return;  // every secret then gets its own sodium_malloc
     }
     sodium_memzero(base_, kSlots * SecretBytes::kArenaSlotSize);
+    locked_ = LockAgain(base_, kSlots * SecretBytes::kArenaSlotSize);
     free_.reserve(kSlots);
     for (uint32_t slot = kSlots; slot > 0; --slot) {
       free_.push_back(slot - 1);
@@ -58,11 +76,32 @@ class SecretArena {
   }
 
   uint8_t* base_ = nullptr;
+  bool locked_ = false;
   std::mutex mu_;
   std::vector<uint32_t> free_;
 };
 
 }  // namespace
+
+bool SecretArenaLocked() { return SecretArena::Get().locked(); }
+
+size_t SecretLockFailures() { return lock_failures.load(std::memory_order_relaxed); }
+
+absl::Status ProbeLockedMemory(size_t bytes) {
+  EnsureSodiumInitialised();
+  void* probe = sodium_malloc(bytes);
+  if (probe == nullptr) {
+    return absl::ResourceExhaustedError("cannot allocate guarded memory for the probe");
+  }
+  errno = 0;
+  const bool locked = sodium_mlock(probe, bytes) == 0;
+  const int error = errno;
+  sodium_free(probe);  // unlocks it again
+  if (!locked) {
+    return absl::ErrnoToStatus(error, "mlock");
+  }
+  return absl::OkStatus();
+}
 
 void EnsureSodiumInitialised() {
   // sodium_init is thread-safe and idempotent; the static makes the common path free.
@@ -86,6 +125,9 @@ SecretBytes::SecretBytes(size_t size) : size_(size) {
   }
   if (data_ == nullptr) {
     data_ = static_cast<uint8_t*>(sodium_malloc(size));
+    if (data_ != nullptr) {
+      (void)LockAgain(data_, size);
+    }
   }
   if (data_ == nullptr) {
     // Cannot keep a secret safely (RLIMIT_MEMLOCK or memory exhausted): a broken invariant, not an input error.

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <string_view>
 
+#include "absl/status/status.h"
 #include "absl/types/span.h"
 
 namespace kmsplugin::crypto {
@@ -63,5 +64,20 @@ void Wipe(void* bytes, size_t size);
 
 // Initialises libsodium once; safe to call from any thread, any number of times. Aborts if it fails.
 void EnsureSodiumInitialised();
+
+// Locked memory. sodium_malloc locks what it hands out but ignores a failure to (RLIMIT_MEMLOCK too low and no
+// CAP_IPC_LOCK), which leaves the secret in swappable memory without a word. So SecretBytes locks each block
+// again itself and counts the blocks it could not lock; a daemon checks at start that it can lock what it needs
+// (kmsplugin/daemon/memory_lock.h).
+//
+// Bytes the process-wide arena of small secrets takes (locked once, for the life of the process).
+inline constexpr size_t kSecretArenaBytes = 1024 * SecretBytes::kArenaSlotSize;
+// Whether the arena of small secrets exists and is locked; creates the arena on first use.
+bool SecretArenaLocked();
+// Secret blocks (arena or own allocation) that could not be locked since the process started.
+size_t SecretLockFailures();
+// Locks `bytes` of fresh guarded memory on top of what is locked already, then frees it: whether `bytes` more
+// secret memory could be locked now. On failure, the errno of mlock (ENOMEM: over RLIMIT_MEMLOCK; EPERM).
+absl::Status ProbeLockedMemory(size_t bytes);
 
 }  // namespace kmsplugin::crypto

@@ -14,6 +14,7 @@ test_packages=(
   catch2 softhsm2 opensc openssl python3 python3-cryptography python3-yaml procps prometheus
   etcd-server etcd-client time systemd binutils
   passwd util-linux  # useradd/groupadd and setpriv: the non-root socket-group test (tests/integration/nonroot_test.cc)
+  faketime  # libfaketime: wall-clock steps and a clock set to 2100 under the real binary (tests/integration/clock_test.cc)
 )
 
 wanted=("${build_packages[@]}")

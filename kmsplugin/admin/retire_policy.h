@@ -10,6 +10,8 @@
 //   the versions about to be retired, after the etcd check has looked.
 
 #include <cstdint>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -33,9 +35,12 @@ absl::StatusOr<std::vector<core::KeyVersion>> PlanRetireAction(RetireAction acti
 absl::Duration SettleTime(absl::Duration poll_interval);
 
 // FAILED_PRECONDITION when the version that replaced `version` is younger than SettleTime(poll_interval) at `now`,
-// naming its age, the time from which the retire is allowed, and --allow-recent.
+// naming its age, the time from which the retire is allowed, and --allow-recent. Its age counts from the earliest
+// creation time among all later versions (a later version cannot be older), so a future creation time (a clock
+// that was ahead) is bounded by one rotation with the clock right; without one, the message says so, for
+// `environment`.
 absl::Status CheckSettled(const std::vector<core::KeyVersion>& versions, uint64_t version,
-                          absl::Duration poll_interval, absl::Time now);
+                          absl::Duration poll_interval, absl::Time now, std::string_view environment = "ENV");
 
 // "1, 2, 3".
 std::string VersionList(const std::vector<core::KeyVersion>& versions);

@@ -19,6 +19,7 @@
 #include "crypto/random.h"
 #include "kms_v2.grpc.pb.h"
 #include "kmsplugin/admin/retire_policy.h"
+#include "kmsplugin/admin/version_times.h"
 #include "kmsplugin/audit/audit_command.h"
 #include "kmsplugin/cli/cli_common.h"
 #include "kmsplugin/cli/doctor.h"
@@ -72,6 +73,19 @@ int Init(const std::string& config_path, const std::string& only_env) {
   return failures == 0 ? 0 : 1;
 }
 
+// Versions created in the future (a clock that was ahead), with the repair, on stderr and in the log.
+void PrintFutureCreationWarnings(const core::KeySource& source, const std::string& env_name) {
+  auto versions = source.Versions();
+  if (!versions.ok()) {
+    return;
+  }
+  for (const std::string& warning : admin::FutureCreationWarnings(*versions, absl::Now(), env_name)) {
+    observe::Log(spdlog::level::warn, "key version created in the future",
+                 {{"event", "future_creation_time"}, {"environment", env_name}, {"detail", warning}});
+    std::cerr << "kmsplugin: warning: environment " << env_name << ": " << warning << "\n";
+  }
+}
+
 int Rotate(const std::string& config_path, const std::string& env_name) {
   HardenProcess();
   auto opened = OpenEnvironment(config_path, env_name);
@@ -96,6 +110,7 @@ int Rotate(const std::string& config_path, const std::string& env_name) {
             << created->key_id << ")\n"
             << "A running kmsplugin serves it within its poll interval (" << config.server.poll_interval
             << "), or at once after SIGHUP. Earlier ciphertexts keep decrypting.\n";
+  PrintFutureCreationWarnings(*source, env_name);
   return 0;
 }
 
@@ -171,7 +186,7 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
     return 0;
   }
   if (action == RetireAction::kRetire && !allow_recent) {
-    if (auto settled = admin::CheckSettled(*versions, version, config.server.poll_interval, absl::Now());
+    if (auto settled = admin::CheckSettled(*versions, version, config.server.poll_interval, absl::Now(), env_name);
         !settled.ok()) {
       return Fail(settled);
     }
@@ -261,15 +276,21 @@ int Keys(const std::string& config_path, const std::string& env_name, bool as_js
     }
     usage = std::move(*counted);
   }
+  const absl::Time now = absl::Now();
+  const std::vector<std::string> warnings = admin::FutureCreationWarnings(*versions, now, env_name);
   if (as_json) {
     nlohmann::json out = nlohmann::json::array();
     for (const core::KeyVersion& v : *versions) {
       out.push_back({{"version", v.version},
                      {"keyId", v.key_id},
                      {"created", absl::FormatTime(absl::RFC3339_sec, v.created, absl::UTCTimeZone())},
-                     {"state", std::string(core::KeyStateName(v.state))}});
+                     {"state", std::string(core::KeyStateName(v.state))},
+                     {"createdInFuture", admin::CreatedInFuture(v, now)}});
     }
     nlohmann::json doc{{"environment", env_name}, {"versions", out}};
+    if (!warnings.empty()) {
+      doc["warnings"] = warnings;
+    }
     if (usage.has_value()) {
       doc["etcd"] = audit::KeyUsageJson(*usage);
     }
@@ -285,6 +306,9 @@ int Keys(const std::string& config_path, const std::string& env_name, bool as_js
     std::cout.width(9);
     std::cout << v.version << state << " "
               << absl::FormatTime(absl::RFC3339_sec, v.created, absl::UTCTimeZone()) << "  " << v.key_id << "\n";
+  }
+  for (const std::string& warning : warnings) {
+    std::cout << "warning: " << warning << "\n";
   }
   if (usage.has_value()) {
     std::cout << "\n" << audit::RenderKeyUsage(*usage);

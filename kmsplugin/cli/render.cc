@@ -281,7 +281,7 @@ absl::StatusOr<std::string> RenderStaticPod(const config::Config& config, const 
         << "        initialDelaySeconds: 2\n        periodSeconds: 10\n        timeoutSeconds: 5\n"
         << "        failureThreshold: 1\n";
   }
-  out << "      resources:\n        requests: {cpu: 10m, memory: 32Mi}\n        limits: {memory: 64Mi}\n"
+  out << "      resources:\n        requests: {cpu: 10m, memory: 32Mi}\n        limits: {memory: 128Mi}\n"
       << "      securityContext:\n        readOnlyRootFilesystem: true\n        allowPrivilegeEscalation: false\n"
       << "        privileged: false\n        capabilities:\n          drop: [\"ALL\"]\n"
       << "        runAsNonRoot: true\n        runAsUser: " << uid << "\n        runAsGroup: " << uid << "\n"

@@ -21,7 +21,8 @@ namespace {
 constexpr size_t kMaxSocketPath = sizeof(sockaddr_un::sun_path) - 1;
 
 absl::Status ParseServer(const YAML::Node& node, const FieldContext& context, ServerConfig& server) {
-  if (auto status = context.RejectUnknownKeys(node, {"pollInterval", "shutdownGracePeriod", "maxThreads"});
+  if (auto status = context.RejectUnknownKeys(node, {"pollInterval", "shutdownGracePeriod", "maxThreads",
+                                                       "allowUnlockedMemory"});
       !status.ok()) {
     return status;
   }
@@ -49,6 +50,11 @@ absl::Status ParseServer(const YAML::Node& node, const FieldContext& context, Se
   if (threads->has_value()) {
     server.max_threads = static_cast<int>(**threads);
   }
+  auto unlocked = context.OptionalBool(node, "allowUnlockedMemory");
+  if (!unlocked.ok()) {
+    return unlocked.status();
+  }
+  server.allow_unlocked_memory = unlocked->value_or(false);
   return absl::OkStatus();
 }
 

@@ -9,6 +9,7 @@
 //     pollInterval: 10s          # how often each key source is refreshed and health-probed (SIGHUP: at once)
 //     shutdownGracePeriod: 10s   # SIGTERM drains in-flight calls for at most this long
 //     maxThreads: 128            # gRPC threads per socket; calls beyond it get RESOURCE_EXHAUSTED
+//     allowUnlockedMemory: false # serve even when secrets cannot be locked in RAM (RLIMIT_MEMLOCK); warns
 //   environments:
 //     - name: dev                # [a-z0-9-], 1..63; bound into every ciphertext
 //       socket: /run/kmsplugin/dev.sock
@@ -45,6 +46,7 @@ struct ServerConfig {
   absl::Duration poll_interval = absl::Seconds(10);
   absl::Duration shutdown_grace_period = absl::Seconds(10);
   int max_threads = 128;
+  bool allow_unlocked_memory = false;
 };
 
 struct HttpConfig {

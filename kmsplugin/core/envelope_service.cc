@@ -171,7 +171,8 @@ StatusResult EnvelopeService::Status() const {
   result.key_id = current->key_id;
   if (!health.ok) {
     result.healthz = health.message;
-  } else if (clock_.Now() - health.checked > options_.health_max_age) {
+  } else if ((health.checked_elapsed.has_value() ? clock_.Elapsed() - *health.checked_elapsed
+                                                 : clock_.Now() - health.checked) > options_.health_max_age) {
     result.healthz = absl::StrCat("last successful health probe is older than ",
                                   absl::FormatDuration(options_.health_max_age));
   } else {
@@ -194,6 +195,7 @@ Health EnvelopeService::Probe(absl::Time deadline) {
 Health EnvelopeService::ProbeWith(KeySource& source, absl::Time deadline) {
   Health health;
   health.checked = clock_.Now();
+  health.checked_elapsed = clock_.Elapsed();
   absl::StatusOr<KeyVersion> current = source.Current();
   if (!current.ok()) {
     health.message = absl::StrCat("no current key version: ", current.status().message());

@@ -17,6 +17,7 @@
 
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -60,7 +61,10 @@ struct DecryptMetadata {
 struct Health {
   bool ok = false;
   std::string message = "not probed yet";
-  absl::Time checked = absl::InfinitePast();
+  absl::Time checked = absl::InfinitePast();  // wall clock, for display
+  // Clock::Elapsed() when it was checked: freshness is measured on the monotonic clock, so a wall-clock step
+  // neither ages a fresh probe nor keeps a stale one young.
+  std::optional<absl::Duration> checked_elapsed;
 };
 
 class EnvelopeService {

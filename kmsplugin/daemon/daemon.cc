@@ -9,6 +9,7 @@
 
 #include "kmsplugin/core/exit_codes.h"
 #include "kmsplugin/daemon/config_reloader.h"
+#include "kmsplugin/daemon/memory_lock.h"
 #include "kmsplugin/daemon/reload_plan.h"
 #include "kmsplugin/daemon/source_opener.h"
 #include "kmsplugin/daemon/state_metrics.h"
@@ -35,6 +36,10 @@ absl::Status RunDaemon(const DaemonOptions& options) {
     }
   }
   observe::Registry registry;
+  // Before any key source puts a secret in memory.
+  if (auto locked = CheckLockedMemory(config.server.allow_unlocked_memory, registry); !locked.ok()) {
+    return locked;
+  }
   SourceOpener opener(registry, config.server.max_threads, config.server.poll_interval);
   std::vector<server::ServedEnvironment> served;
   for (const config::EnvironmentConfig& env : config.environments) {

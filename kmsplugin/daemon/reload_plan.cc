@@ -108,6 +108,8 @@ absl::StatusOr<ReloadPlan> PlanReload(const LoadedConfig& running, const LoadedC
                        absl::FormatDuration(server_after.shutdown_grace_period)),
            RestartOnly(file, "server", "maxThreads", absl::StrCat(server_before.max_threads),
                        absl::StrCat(server_after.max_threads)),
+           RestartOnly(file, "server", "allowUnlockedMemory", server_before.allow_unlocked_memory ? "true" : "false",
+                       server_after.allow_unlocked_memory ? "true" : "false"),
            RestartOnly(file, "http", "enabled", http_before.enabled ? "true" : "false",
                        http_after.enabled ? "true" : "false"),
            RestartOnly(file, "http", "listen", Quoted(http_before.listen), Quoted(http_after.listen)),

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "kmsplugin/core/clock.h"
 
 namespace kmsplugin::daemon {
 namespace {
@@ -72,12 +73,14 @@ bool StartingKeySource::WorthTrying(const absl::Status& last_error) {
 }
 
 void StartingKeySource::RetryLoop() {
-  absl::Time last_attempt = absl::Now();
+  // Retry times on the monotonic clock (core/clock.h): a wall clock stepped back must not stall the retries.
+  const core::Clock& clock = core::SystemClock();
+  absl::Duration last_attempt = clock.Elapsed();
   while (true) {
     {
-      absl::MutexLock lock(&mu_);
       auto woken = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_ || wake_; };
-      mu_.AwaitWithDeadline(absl::Condition(&woken), last_attempt + retry_interval_);
+      core::WaitMonotonic(mu_, absl::Condition(&woken), last_attempt + retry_interval_ - clock.Elapsed());
+      absl::MutexLock lock(&mu_);
       if (stopping_) {
         return;
       }
@@ -89,14 +92,14 @@ void StartingKeySource::RetryLoop() {
       last_error = error_;
     }
     if (!WorthTrying(last_error)) {
-      last_attempt = absl::Now();
+      last_attempt = clock.Elapsed();
       continue;
     }
     // SIGHUP storms: at most one attempt a second.
-    if (const absl::Duration since = absl::Now() - last_attempt; since < kMinRetryInterval) {
+    if (const absl::Duration since = clock.Elapsed() - last_attempt; since < kMinRetryInterval) {
       absl::SleepFor(kMinRetryInterval - since);
     }
-    last_attempt = absl::Now();
+    last_attempt = clock.Elapsed();
     auto opened = open_();  // outside mu_: an open may take the backend's whole timeout
     if (!opened.ok()) {
       absl::MutexLock lock(&mu_);

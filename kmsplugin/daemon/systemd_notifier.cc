@@ -7,6 +7,7 @@
 #include <spdlog/spdlog.h>
 
 #include "absl/strings/str_cat.h"
+#include "kmsplugin/core/clock.h"
 #include "kmsplugin/observe/log.h"
 
 namespace kmsplugin::daemon {
@@ -72,12 +73,10 @@ void SystemdNotifier::StartWatchdog(std::function<bool()> alive) {
   watchdog_ = std::thread([this, interval, alive = std::move(alive)] {
     bool said_stuck = false;
     while (true) {
-      {
-        absl::MutexLock lock(&mu_);
-        auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_; };
-        if (mu_.AwaitWithTimeout(absl::Condition(&stop), interval / 2)) {
-          return;
-        }
+      // Half the interval on the monotonic clock (core/clock.h: abseil's timed waits follow the wall clock).
+      auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_; };
+      if (core::WaitMonotonic(mu_, absl::Condition(&stop), interval / 2)) {
+        return;
       }
       if (alive()) {
         Send("WATCHDOG=1");

@@ -11,6 +11,7 @@
 #include <grpcpp/server_builder.h>
 
 #include "absl/strings/str_cat.h"
+#include "kmsplugin/core/clock.h"
 #include "kmsplugin/observe/log.h"
 #include "kmsplugin/server/unix_socket.h"
 
@@ -358,9 +359,11 @@ void ServerRunner::MaintenanceLoop() {
   while (true) {
     last_progress_ns_.store(SteadyNanos());
     {
-      absl::MutexLock lock(&mu_);
       auto wake = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return refresh_requested_ || stopping_; };
-      mu_.AwaitWithTimeout(absl::Condition(&wake), options_.poll_interval);
+      // Counted on the monotonic clock: abseil's AwaitWithTimeout waits for a CLOCK_REALTIME deadline, so a wall
+      // clock stepped back stalled this loop and one stepped ahead spun it (core/clock.h).
+      core::WaitMonotonic(mu_, absl::Condition(&wake), options_.poll_interval);
+      absl::MutexLock lock(&mu_);
       if (stopping_) {
         return;
       }

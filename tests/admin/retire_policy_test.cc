@@ -1,6 +1,7 @@
 // Retire policy: which versions each action changes, and the wait after a rotation before a retire.
 
 #include "kmsplugin/admin/retire_policy.h"
+#include "kmsplugin/admin/version_times.h"
 
 #include <catch2/catch.hpp>
 
@@ -73,8 +74,44 @@ TEST_CASE("RetirePolicy: a retire waits 8 minutes plus the poll interval after t
   // A creation time in the future (a clock set ahead when it was made) is named as such.
   CHECK_THAT(CheckSettled(Made({absl::Hours(24), -absl::Hours(24 * 365)}), 1, poll, kNow),
              StatusIs(Code::kFailedPrecondition, "in the future"));
+  // A future time on the next version is bounded by a later version made with the clock right: the retire counts
+  // from that one, naming its time, not 2100's.
+  const auto future_then_right = Made({absl::Hours(48), -absl::Hours(24 * 365 * 70), absl::Minutes(2)});
+  CHECK_THAT(CheckSettled(future_then_right, 1, poll, kNow, "dev"),
+             StatusIs(Code::kFailedPrecondition,
+                      absl::FormatTime(absl::RFC3339_sec, kNow - absl::Minutes(2) + SettleTime(poll),
+                                       absl::UTCTimeZone())));
+  CHECK_THAT(CheckSettled(future_then_right, 2, poll, kNow, "dev"), StatusIs(Code::kFailedPrecondition, "only 2m"));
+  CHECK_THAT(CheckSettled(Made({absl::Hours(48), -absl::Hours(24 * 365 * 70), absl::Hours(1)}), 1, poll, kNow),
+             IsOk());
+  CHECK_THAT(CheckSettled(Made({absl::Hours(48), -absl::Hours(24 * 365 * 70), absl::Hours(1)}), 2, poll, kNow),
+             IsOk());
+  // Without such a version, the message says how to make one.
+  CHECK_THAT(CheckSettled(Made({absl::Hours(24), -absl::Hours(24 * 365)}), 1, poll, kNow, "dev"),
+             StatusIs(Code::kFailedPrecondition, "run `kmsplugin rotate --env dev`"));
+  // A version made with the clock behind (older than its predecessor) never makes a retire look settled.
+  const auto behind = Made({absl::Hours(48), absl::Hours(1), absl::Hours(24 * 365)});
+  CHECK_THAT(CheckSettled(behind, 2, poll, kNow, "dev"), StatusIs(Code::kFailedPrecondition, "the clock was behind"));
+  CHECK_THAT(CheckSettled(behind, 1, poll, kNow, "dev"), IsOk());  // version 2's own time bounds it
   // Nothing newer than the version: nothing to wait for (PlanRetireAction refuses the current version anyway).
   CHECK_THAT(CheckSettled(Made({absl::Hours(1)}), 1, poll, kNow), IsOk());
+}
+
+TEST_CASE("VersionTimes: a creation time beyond the tolerance in the future is named with the repair",
+          "[admin][retire]") {
+  auto versions = Made({absl::Hours(48), -absl::Hours(24), -absl::Minutes(1)});
+  CHECK_FALSE(CreatedInFuture(versions[0], kNow));
+  CHECK(CreatedInFuture(versions[1], kNow));
+  CHECK_FALSE(CreatedInFuture(versions[2], kNow));  // a minute of skew between two clocks is normal
+  const std::vector<std::string> warnings = FutureCreationWarnings(versions, kNow, "dev");
+  REQUIRE(warnings.size() == 1);
+  CHECK_THAT(warnings[0], Catch::Contains("version 2 was created at " +
+                                          absl::FormatTime(absl::RFC3339_sec, kNow + absl::Hours(24),
+                                                           absl::UTCTimeZone()) +
+                                          ", in the future"));
+  CHECK_THAT(warnings[0], Catch::Contains("fix: set the clock right"));
+  CHECK_THAT(warnings[0], Catch::Contains("kmsplugin rotate --env dev"));
+  CHECK(FutureCreationWarnings(Made({absl::Hours(1)}), kNow, "dev").empty());
 }
 
 }  // namespace

@@ -332,6 +332,17 @@ TEST_CASE("Config: maxThreads outside 4..1024 is refused, the bounds are accepte
   }
 }
 
+TEST_CASE("Config: server.allowUnlockedMemory is false unless set to true, and only a boolean", "[config]") {
+  auto by_default = Parse("environments:\n" + Dev());
+  REQUIRE_THAT(by_default, IsOk());
+  CHECK_FALSE(by_default->server.allow_unlocked_memory);
+  auto allowed = Parse("server:\n  allowUnlockedMemory: true\nenvironments:\n" + Dev());
+  REQUIRE_THAT(allowed, IsOk());
+  CHECK(allowed->server.allow_unlocked_memory);
+  CheckFieldError(Parse("server:\n  allowUnlockedMemory: sometimes\nenvironments:\n" + Dev()),
+                  "server.allowUnlockedMemory");
+}
+
 TEST_CASE("Config: an unknown key in server is refused", "[config]") {
   CheckFieldError(Parse("server:\n  maxThread: 8\nenvironments:\n" + Dev()), "server.maxThread", "maxThreads");
 }

@@ -567,6 +567,20 @@ TEST_CASE("Probe: does a real wrap and unwrap round trip", "[core][probe]") {
   CHECK(f.source->Calls(Call::kUnwrap) == 1);
 }
 
+TEST_CASE("Status: health age counts on the monotonic clock, not the wall clock", "[core][status]") {
+  Fixture f;
+  f.source->AddVersion();
+  REQUIRE(f.service.Probe(f.Deadline()).ok);
+  // The wall clock steps a day ahead, then a day back: a fresh probe stays fresh.
+  f.clock.StepWall(absl::Hours(24));
+  CHECK(f.service.Status().healthz == "ok");
+  f.clock.StepWall(-absl::Hours(48));
+  CHECK(f.service.Status().healthz == "ok");
+  // Real time passing past the limit ages it, whatever the wall clock says.
+  f.clock.Advance(absl::Seconds(61));
+  CHECK(f.service.Status().healthz == "last successful health probe is older than 1m");
+}
+
 TEST_CASE("Probe: a wrap failure is recorded and reported by Status", "[core][probe]") {
   Fixture f;
   f.source->AddVersion();

@@ -1,6 +1,7 @@
 #pragma once
 
-// FakeClock: time moves only when a test says so.
+// FakeClock: time moves only when a test says so. Advance() moves both readings; StepWall() moves only the wall
+// clock, as `date -s` or NTP does, leaving the monotonic reading (Elapsed) where it was.
 
 #include "absl/synchronization/mutex.h"
 #include "kmsplugin/core/clock.h"
@@ -14,7 +15,16 @@ class FakeClock : public core::Clock {
     absl::MutexLock lock(&mu_);
     return now_;
   }
+  absl::Duration Elapsed() const override {
+    absl::MutexLock lock(&mu_);
+    return elapsed_;
+  }
   void Advance(absl::Duration by) {
+    absl::MutexLock lock(&mu_);
+    now_ += by;
+    elapsed_ += by;
+  }
+  void StepWall(absl::Duration by) {
     absl::MutexLock lock(&mu_);
     now_ += by;
   }
@@ -22,6 +32,7 @@ class FakeClock : public core::Clock {
  private:
   mutable absl::Mutex mu_;
   absl::Time now_;
+  absl::Duration elapsed_ = absl::Hours(1);
 };
 
 }  // namespace kmsplugin::testing

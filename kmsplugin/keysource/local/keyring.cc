@@ -401,9 +401,10 @@ const KeyringVersion& AppendVersion(Keyring& keyring, absl::Time now, crypto::Ra
       v.info.state = core::KeyState::kActive;
     }
     next = std::max(next, v.info.version + 1);
-    // Creation times never go backwards, so (version, created) stays unique even with a clock step.
-    created = std::max(created, v.info.created);
   }
+  // The clock's own time, even when an older version's is later: the version number keeps (version, created)
+  // unique, and inheriting a time set by a clock that was ahead (2100) would stamp every later version with it
+  // and stall retires for decades (admin/version_times.h).
   KeyringVersion v;
   v.info.version = next;
   v.info.created = created;

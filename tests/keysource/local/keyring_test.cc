@@ -368,12 +368,15 @@ TEST_CASE("Keyring: key_ids are unique across versions, times and keyrings", "[l
   CHECK(MakeKeyId(a, 0xffffffff, absl::FromUnixSeconds(4'000'000'000)).size() <= 1024);
 }
 
-TEST_CASE("Keyring: AppendVersion never moves creation time back after a clock step", "[local][keyring]") {
+TEST_CASE("Keyring: AppendVersion stamps the clock's own time, never an older version's", "[local][keyring]") {
+  // Version 1 made by a clock that was ahead (2100); version 2 by the clock set right. Inheriting 2100 would stamp
+  // every later version with it and stall retires for decades.
   const absl::Time t = absl::FromUnixSeconds(1'800'000'000);
-  Keyring keyring = NewKeyring(RootKeyParams{}, t, crypto::SystemRandom());
-  const KeyringVersion& v2 = AppendVersion(keyring, t - absl::Hours(24), crypto::SystemRandom());
+  const absl::Time ahead = absl::FromUnixSeconds(4'102'444'800);
+  Keyring keyring = NewKeyring(RootKeyParams{}, ahead, crypto::SystemRandom());
+  const KeyringVersion& v2 = AppendVersion(keyring, t, crypto::SystemRandom());
   CHECK(v2.info.version == 2);
-  CHECK(v2.info.created >= t);
+  CHECK(v2.info.created == t);
   CHECK(keyring.versions[0].info.state == core::KeyState::kActive);
   CHECK(keyring.Current() == &keyring.versions[1]);
   CHECK(keyring.versions[0].info.key_id != keyring.versions[1].info.key_id);
