@@ -16,6 +16,10 @@
 #include <catch2/catch.hpp>
 
 #include "absl/time/clock.h"
+#include <grpcpp/server_builder.h>
+
+#include "kmsplugin/server/kms_services.h"
+#include "kmsplugin/server/socket_listener.h"
 #include "tests/server/server_fixture.h"
 
 namespace kmsplugin::testing {
@@ -61,6 +65,25 @@ bool StatusOk(const std::string& socket) {
   KmsClient client(socket);
   v2::StatusResponse response;
   return client.Status(response, std::chrono::milliseconds(2000)).ok();
+}
+
+TEST_CASE("Listener: a gRPC 1.51 server built with no listening port serves the connections handed to it",
+          "[server][listener]") {
+  TempDir dir;
+  auto service = MakeService(OpenLocal(MakeKeyring(dir, "dev"), "dev"), "dev");
+  server::KmsV2Service v2(*service, nullptr);
+  grpc::ServerBuilder builder;
+  builder.RegisterService(&v2);
+  std::unique_ptr<grpc::Server> grpc_server = builder.BuildAndStart();
+  REQUIRE(grpc_server != nullptr);
+  const std::string socket = dir.File("dev.sock");
+  auto listener = server::SocketListener::Start(socket, std::nullopt, grpc_server.get(), {});
+  REQUIRE(listener.ok());
+  CHECK(StatusOk(socket));
+  CHECK((*listener)->Counts().accepted == 1);
+  listener->reset();
+  grpc_server->Shutdown(std::chrono::system_clock::now());
+  CHECK_FALSE(StatusOk(socket));  // nothing else listens: only handed connections were ever served
 }
 
 TEST_CASE("Listener: a connection that arrives while descriptors run out is served once they are back",
