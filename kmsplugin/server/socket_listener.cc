@@ -12,6 +12,7 @@
 #include <grpcpp/server_posix.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "kmsplugin/observe/log.h"
 #include "kmsplugin/server/unix_socket.h"
 
@@ -89,8 +90,12 @@ ListenerCounts SocketListener::Counts() const {
 }
 
 void SocketListener::AcceptLoop() {
-  bool failing = false;   // in a run of accept4 failures (said once per run)
-  bool refusing = false;  // in a run of connections refused over the limit (said once per run)
+  // Each kind of trouble is said at most once a minute (with the count so far), so a flood that flaps around a
+  // limit cannot flood the log as well.
+  bool failing = false;       // in a run of accept4 failures
+  bool owe_recovery = false;  // a failure was said: say the recovery too
+  absl::Time failure_said = absl::InfinitePast();
+  absl::Time refusal_said = absl::InfinitePast();
   while (true) {
     pollfd fds[2] = {{fd_, POLLIN, 0}, {wake_[0], POLLIN, 0}};
     if (poll(fds, 2, -1) < 0) {
@@ -120,23 +125,27 @@ void SocketListener::AcceptLoop() {
         if (metrics_.accept_errors != nullptr) {
           metrics_.accept_errors->Increment();
         }
-        if (!failing) {
-          failing = true;
+        if (!failing && absl::Now() - failure_said >= absl::Minutes(1)) {
+          failure_said = absl::Now();
+          owe_recovery = true;
           observe::Log(spdlog::level::err, "cannot accept connections; retrying until it works",
                        {{"event", "accept_failed"}, {"socket", path_}, {"error", std::strerror(error)},
+                        {"failures_so_far", accept_errors_.load()},
                         {"fix", Transient(error) ? "raise LimitNOFILE (RLIMIT_NOFILE), or find who holds the "
                                                    "descriptors (ls /proc/PID/fd)"
                                                  : "see the error"}});
         }
+        failing = true;
         if (WaitForStop(limits_.error_backoff)) {
           return;
         }
         break;
       }
-      if (failing) {
-        failing = false;
+      failing = false;
+      if (owe_recovery) {
+        owe_recovery = false;
         observe::Log(spdlog::level::info, "accepting connections again",
-                     {{"event", "accept_recovered"}, {"socket", path_}});
+                     {{"event", "accept_recovered"}, {"socket", path_}, {"failures_so_far", accept_errors_.load()}});
       }
       struct stat info {};
       fstat(fd, &info);
@@ -157,15 +166,15 @@ void SocketListener::AcceptLoop() {
           metrics_.over_limit->Increment();
         }
         close(fd);
-        if (!refusing) {
-          refusing = true;
+        if (absl::Now() - refusal_said >= absl::Minutes(1)) {
+          refusal_said = absl::Now();
           observe::Log(spdlog::level::warn, "connection limit reached; closing new connections at once",
                        {{"event", "connection_limit"}, {"socket", path_},
-                        {"max_connections", limits_.max_connections}});
+                        {"max_connections", limits_.max_connections},
+                        {"refused_so_far", refused_over_limit_.load()}});
         }
         continue;
       }
-      refusing = false;
       accepted_.fetch_add(1);
       // gRPC owns the descriptor from here (it closes it with the connection).
       grpc::AddInsecureChannelFromFd(server_, fd);

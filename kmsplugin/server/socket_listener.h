@@ -7,14 +7,14 @@
 // on_read()) handles an accept4() error other than EINTR and EAGAIN by logging "Failed accept4" and leaving the
 // read closure un-armed ("goto error"), so one EMFILE (a local user holding ~1,000 connections to the metrics
 // port was enough) stops the socket accepting for good while health stays green (issue 11, item 2). Here:
-// - accept4(SOCK_NONBLOCK|SOCK_CLOEXEC) on a poll() of the listening socket and a wake pipe (for Stop());
+// - accept4(SOCK_NONBLOCK|SOCK_CLOEXEC) on a poll() of the listening socket and a wake pipe (for the destructor);
 // - EMFILE, ENFILE, ENOBUFS, ENOMEM: the connection stays in the kernel's backlog; the loop waits `error_backoff`
-//   and tries again, for ever; it counts each failure and logs the first of each run of failures once;
+//   and tries again, for ever; it counts each failure and logs a run of failures (at most once a minute);
 // - at most `max_connections` connections live at once: one more is closed at once (the client sees the
-//   connection closed, never a hang) and counted. gRPC tells nobody when it closes a connection it was given, so
-//   each handed descriptor is remembered with its socket inode; at the limit, entries whose descriptor is closed
-//   or now names another file (fstat) are dropped first. A descriptor number gRPC closed and the kernel reused
-//   has another inode, so it is never counted twice.
+//   connection closed, never a hang), counted, and logged at most once a minute. gRPC tells nobody when it
+//   closes a connection it was given, so each handed descriptor is remembered with its socket inode; at the
+//   limit, entries whose descriptor is closed or now names another file (fstat) are dropped first. A descriptor
+//   number gRPC closed and the kernel reused has another inode, so it is never counted twice.
 // Thread-safe. The gRPC server must be started before Start() and outlive the listener.
 
 #include <sys/types.h>
