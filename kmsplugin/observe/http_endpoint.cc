@@ -193,6 +193,8 @@ class BoundedQueue final : public httplib::TaskQueue {
 
 class HttpEndpoint::Server final : public httplib::Server {
  public:
+  explicit Server(HttpLimits limits) : limits(limits) {}
+  const HttpLimits limits;
   std::atomic<uint64_t> refused{0};
 
   // Closes every connection being served (their reads and writes fail at once) and every later one.
@@ -211,7 +213,7 @@ class HttpEndpoint::Server final : public httplib::Server {
       CloseConnection(sock);
       return false;
     }
-    DeadlineStream stream(sock, absl::Now() + kRequestDeadline, kMaxRequestBytes);
+    DeadlineStream stream(sock, absl::Now() + limits.request_deadline, limits.max_request_bytes);
     bool closed = false;
     const bool ok = process_request(stream, /*close_connection=*/true, closed, [](httplib::Request&) {});
     {
@@ -238,7 +240,8 @@ class HttpEndpoint::Server final : public httplib::Server {
 
 absl::StatusOr<std::unique_ptr<HttpEndpoint>> HttpEndpoint::Start(const std::string& listen, const Registry& registry,
                                                                   std::function<std::vector<Readiness>()> readiness,
-                                                                  std::function<std::vector<Readiness>()> liveness) {
+                                                                  std::function<std::vector<Readiness>()> liveness,
+                                                                  HttpLimits limits) {
   const size_t colon = listen.rfind(':');
   int port = -1;
   if (colon == std::string::npos || colon == 0 || !absl::SimpleAtoi(listen.substr(colon + 1), &port) || port < 0 ||
@@ -251,9 +254,11 @@ absl::StatusOr<std::unique_ptr<HttpEndpoint>> HttpEndpoint::Start(const std::str
     host = host.substr(1, host.size() - 2);
   }
   std::unique_ptr<HttpEndpoint> endpoint(new HttpEndpoint());
-  endpoint->server_ = std::make_unique<Server>();
+  endpoint->server_ = std::make_unique<Server>(limits);
   Server& server = *endpoint->server_;
-  server.new_task_queue = [&server] { return new BoundedQueue(kWorkers, kMaxConnections, &server.refused); };
+  server.new_task_queue = [&server] {
+    return new BoundedQueue(server.limits.workers, server.limits.max_connections, &server.refused);
+  };
   // Only GETs are served: no request body is worth reading.
   server.set_payload_max_length(4096);
   // httplib's default also sets SO_REUSEPORT, which would let another process share (and answer on) our port.
