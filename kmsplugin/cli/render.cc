@@ -356,7 +356,8 @@ absl::StatusOr<std::string> RenderSystemdUnit(const config::Config& config, cons
   for (const std::string& dir : read_write) {
     out << "ReadWritePaths=" << dir << "\n";
   }
-  out << "UMask=0077\n\nLimitCORE=0\nLimitMEMLOCK=64M\n\n"
+  // LimitNOFILE: the plugin raises its soft limit to this at start (daemon.cc RaiseFileLimit; issue 11).
+  out << "UMask=0077\n\nLimitCORE=0\nLimitMEMLOCK=64M\nLimitNOFILE=65536\n\n"
       << "NoNewPrivileges=yes\nCapabilityBoundingSet=\nAmbientCapabilities=\nProtectSystem=strict\n"
       << "ProtectHome=" << (under_home ? "read-only" : "yes") << "\n"
       << "PrivateTmp=yes\nPrivateDevices=yes\nDevicePolicy=closed\nProtectKernelTunables=yes\n"

@@ -1,5 +1,8 @@
 #include "kmsplugin/daemon/daemon.h"
 
+#include <sys/resource.h>
+
+#include <algorithm>
 #include <memory>
 #include <vector>
 
@@ -21,9 +24,40 @@
 #include "kmsplugin/server/server_runner.h"
 
 namespace kmsplugin::daemon {
+namespace {
+
+// Every connection, key file and backend session costs a descriptor; running out is how one local user stopped
+// the gRPC socket (issue 11, item 2). The soft limit (1024 by default under systemd) is raised to the hard limit
+// the operator gave (LimitNOFILE= in deploy/systemd/kmsplugin.service); the per-socket and HTTP connection limits
+// keep a flood far below it.
+void RaiseFileLimit() {
+  rlimit limit{};
+  if (getrlimit(RLIMIT_NOFILE, &limit) != 0) {
+    return;
+  }
+  const rlim_t before = limit.rlim_cur;
+  if (limit.rlim_cur < limit.rlim_max) {
+    limit.rlim_cur = limit.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &limit) != 0) {
+      limit.rlim_cur = before;
+    }
+  }
+  if (limit.rlim_cur < 4096) {
+    observe::Log(spdlog::level::warn, "file descriptor limit is low",
+                 {{"soft", static_cast<uint64_t>(limit.rlim_cur)}, {"hard", static_cast<uint64_t>(limit.rlim_max)},
+                  {"fix", "raise LimitNOFILE= (systemd) or the container's nofile ulimit to 65536"}});
+  } else {
+    observe::Log(spdlog::level::info, "file descriptor limit",
+                 {{"soft", static_cast<uint64_t>(limit.rlim_cur)}, {"hard", static_cast<uint64_t>(limit.rlim_max)},
+                  {"raised_from", static_cast<uint64_t>(before)}});
+  }
+}
+
+}  // namespace
 
 absl::Status RunDaemon(const DaemonOptions& options) {
   server::BlockServerSignals();
+  RaiseFileLimit();
   auto loaded = LoadServeConfig(options.config_path, keysource::KeySourceParsers());
   if (!loaded.ok()) {
     return core::AsUsageError(loaded.status());
@@ -83,6 +117,15 @@ absl::Status RunDaemon(const DaemonOptions& options) {
         report.push_back({service->environment(), status.healthz == "ok", status.healthz});
       }
       return report;
+    }, [&runner] {
+      // /healthz: a socket that no longer answers makes the process not alive, so a liveness probe restarts it
+      // if the runner cannot bind it again by itself.
+      std::vector<observe::Readiness> report;
+      for (const server::SocketHealth& socket : runner.Sockets()) {
+        report.push_back({socket.environment, socket.answering,
+                          absl::StrCat("socket ", socket.socket, " does not answer: ", socket.reason)});
+      }
+      return report;
     });
     if (!endpoint.ok()) {
       runner.Shutdown();
@@ -99,7 +142,14 @@ absl::Status RunDaemon(const DaemonOptions& options) {
   // beyond that (plus a poll interval and slack) the daemon is wedged, and systemd may restart it.
   const absl::Duration stuck_after = config.server.poll_interval +
                                      2 * kProbeTimeout * static_cast<int64_t>(environments + 1) + absl::Seconds(5);
-  notifier.StartWatchdog([&runner, stuck_after] { return runner.MaintenanceProgressing(stuck_after); });
+  // Alive for systemd's watchdog by the rule of /healthz, plus progress: every socket answers its Status probe.
+  notifier.StartWatchdog([&runner, stuck_after] {
+    if (!runner.MaintenanceProgressing(stuck_after)) {
+      return false;
+    }
+    const std::vector<server::SocketHealth> sockets = runner.Sockets();
+    return std::all_of(sockets.begin(), sockets.end(), [](const server::SocketHealth& s) { return s.answering; });
+  });
   const absl::Status stopped = runner.RunUntilSignalled();
   http.reset();
   return stopped;

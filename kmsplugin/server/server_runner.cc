@@ -5,14 +5,17 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <atomic>
 #include <map>
 #include <set>
 
+#include <grpc/grpc.h>
 #include <grpcpp/server_builder.h>
 
 #include "absl/strings/str_cat.h"
 #include "kmsplugin/core/clock.h"
 #include "kmsplugin/observe/log.h"
+#include "kmsplugin/server/socket_probe.h"
 #include "kmsplugin/server/unix_socket.h"
 
 namespace kmsplugin::server {
@@ -89,26 +92,31 @@ absl::Status ServerRunner::StartListener(Listener& listener) {
   listener.v1beta1 = std::make_unique<KmsV1beta1Service>(*env.service, options_.registry);
   grpc::ServerBuilder builder;
   ApplyServerTuning(options_.tuning, builder);
-  builder.AddListeningPort(absl::StrCat("unix:", env.socket), grpc::InsecureServerCredentials());
+  listener.calls = std::make_unique<CallCounter>();
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(listener.calls->Factory());
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  // No AddListeningPort: the SocketListener accepts and hands each connection over (socket_listener.h: why).
   builder.RegisterService(listener.v2.get());
   builder.RegisterService(listener.v1beta1.get());
   listener.server = builder.BuildAndStart();
   if (listener.server == nullptr) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", env.socket,
-                                               "; fix: check that its directory is writable"));
+    return absl::UnavailableError(absl::StrCat("cannot start the gRPC server for ", env.socket));
   }
-  auto inode = SecureSocket(env.socket, env.socket_group);
-  if (!inode.ok()) {
+  auto socket = Listen(listener);
+  if (!socket.ok()) {
     listener.server->Shutdown(std::chrono::system_clock::now());
     listener.server->Wait();
     listener.server.reset();
-    struct stat info {};
-    if (lstat(env.socket.c_str(), &info) == 0) {
-      RemoveSocket(env.socket, info.st_ino);
-    }
-    return inode.status();
+    return socket.status();
   }
-  listener.inode = *inode;
+  {
+    absl::MutexLock lock(&mu_);
+    listener.inode = (*socket)->inode();
+    listener.socket = std::move(*socket);
+    listener.answering = true;
+    listener.reason.clear();
+  }
   const core::StatusResult status = env.service->Status();
   observe::Log(spdlog::level::info, "serving",
                {{"environment", env.service->environment()},
@@ -118,17 +126,73 @@ absl::Status ServerRunner::StartListener(Listener& listener) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::unique_ptr<SocketListener>> ServerRunner::Listen(const Listener& listener) {
+  const ServedEnvironment& env = listener.environment;
+  ListenerMetrics metrics;
+  if (options_.registry != nullptr) {
+    const std::string name = "kmsplugin_socket_connections_refused_total";
+    const std::string help =
+        "Connections to a socket not served: over the per-socket connection limit (closed at once), or accept "
+        "failed for lack of descriptors or memory (retried), by environment.";
+    const std::string environment = env.service->environment();
+    metrics.over_limit = &options_.registry->GetCounter(name, help, {{"environment", environment}, {"reason", "limit"}});
+    metrics.accept_errors =
+        &options_.registry->GetCounter(name, help, {{"environment", environment}, {"reason", "accept_error"}});
+  }
+  return SocketListener::Start(env.socket, env.socket_group, listener.server.get(), options_.listener, metrics);
+}
+
 void ServerRunner::StopListeners(const std::vector<Listener*>& listeners) {
-  // All servers drain at once, against one deadline.
-  const auto deadline = std::chrono::system_clock::now() + absl::ToChronoSeconds(options_.shutdown_grace_period);
-  std::vector<std::thread> drains;
-  for (Listener* listener : listeners) {
-    if (listener->server != nullptr) {
-      drains.emplace_back([listener, deadline] { listener->server->Shutdown(deadline); });
+  // Stop accepting first, so no connection arrives while the servers drain.
+  std::vector<std::unique_ptr<SocketListener>> sockets;
+  {
+    absl::MutexLock lock(&mu_);
+    for (Listener* listener : listeners) {
+      sockets.push_back(std::move(listener->socket));
     }
   }
-  for (std::thread& drain : drains) {
-    drain.join();
+  sockets.clear();
+  // All servers drain at once, against one deadline. A server with no call in flight has its connections
+  // closed at once (call_counter.h: why), so idle clients do not hold the exit for the grace period.
+  const auto deadline = std::chrono::system_clock::now() + absl::ToChronoSeconds(options_.shutdown_grace_period);
+  struct Drain {
+    Listener* listener;
+    std::atomic<bool> done{false};
+    bool idle_closed = false;
+    std::thread thread;
+  };
+  std::vector<std::unique_ptr<Drain>> drains;
+  for (Listener* listener : listeners) {
+    if (listener->server != nullptr) {
+      auto drain = std::make_unique<Drain>();
+      drain->listener = listener;
+      drain->thread = std::thread([raw = drain.get(), deadline] {
+        raw->listener->server->Shutdown(deadline);
+        raw->done = true;
+      });
+      drains.push_back(std::move(drain));
+    }
+  }
+  for (bool waiting = true; waiting;) {
+    waiting = false;
+    for (const auto& drain : drains) {
+      if (drain->done) {
+        continue;
+      }
+      waiting = true;
+      if (!drain->idle_closed && drain->listener->calls->InFlight() == 0) {
+        // No handler runs: only idle connections (and calls not yet started, which the client sees as
+        // UNAVAILABLE, as it would moments later) are left.
+        grpc_server_cancel_all_calls(drain->listener->server->c_server());
+        drain->idle_closed = true;
+      }
+    }
+    if (waiting) {
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+  }
+  for (const auto& drain : drains) {
+    drain->thread.join();
   }
   for (Listener* listener : listeners) {
     if (listener->server != nullptr) {
@@ -278,6 +342,26 @@ absl::Status ServerRunner::Apply(EnvironmentChanges changes) {
   return absl::OkStatus();
 }
 
+std::vector<SocketHealth> ServerRunner::Sockets() const {
+  absl::ReaderMutexLock lock(&mu_);
+  std::vector<SocketHealth> sockets;
+  for (const auto& listener : listeners_) {
+    sockets.push_back({listener->environment.service->environment(), listener->environment.socket,
+                       listener->answering, listener->reason});
+  }
+  return sockets;
+}
+
+absl::StatusOr<ListenerCounts> ServerRunner::SocketCounts(const std::string& environment) const {
+  absl::ReaderMutexLock lock(&mu_);
+  for (const auto& listener : listeners_) {
+    if (listener->environment.service->environment() == environment && listener->socket != nullptr) {
+      return listener->socket->Counts();
+    }
+  }
+  return absl::NotFoundError(absl::StrCat("environment \"", environment, "\" has no socket served"));
+}
+
 std::vector<std::shared_ptr<core::EnvelopeService>> ServerRunner::Services() const {
   absl::ReaderMutexLock lock(&mu_);
   std::vector<std::shared_ptr<core::EnvelopeService>> services;
@@ -355,6 +439,86 @@ void ServerRunner::MaintainOnce() {
   }
 }
 
+absl::Status ServerRunner::Rebind(Listener& listener) {
+  const ServedEnvironment& env = listener.environment;
+  // The same checks as at start: a non-socket there is refused, so is a socket another process answers on.
+  if (auto status = PrepareSocketPath(env.socket, env.socket_group); !status.ok()) {
+    return status;
+  }
+  auto socket = Listen(listener);
+  if (!socket.ok()) {
+    return socket.status();
+  }
+  std::unique_ptr<SocketListener> old;  // its file is gone or not ours: closed, never unlinked
+  {
+    absl::MutexLock lock(&mu_);
+    listener.inode = (*socket)->inode();
+    old = std::move(listener.socket);
+    listener.socket = std::move(*socket);
+  }
+  return absl::OkStatus();
+}
+
+void ServerRunner::CheckSockets() {
+  // Apply() and Shutdown() change the listeners under change_mu_; Shutdown() also joins this thread, so waiting
+  // for the lock here could deadlock. Skipping one round is harmless.
+  if (!change_mu_.TryLock()) {
+    return;
+  }
+  std::vector<Listener*> listeners;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    for (const auto& listener : listeners_) {
+      listeners.push_back(listener.get());
+    }
+  }
+  for (Listener* listener : listeners) {
+    const std::string& path = listener->environment.socket;
+    const std::string environment = listener->environment.service->environment();
+    std::string reason;
+    if (listener->server == nullptr) {
+      continue;
+    }
+    if (listener->socket == nullptr || !IsSocketFile(path, listener->socket->inode())) {
+      if (auto status = Rebind(*listener); !status.ok()) {
+        reason = absl::StrCat("the socket file was removed or replaced, and binding it again failed: ",
+                              status.message());
+      } else {
+        observe::Log(spdlog::level::warn, "socket file was removed or replaced; bound it again",
+                     {{"event", "socket_rebound"}, {"environment", environment}, {"socket", path}});
+        if (options_.registry != nullptr) {
+          options_.registry
+              ->GetCounter("kmsplugin_socket_rebinds_total",
+                           "Sockets bound again because their file was removed or replaced, by environment.",
+                           {{"environment", environment}})
+              .Increment();
+        }
+      }
+    }
+    if (reason.empty()) {
+      if (auto probe = ProbeSocket(path, options_.socket_probe_timeout); !probe.ok()) {
+        reason = std::string(probe.message());
+      }
+    }
+    const bool ok = reason.empty();
+    const auto previous = last_socket_ok_.find(path);
+    const bool was_ok = previous == last_socket_ok_.end() || previous->second;
+    if (!ok && was_ok) {
+      observe::Log(spdlog::level::err, "socket does not answer; /healthz fails until it does",
+                   {{"event", "socket_unanswered"}, {"environment", environment}, {"socket", path},
+                    {"error", reason}});
+    } else if (ok && !was_ok) {
+      observe::Log(spdlog::level::info, "socket answers again",
+                   {{"event", "socket_recovered"}, {"environment", environment}, {"socket", path}});
+    }
+    last_socket_ok_[path] = ok;
+    absl::MutexLock lock(&mu_);
+    listener->answering = ok;
+    listener->reason = reason;
+  }
+  change_mu_.Unlock();
+}
+
 void ServerRunner::MaintenanceLoop() {
   while (true) {
     last_progress_ns_.store(SteadyNanos());
@@ -370,6 +534,7 @@ void ServerRunner::MaintenanceLoop() {
       refresh_requested_ = false;
     }
     MaintainOnce();
+    CheckSockets();
     last_progress_ns_.store(SteadyNanos());
   }
 }

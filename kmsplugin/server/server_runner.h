@@ -5,12 +5,17 @@
 // nothing of the config file: the caller (kmsplugin/cli/serve.cc) decides what changes, the runner applies it.
 //
 // - Start(): probes every environment once (so the first Status is truthful), prepares each socket path, starts
-//   one gRPC server per socket with ServerTuning, and starts the maintenance thread.
+//   one gRPC server per socket with ServerTuning (no listening port of its own) and a SocketListener that
+//   accepts for it (socket_listener.h: why), and starts the maintenance thread.
 // - The maintenance thread, every poll interval and at once after RequestRefresh(): Refresh() of each key
-//   source (to notice rotation), then a real wrap+unwrap probe; failures are logged, never fatal.
+//   source (to notice rotation), then a real wrap+unwrap probe; failures are logged, never fatal. Then each
+//   socket is asked for v2 Status over a fresh gRPC connection (socket_probe.h); one that does not answer is
+//   reported by Sockets() (and so fails /healthz) until it answers again. A socket file that was removed or
+//   replaced is bound again at once (said once in the log, counted in kmsplugin_socket_rebinds_total).
 // - Apply(): adds, removes and re-keys environments all or nothing (see EnvironmentChanges).
 // - Shutdown(): stops accepting, lets in-flight calls finish until the grace period ends, cancels the rest,
-//   removes the socket files it created. Idempotent.
+//   removes the socket files it created. Idempotent. Connections with no call in flight are closed at once
+//   (an idle client no longer holds the exit for the grace period).
 // - RunUntilSignalled(): waits for SIGTERM/SIGINT (shutdown, returns OK) and SIGHUP (the reload handler, if one
 //   is set, then a refresh of every key source). The signals must be blocked in every thread first: call
 //   BlockServerSignals() in main before anything starts a thread.
@@ -30,12 +35,15 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "kmsplugin/core/envelope_service.h"
 #include "kmsplugin/observe/metrics.h"
+#include "kmsplugin/server/call_counter.h"
 #include "kmsplugin/server/kms_services.h"
 #include "kmsplugin/server/server_tuning.h"
+#include "kmsplugin/server/socket_listener.h"
 
 namespace kmsplugin::server {
 
@@ -68,11 +76,22 @@ struct RunnerOptions {
   absl::Duration shutdown_grace_period = absl::Seconds(10);
   absl::Duration probe_timeout = absl::Seconds(5);
   ServerTuning tuning;
+  ListenerLimits listener;
+  // How long the maintenance thread waits for a socket to answer Status.
+  absl::Duration socket_probe_timeout = absl::Seconds(3);
   // Where RPC metrics and rotations are counted; null for none.
   observe::Registry* registry = nullptr;
 };
 
 void BlockServerSignals();
+
+// Whether a served socket answered the maintenance thread's last Status probe.
+struct SocketHealth {
+  std::string environment;
+  std::string socket;
+  bool answering = true;
+  std::string reason;  // why not, when not
+};
 
 class ServerRunner {
  public:
@@ -95,6 +114,10 @@ class ServerRunner {
 
   // The environments served now (for metrics and readiness), in the order they were added.
   std::vector<std::shared_ptr<core::EnvelopeService>> Services() const;
+  // Every served socket's last probe outcome (answering until the first probe says otherwise).
+  std::vector<SocketHealth> Sockets() const;
+  // Connection counts of the socket of `environment` (NOT_FOUND if it is not served).
+  absl::StatusOr<ListenerCounts> SocketCounts(const std::string& environment) const;
 
   // Called on the signal thread at each SIGHUP, before every key source is refreshed. Set before
   // RunUntilSignalled(); it may call Apply().
@@ -115,8 +138,13 @@ class ServerRunner {
     ServedEnvironment environment;
     std::unique_ptr<KmsV2Service> v2;
     std::unique_ptr<KmsV1beta1Service> v1beta1;
+    std::unique_ptr<CallCounter> calls;  // outlives `server`
     std::unique_ptr<grpc::Server> server;
+    std::unique_ptr<SocketListener> socket;
     ino_t inode = 0;
+    // Written by the maintenance thread under mu_; read by Sockets().
+    bool answering = true;
+    std::string reason;
   };
 
   // Prepares the socket path, binds, secures the socket file. On failure nothing is left listening.
@@ -125,6 +153,11 @@ class ServerRunner {
   void StopListeners(const std::vector<Listener*>& listeners);
   absl::Status CheckChanges(const EnvironmentChanges& changes) ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void MaintainOnce();
+  // Probes every socket; binds again one whose file was removed or replaced. Skipped while Apply() or
+  // Shutdown() runs (they hold change_mu_).
+  void CheckSockets();
+  absl::Status Rebind(Listener& listener);
+  absl::StatusOr<std::unique_ptr<SocketListener>> Listen(const Listener& listener);
   void MaintenanceLoop();
 
   const RunnerOptions options_;
@@ -142,6 +175,8 @@ class ServerRunner {
   // Each environment's last probe outcome, so a failure and a recovery are each said once ("event":"unhealthy",
   // "event":"recovered"). Only the maintenance thread touches it.
   std::map<std::string, bool> last_probe_ok_;
+  // Each socket's last probe outcome, by path, so "does not answer" and "answers again" are each said once.
+  std::map<std::string, bool> last_socket_ok_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   bool stopped_ ABSL_GUARDED_BY(mu_) = false;

@@ -1,5 +1,6 @@
 #include "kmsplugin/server/unix_socket.h"
 
+#include <fcntl.h>
 #include <grp.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -11,9 +12,17 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 
 namespace kmsplugin::server {
 namespace {
+
+sockaddr_un AddressOf(const std::string& path) {
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  std::strncpy(address.sun_path, path.c_str(), sizeof(address.sun_path) - 1);
+  return address;
+}
 
 // True when a server accepts connections on `path`.
 bool SomethingAnswers(const std::string& path) {
@@ -21,12 +30,42 @@ bool SomethingAnswers(const std::string& path) {
   if (fd < 0) {
     return false;
   }
-  sockaddr_un address{};
-  address.sun_family = AF_UNIX;
-  std::strncpy(address.sun_path, path.c_str(), sizeof(address.sun_path) - 1);
+  sockaddr_un address = AddressOf(path);
   const bool answers = connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0;
   close(fd);
   return answers;
+}
+
+// The socket directory decides who can replace the socket: whoever may write there can put a link, or their own
+// socket, in its place (kube-apiserver would then hand its DEKs to them). The same rule as config/file_checks.h
+// has for directories of trusted files (owned by root or by us, not writable by group or others unless sticky);
+// server/ does not link config/, and this is the one directory it applies to here.
+absl::Status CheckSocketDirectory(const std::filesystem::path& dir) {
+  struct stat info {};
+  if (stat(dir.c_str(), &info) != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot inspect socket directory ", dir.string(), ": ", std::strerror(errno)));
+  }
+  if (!S_ISDIR(info.st_mode)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "socket directory ", dir.string(), " is not a directory; fix: remove it or choose another socket path"));
+  }
+  const bool trusted_owner = info.st_uid == 0 || info.st_uid == geteuid();
+  const bool writable_by_others = (info.st_mode & (S_IWGRP | S_IWOTH)) != 0 && (info.st_mode & S_ISVTX) == 0;
+  if (!trusted_owner || writable_by_others) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "socket directory %s is owned by uid %d with mode %04o: %s could replace the socket with a link or with "
+        "their own socket; fix: %s, or put the socket in a directory only root or uid %d can write (e.g. "
+        "/run/kmsplugin, mode 0750)",
+        dir.string(), info.st_uid, info.st_mode & 07777, trusted_owner ? "group members or other users" : "its owner",
+        trusted_owner ? absl::StrCat("chmod go-w ", dir.string()) : absl::StrCat("chown ", geteuid(), " ", dir.string()),
+        geteuid()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Errno(const std::string& what, const std::string& path) {
+  return absl::FailedPreconditionError(absl::StrCat(what, " ", path, ": ", std::strerror(errno)));
 }
 
 }  // namespace
@@ -65,6 +104,9 @@ absl::Status PrepareSocketPath(const std::string& path, const std::optional<std:
       chmod(dir.c_str(), 0700);
     }
   }
+  if (auto status = CheckSocketDirectory(dir); !status.ok()) {
+    return status;
+  }
   struct stat info {};
   if (lstat(path.c_str(), &info) != 0) {
     if (errno == ENOENT) {
@@ -86,33 +128,78 @@ absl::Status PrepareSocketPath(const std::string& path, const std::optional<std:
   return absl::OkStatus();
 }
 
-absl::StatusOr<ino_t> SecureSocket(const std::string& path, const std::optional<std::string>& group) {
-  mode_t mode = 0600;
+absl::StatusOr<BoundSocket> BindSocket(const std::string& path, const std::optional<std::string>& group,
+                                       int backlog) {
+  std::optional<gid_t> gid;
   if (group.has_value()) {
-    auto gid = LookupGroup(*group);
-    if (!gid.ok()) {
-      return gid.status();
+    auto found = LookupGroup(*group);
+    if (!found.ok()) {
+      return found.status();
     }
-    if (chown(path.c_str(), static_cast<uid_t>(-1), *gid) != 0) {
-      return absl::PermissionDeniedError(absl::StrCat("cannot give socket ", path, " to group ", *group, ": ",
-                                                      std::strerror(errno)));
-    }
-    mode = 0660;
+    gid = *found;
   }
-  if (chmod(path.c_str(), mode) != 0) {
-    return absl::FailedPreconditionError(absl::StrCat("cannot set the mode of socket ", path, ": ",
-                                                      std::strerror(errno)));
+  if (path.size() >= sizeof(sockaddr_un::sun_path)) {
+    return absl::InvalidArgumentError(absl::StrCat("socket path ", path, " is longer than ",
+                                                   sizeof(sockaddr_un::sun_path) - 1, " bytes; fix: a shorter path"));
   }
+  const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    return absl::UnavailableError(absl::StrCat("cannot create a socket for ", path, ": ", std::strerror(errno)));
+  }
+  // bind() creates the file with the socket inode's mode masked by umask: 0600 from the first instant, so the
+  // file is never more open than intended, whatever the umask.
+  sockaddr_un address = AddressOf(path);
+  if (fchmod(fd, 0600) != 0 || bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
+    const absl::Status status = Errno("cannot bind socket", path);
+    close(fd);
+    return absl::Status(status.code(), absl::StrCat(status.message(), "; fix: check that its directory is writable"));
+  }
+  // Everything after bind works on the file opened without following links, never on the path again: a link
+  // swapped in there (the directory check makes that hard; this makes it harmless) is refused, not chmodded.
+  const int entry = open(path.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC);
   struct stat info {};
-  if (lstat(path.c_str(), &info) != 0) {
-    return absl::FailedPreconditionError(absl::StrCat("socket ", path, " vanished after bind"));
+  if (entry < 0 || fstat(entry, &info) != 0 || !S_ISSOCK(info.st_mode) || info.st_uid != geteuid()) {
+    const int error = entry < 0 ? errno : 0;
+    if (entry >= 0) {
+      close(entry);
+    }
+    close(fd);
+    return absl::FailedPreconditionError(absl::StrCat(
+        "socket ", path, " was replaced right after bind (",
+        error != 0 ? std::strerror(error) : "not our socket any more",
+        "); nothing was changed on it; fix: make its directory writable only by the user kmsplugin runs as"));
   }
-  return info.st_ino;
+  if (gid.has_value()) {
+    // chmod has no AT_EMPTY_PATH form for an O_PATH descriptor; /proc/self/fd/N names that very inode (it is
+    // how glibc implements fchmodat(AT_SYMLINK_NOFOLLOW)), so no path lookup can land elsewhere.
+    const std::string self = absl::StrCat("/proc/self/fd/", entry);
+    if (fchownat(entry, "", static_cast<uid_t>(-1), *gid, AT_EMPTY_PATH) != 0 || chmod(self.c_str(), 0660) != 0) {
+      const absl::Status status = absl::PermissionDeniedError(
+          absl::StrCat("cannot give socket ", path, " to group ", *group, " with mode 0660: ", std::strerror(errno),
+                       "; fix: run kmsplugin as a member of that group, with /proc mounted"));
+      close(entry);
+      RemoveSocket(path, info.st_ino);
+      close(fd);
+      return status;
+    }
+  }
+  close(entry);
+  if (listen(fd, backlog) != 0) {
+    const absl::Status status = Errno("cannot listen on socket", path);
+    RemoveSocket(path, info.st_ino);
+    close(fd);
+    return status;
+  }
+  return BoundSocket{fd, info.st_ino};
+}
+
+bool IsSocketFile(const std::string& path, ino_t inode) {
+  struct stat info {};
+  return lstat(path.c_str(), &info) == 0 && S_ISSOCK(info.st_mode) && info.st_ino == inode;
 }
 
 void RemoveSocket(const std::string& path, ino_t inode) {
-  struct stat info {};
-  if (lstat(path.c_str(), &info) == 0 && S_ISSOCK(info.st_mode) && info.st_ino == inode) {
+  if (IsSocketFile(path, inode)) {
     unlink(path.c_str());
   }
 }
