@@ -57,11 +57,11 @@ void RaiseFileLimit() {
 
 absl::Status RunDaemon(const DaemonOptions& options) {
   server::BlockServerSignals();
-  RaiseFileLimit();
   auto loaded = LoadServeConfig(options.config_path, keysource::KeySourceParsers());
   if (!loaded.ok()) {
-    return core::AsUsageError(loaded.status());
+    return core::AsUsageError(loaded.status());  // one line, nothing logged before it
   }
+  RaiseFileLimit();
   const config::Config& config = loaded->config;
   for (const config::EnvironmentConfig& env : config.environments) {
     for (const std::string& warning : env.key_source->Warnings()) {
