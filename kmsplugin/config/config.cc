@@ -21,7 +21,8 @@ namespace {
 constexpr size_t kMaxSocketPath = sizeof(sockaddr_un::sun_path) - 1;
 
 absl::Status ParseServer(const YAML::Node& node, const FieldContext& context, ServerConfig& server) {
-  if (auto status = context.RejectUnknownKeys(node, {"pollInterval", "shutdownGracePeriod", "maxThreads"});
+  if (auto status = context.RejectUnknownKeys(node, {"pollInterval", "shutdownGracePeriod", "maxThreads", "workers",
+                                                       "maxQueuedCalls"});
       !status.ok()) {
     return status;
   }
@@ -48,6 +49,20 @@ absl::Status ParseServer(const YAML::Node& node, const FieldContext& context, Se
   }
   if (threads->has_value()) {
     server.max_threads = static_cast<int>(**threads);
+  }
+  auto workers = context.OptionalInt(node, "workers", 1, 1024);
+  if (!workers.ok()) {
+    return workers.status();
+  }
+  if (workers->has_value()) {
+    server.workers = static_cast<int>(**workers);
+  }
+  auto queued = context.OptionalInt(node, "maxQueuedCalls", 0, 65536);
+  if (!queued.ok()) {
+    return queued.status();
+  }
+  if (queued->has_value()) {
+    server.max_queued_calls = static_cast<int>(**queued);
   }
   return absl::OkStatus();
 }

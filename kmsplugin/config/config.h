@@ -8,7 +8,9 @@
 //   server:                      # optional
 //     pollInterval: 10s          # how often each key source is refreshed and health-probed (SIGHUP: at once)
 //     shutdownGracePeriod: 10s   # SIGTERM drains in-flight calls for at most this long
-//     maxThreads: 128            # gRPC threads per socket; calls beyond it get RESOURCE_EXHAUSTED
+//     maxThreads: 128            # threads a key source may use (the PKCS#11 session pool)
+//     workers: 16                # Encrypt/Decrypt calls run at once per socket (each may block on the backend)
+//     maxQueuedCalls: 128        # Encrypt/Decrypt calls that may wait per socket; more get RESOURCE_EXHAUSTED
 //   environments:
 //     - name: dev                # [a-z0-9-], 1..63; bound into every ciphertext
 //       socket: /run/kmsplugin/dev.sock
@@ -45,6 +47,8 @@ struct ServerConfig {
   absl::Duration poll_interval = absl::Seconds(10);
   absl::Duration shutdown_grace_period = absl::Seconds(10);
   int max_threads = 128;
+  int workers = 16;
+  int max_queued_calls = 128;
 };
 
 struct HttpConfig {
