@@ -1,8 +1,19 @@
 #include "kmsplugin/server/call_pool.h"
 
+#include <malloc.h>
+
 #include <algorithm>
 
 namespace kmsplugin::server {
+namespace {
+
+void TrimMemory() {
+#ifdef __GLIBC__
+  malloc_trim(0);
+#endif
+}
+
+}  // namespace
 
 CallPool::CallPool(Options options)
     : options_{std::max(1, options.workers), std::max(0, options.queue_limit)} {
@@ -37,17 +48,29 @@ bool CallPool::TrySubmit(Job& job) {
 void CallPool::Work() {
   while (true) {
     Job job;
+    bool trim = false;
     {
       absl::MutexLock lock(&mu_);
-      while (queue_.empty() && !stopping_) {
-        work_.Wait(&mu_);
+      while (queue_.empty() && !stopping_ && !trim) {
+        const bool timed_out = work_.WaitWithTimeout(&mu_, kTrimAfterIdle);
+        if (timed_out && queue_.empty() && running_ == 0 && served_since_trim_) {
+          served_since_trim_ = false;  // this worker trims; the others go back to sleep
+          trim = true;
+        }
       }
-      if (queue_.empty()) {
-        return;  // stopping, and nothing left to answer
+      if (!trim) {
+        if (queue_.empty()) {
+          return;  // stopping, and nothing left to answer
+        }
+        job = std::move(queue_.front());
+        queue_.pop_front();
+        ++running_;
+        served_since_trim_ = true;
       }
-      job = std::move(queue_.front());
-      queue_.pop_front();
-      ++running_;
+    }
+    if (trim) {
+      TrimMemory();
+      continue;
     }
     if (absl::Now() >= job.deadline) {
       job.expired();

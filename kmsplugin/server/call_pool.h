@@ -11,6 +11,10 @@
 //   given up on never reaches the key source.
 // - One pool per socket, so per environment: one environment's slow backend fills only its own workers and queue.
 // - The destructor lets the workers finish what is queued (each job runs or expires), then joins them.
+// - Memory back to the system: once the pool has served calls and then been idle for kTrimAfterIdle, one worker
+//   calls glibc's malloc_trim(0). A flood of 1,000 clients grew RSS by 25 MB that glibc kept in its arenas after
+//   the clients had gone (MALLOC_ARENA_MAX=2 did not help: the free memory sits in the middle of the heaps, and
+//   only malloc_trim returns those pages). Idle-only, so the trim never costs a serving call.
 // Thread-safe. Jobs must not throw.
 //
 // Written here rather than taken from a library: the packaged gRPC 1.51 has no public bounded executor, and
@@ -33,6 +37,7 @@ class CallPool {
     int workers = 8;
     int queue_limit = 64;
   };
+  static constexpr absl::Duration kTrimAfterIdle = absl::Seconds(5);
   struct Job {
     absl::Time deadline = absl::InfiniteFuture();
     std::function<void()> run;
@@ -60,6 +65,7 @@ class CallPool {
   absl::CondVar work_;
   std::deque<Job> queue_ ABSL_GUARDED_BY(mu_);
   int running_ ABSL_GUARDED_BY(mu_) = 0;
+  bool served_since_trim_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;
 };
