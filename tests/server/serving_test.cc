@@ -172,6 +172,40 @@ TEST_CASE("Serving: a call whose deadline passes in the queue never reaches the 
   CHECK(s.gate->Calls() - calls_before == 1);
 }
 
+TEST_CASE("Serving: one environment's stalled backend does not take another environment's workers",
+          "[server][serving]") {
+  TempDir dir;
+  auto stalled = std::make_shared<GatedKeySource>(OpenLocal(MakeKeyring(dir, "slow"), "slow"));
+  auto healthy = OpenLocal(MakeKeyring(dir, "fast"), "fast");
+  std::vector<server::ServedEnvironment> envs;
+  envs.push_back(server::ServedEnvironment{dir.File("slow.sock"), std::nullopt, MakeService(stalled, "slow")});
+  envs.push_back(server::ServedEnvironment{dir.File("fast.sock"), std::nullopt, MakeService(healthy, "fast")});
+  server::ServerRunner runner(Tuned(/*workers=*/2, /*queued=*/2), std::move(envs));
+  REQUIRE(runner.Start().ok());
+  stalled->Close();
+  std::vector<std::thread> flood;
+  for (int i = 0; i < 8; ++i) {
+    flood.emplace_back([&] {
+      KmsClient client(dir.File("slow.sock"));
+      v2::EncryptResponse response;
+      client.Encrypt(std::string(32, 's'), response, std::chrono::seconds(120)).ok();
+    });
+  }
+  REQUIRE(stalled->AwaitBlocked(2, absl::Seconds(30)));  // "slow" has every worker stuck
+  KmsClient client(dir.File("fast.sock"));
+  for (int i = 0; i < 20; ++i) {
+    v2::EncryptResponse encrypted;
+    REQUIRE(client.Encrypt(std::string(32, 'f'), encrypted, std::chrono::seconds(5)).ok());
+    v2::DecryptResponse decrypted;
+    REQUIRE(client.DecryptResponseOf(encrypted, decrypted).ok());
+  }
+  stalled->Open();
+  for (std::thread& thread : flood) {
+    thread.join();
+  }
+  runner.Shutdown();
+}
+
 TEST_CASE("Serving: a burst of failing calls with oversized uid and key_id keeps the log bounded",
           "[server][serving][log]") {
   std::ostringstream captured;
