@@ -53,8 +53,10 @@ void CallPool::Work() {
       absl::MutexLock lock(&mu_);
       while (queue_.empty() && !stopping_ && !trim) {
         const bool timed_out = work_.WaitWithTimeout(&mu_, kTrimAfterIdle);
-        if (timed_out && queue_.empty() && running_ == 0 && served_since_trim_) {
-          served_since_trim_ = false;  // this worker trims; the others go back to sleep
+        const int64_t last_call = last_call_nanos_.load(std::memory_order_relaxed);
+        if (timed_out && queue_.empty() && running_ == 0 && last_call != trimmed_after_nanos_ &&
+            absl::GetCurrentTimeNanos() - last_call >= absl::ToInt64Nanoseconds(kTrimAfterIdle)) {
+          trimmed_after_nanos_ = last_call;  // this worker trims; the others go back to sleep
           trim = true;
         }
       }
@@ -65,7 +67,6 @@ void CallPool::Work() {
         job = std::move(queue_.front());
         queue_.pop_front();
         ++running_;
-        served_since_trim_ = true;
       }
     }
     if (trim) {

@@ -11,7 +11,7 @@
 //   given up on never reaches the key source.
 // - One pool per socket, so per environment: one environment's slow backend fills only its own workers and queue.
 // - The destructor lets the workers finish what is queued (each job runs or expires), then joins them.
-// - Memory back to the system: once the pool has served calls and then been idle for kTrimAfterIdle, one worker
+// - Memory back to the system: once calls were served and then none came for kTrimAfterIdle, one worker
 //   calls glibc's malloc_trim(0). A flood of 1,000 clients grew RSS by 25 MB that glibc kept in its arenas after
 //   the clients had gone (MALLOC_ARENA_MAX=2 did not help: the free memory sits in the middle of the heaps, and
 //   only malloc_trim returns those pages). Idle-only, so the trim never costs a serving call.
@@ -20,6 +20,8 @@
 // Written here rather than taken from a library: the packaged gRPC 1.51 has no public bounded executor, and
 // abseil's thread pool (absl/synchronization/internal) is internal and unbounded.
 
+#include <atomic>
+#include <cstdint>
 #include <deque>
 #include <functional>
 #include <thread>
@@ -27,6 +29,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 
 namespace kmsplugin::server {
@@ -52,6 +55,10 @@ class CallPool {
   // Takes `job` unless workers + queue_limit jobs are already taken; false (job untouched) when full.
   [[nodiscard]] bool TrySubmit(Job& job);
 
+  // Every call on the socket says so here (also those served without the pool), so the idle trim knows when
+  // the socket last served. Lock-free.
+  void NoteCall() { last_call_nanos_.store(absl::GetCurrentTimeNanos(), std::memory_order_relaxed); }
+
   int workers() const { return options_.workers; }
   int queue_limit() const { return options_.queue_limit; }
 
@@ -65,7 +72,8 @@ class CallPool {
   absl::CondVar work_;
   std::deque<Job> queue_ ABSL_GUARDED_BY(mu_);
   int running_ ABSL_GUARDED_BY(mu_) = 0;
-  bool served_since_trim_ ABSL_GUARDED_BY(mu_) = false;
+  std::atomic<int64_t> last_call_nanos_{0};
+  int64_t trimmed_after_nanos_ ABSL_GUARDED_BY(mu_) = 0;  // last_call_nanos_ when we last trimmed
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;
 };

@@ -35,6 +35,14 @@ bool Parse(google::protobuf::MessageLite& message, std::string_view bytes) {
   return message.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()));
 }
 
+// Only the local keyring is known never to block (it computes in memory under a short lock); every other key
+// source talks to a backend and goes through the pool. A key source's kind never changes while served
+// (EnvelopeService::CheckReplacement refuses that).
+Blocking BlockingOf(const core::EnvelopeService& service) {
+  return service.key_source()->Kind() == crypto::KeySourceKind::kLocal ? Blocking::kNeverBlocks
+                                                                        : Blocking::kMayBlock;
+}
+
 grpc::ServerUnaryReactor* FinishInline(grpc::CallbackServerContext* context, grpc::Status status) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(std::move(status));
@@ -103,7 +111,7 @@ grpc::ServerUnaryReactor* KmsV2Service::Status(grpc::CallbackServerContext* cont
 grpc::ServerUnaryReactor* KmsV2Service::Encrypt(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
                                                 grpc::ByteBuffer* response) {
   return StartPooledCall(
-      context, request, response, pool_, recorder_, "Encrypt", RequestSecrecy::kSecret,
+      context, request, response, pool_, recorder_, "Encrypt", RequestSecrecy::kSecret, BlockingOf(service_),
       [this](std::string_view bytes, absl::Time deadline) {
         CallOutcome outcome;
         v2::EncryptRequest parsed;
@@ -132,7 +140,7 @@ grpc::ServerUnaryReactor* KmsV2Service::Encrypt(grpc::CallbackServerContext* con
 grpc::ServerUnaryReactor* KmsV2Service::Decrypt(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
                                                 grpc::ByteBuffer* response) {
   return StartPooledCall(
-      context, request, response, pool_, recorder_, "Decrypt", RequestSecrecy::kPublic,
+      context, request, response, pool_, recorder_, "Decrypt", RequestSecrecy::kPublic, BlockingOf(service_),
       [this](std::string_view bytes, absl::Time deadline) {
         CallOutcome outcome;
         v2::DecryptRequest parsed;
@@ -173,7 +181,7 @@ grpc::ServerUnaryReactor* KmsV1beta1Service::Version(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* KmsV1beta1Service::Encrypt(grpc::CallbackServerContext* context,
                                                      const grpc::ByteBuffer* request, grpc::ByteBuffer* response) {
   return StartPooledCall(
-      context, request, response, pool_, recorder_, "Encrypt", RequestSecrecy::kSecret,
+      context, request, response, pool_, recorder_, "Encrypt", RequestSecrecy::kSecret, BlockingOf(service_),
       [this](std::string_view bytes, absl::Time deadline) {
         CallOutcome outcome;
         v1beta1::EncryptRequest parsed;
@@ -200,7 +208,7 @@ grpc::ServerUnaryReactor* KmsV1beta1Service::Encrypt(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* KmsV1beta1Service::Decrypt(grpc::CallbackServerContext* context,
                                                      const grpc::ByteBuffer* request, grpc::ByteBuffer* response) {
   return StartPooledCall(
-      context, request, response, pool_, recorder_, "Decrypt", RequestSecrecy::kPublic,
+      context, request, response, pool_, recorder_, "Decrypt", RequestSecrecy::kPublic, BlockingOf(service_),
       [this](std::string_view bytes, absl::Time deadline) {
         CallOutcome outcome;
         v1beta1::DecryptRequest parsed;

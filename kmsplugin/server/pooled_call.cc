@@ -11,6 +11,11 @@
 namespace kmsplugin::server {
 namespace {
 
+// A secret request larger than this goes to ordinary memory (wiped after use) instead of locked memory: a real
+// one is a seed of at most 128 bytes plus a uid, and queued hostile 64 KiB requests must not exhaust
+// RLIMIT_MEMLOCK (SecretBytes aborts when it cannot lock).
+constexpr size_t kMaxLockedRequestBytes = 4096;
+
 class PooledCall final : public grpc::ServerUnaryReactor {
  public:
   PooledCall(grpc::CallbackServerContext* context, grpc::ByteBuffer* response, const RpcRecorder& recorder,
@@ -30,9 +35,10 @@ class PooledCall final : public grpc::ServerUnaryReactor {
       size += slice.size();
     }
     uint8_t* out = nullptr;
-    if (secrecy == RequestSecrecy::kSecret) {
+    if (secrecy == RequestSecrecy::kSecret && size <= kMaxLockedRequestBytes) {
       secret_ = crypto::SecretBytes(size);
       out = secret_.data();
+      in_secret_ = true;
     } else {
       public_.resize(size);
       out = reinterpret_cast<uint8_t*>(public_.data());
@@ -50,6 +56,7 @@ class PooledCall final : public grpc::ServerUnaryReactor {
     }
     secrecy_ = secrecy;
   }
+
 
   void Submit(CallPool& pool, absl::Time deadline) {
     CallPool::Job job;
@@ -69,6 +76,8 @@ class PooledCall final : public grpc::ServerUnaryReactor {
     }
   }
 
+  void RunHere(absl::Time deadline) { Run(deadline); }
+
   void OnDone() override { delete this; }
   void OnCancel() override {}  // a queued call sees IsCancelled() when a worker takes it
 
@@ -78,12 +87,15 @@ class PooledCall final : public grpc::ServerUnaryReactor {
       End({absl::CancelledError("the caller cancelled the call while it waited for a free worker")});
       return;
     }
-    const std::string_view request = secrecy_ == RequestSecrecy::kSecret ? secret_.view() : std::string_view(public_);
+    const std::string_view request = in_secret_ ? secret_.view() : std::string_view(public_);
     End(body_(request, deadline));
   }
 
   void End(CallOutcome outcome) {
     secret_ = crypto::SecretBytes();  // wiped now, not when gRPC gets round to OnDone
+    if (secrecy_ == RequestSecrecy::kSecret) {
+      crypto::Wipe(public_.data(), public_.size());
+    }
     if (outcome.status.ok()) {
       *response_ = grpc::ByteBuffer(&outcome.response, 1);
     }
@@ -97,6 +109,7 @@ class PooledCall final : public grpc::ServerUnaryReactor {
   const CallBody body_;
   const absl::Time start_ = absl::Now();
   RequestSecrecy secrecy_ = RequestSecrecy::kPublic;
+  bool in_secret_ = false;
   crypto::SecretBytes secret_;
   std::string public_;
 };
@@ -105,10 +118,16 @@ class PooledCall final : public grpc::ServerUnaryReactor {
 
 grpc::ServerUnaryReactor* StartPooledCall(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
                                           grpc::ByteBuffer* response, CallPool& pool, const RpcRecorder& recorder,
-                                          const char* rpc, RequestSecrecy secrecy, CallBody body) {
+                                          const char* rpc, RequestSecrecy secrecy, Blocking blocking,
+                                          CallBody body) {
+  pool.NoteCall();
   auto* call = new PooledCall(context, response, recorder, rpc, std::move(body));
   call->TakeRequest(*request, secrecy);
-  call->Submit(pool, CallDeadline(*context));
+  if (blocking == Blocking::kNeverBlocks) {
+    call->RunHere(CallDeadline(*context));
+  } else {
+    call->Submit(pool, CallDeadline(*context));
+  }
   return call;
 }
 

@@ -37,10 +37,14 @@ struct CallOutcome {
 using CallBody = std::function<CallOutcome(std::string_view request, absl::Time deadline)>;
 
 enum class RequestSecrecy { kPublic, kSecret };
+// kMayBlock: through the pool. kNeverBlocks: `body` runs on the callback thread itself, for a key source that
+// only computes in memory (the local keyring): a hop to a worker and back would be its largest cost.
+enum class Blocking { kMayBlock, kNeverBlocks };
 
 grpc::ServerUnaryReactor* StartPooledCall(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
                                           grpc::ByteBuffer* response, CallPool& pool, const RpcRecorder& recorder,
-                                          const char* rpc, RequestSecrecy secrecy, CallBody body);
+                                          const char* rpc, RequestSecrecy secrecy, Blocking blocking,
+                                          CallBody body);
 
 // `message` serialised into a plain gRPC slice (for responses without a secret).
 grpc::Slice SerializePublic(const google::protobuf::MessageLite& message);

@@ -1,8 +1,9 @@
 #pragma once
 
 // GatedKeySource: wraps a real key source; while the gate is closed, Wrap and Unwrap block until it opens or the
-// call's deadline passes (then DEADLINE_EXCEEDED), as a stalled Vault or HSM would. Counts the Wrap/Unwrap calls
-// that reached it and how many are blocked now. For server tests only. Thread-safe.
+// call's deadline passes (then DEADLINE_EXCEEDED), as a stalled Vault or HSM would. It reports itself as a vault
+// source, so the server treats it as one that may block (the local keyring never does, and is served inline).
+// Counts the Wrap/Unwrap calls that reached it and how many are blocked now. For server tests only. Thread-safe.
 
 #include <memory>
 #include <string>
@@ -37,7 +38,7 @@ class GatedKeySource final : public core::KeySource {
     return mu_.AwaitWithTimeout(absl::Condition(&enough), timeout);
   }
 
-  crypto::KeySourceKind Kind() const override { return inner_->Kind(); }
+  crypto::KeySourceKind Kind() const override { return crypto::KeySourceKind::kVault; }
   absl::StatusOr<core::KeyVersion> Current() const override { return inner_->Current(); }
   absl::StatusOr<std::string> Wrap(const core::KeyVersion& version, std::string_view plaintext,
                                    std::string_view associated_data, absl::Time deadline) override {

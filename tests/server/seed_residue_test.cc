@@ -13,10 +13,12 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <catch2/catch.hpp>
 
+#include "tests/server/gated_key_source.h"
 #include "tests/server/server_fixture.h"
 
 namespace kmsplugin::testing {
@@ -30,25 +32,36 @@ std::string Seed(const char* tag, int i) {
   return std::string(buffer, 32);
 }
 
-// Client process: reads the socket path from `in`, encrypts kSeeds "ENCSEED-" seeds, encrypts and decrypts
-// kSeeds "DECSEED-" seeds, exits 0 when every call succeeded.
+// Client process: reads two socket paths (a line each) from `in`. On the first (local keyring: served on the
+// callback thread) it encrypts kSeeds "ENCSEED-" seeds and encrypts and decrypts kSeeds "DECSEED-" seeds; on the
+// second (a source that may block: served by the worker pool) the same with "ENCPOOL-" and "DECPOOL-". Exits 0
+// when every call succeeded.
 [[noreturn]] void RunClient(int in) {
-  char path[256] = {};
-  const ssize_t n = read(in, path, sizeof(path) - 1);
-  if (n <= 0) {
+  char paths[600] = {};
+  size_t got = 0;
+  ssize_t n = 0;
+  while ((n = read(in, paths + got, sizeof(paths) - 1 - got)) > 0) {
+    got += static_cast<size_t>(n);
+  }
+  std::istringstream lines(std::string(paths, got));
+  std::string inline_socket, pooled_socket;
+  if (!std::getline(lines, inline_socket) || !std::getline(lines, pooled_socket)) {
     _exit(3);
   }
-  KmsClient client(std::string(path, static_cast<size_t>(n)));
-  for (int i = 0; i < kSeeds; ++i) {
-    v2::EncryptResponse encrypted;
-    if (!client.Encrypt(Seed("ENCSEED-", i), encrypted).ok()) {
-      _exit(4);
-    }
-    v2::EncryptResponse again;
-    v2::DecryptResponse decrypted;
-    if (!client.Encrypt(Seed("DECSEED-", i), again).ok() || !client.DecryptResponseOf(again, decrypted).ok() ||
-        decrypted.plaintext() != Seed("DECSEED-", i)) {
-      _exit(5);
+  for (const auto& [socket, enc, dec] : {std::tuple{inline_socket, "ENCSEED-", "DECSEED-"},
+                                         std::tuple{pooled_socket, "ENCPOOL-", "DECPOOL-"}}) {
+    KmsClient client(socket);
+    for (int i = 0; i < kSeeds; ++i) {
+      v2::EncryptResponse encrypted;
+      if (!client.Encrypt(Seed(enc, i), encrypted).ok()) {
+        _exit(4);
+      }
+      v2::EncryptResponse again;
+      v2::DecryptResponse decrypted;
+      if (!client.Encrypt(Seed(dec, i), again).ok() || !client.DecryptResponseOf(again, decrypted).ok() ||
+          decrypted.plaintext() != Seed(dec, i)) {
+        _exit(5);
+      }
     }
   }
   _exit(0);
@@ -101,8 +114,16 @@ TEST_CASE("Seeds: after Encrypt and Decrypt calls end, the server's memory holds
     RunClient(to_child[0]);
   }
   close(to_child[0]);
-  ServerFixture f;
-  REQUIRE(write(to_child[1], f.socket.data(), f.socket.size()) == static_cast<ssize_t>(f.socket.size()));
+  TempDir dir;
+  std::vector<server::ServedEnvironment> envs;
+  envs.push_back(server::ServedEnvironment{dir.File("inline.sock"), std::nullopt,
+                                           MakeService(OpenLocal(MakeKeyring(dir, "inline"), "inline"), "inline")});
+  auto pooled = std::make_shared<GatedKeySource>(OpenLocal(MakeKeyring(dir, "pooled"), "pooled"));
+  envs.push_back(server::ServedEnvironment{dir.File("pooled.sock"), std::nullopt, MakeService(pooled, "pooled")});
+  server::ServerRunner runner({}, std::move(envs));
+  REQUIRE(runner.Start().ok());
+  const std::string sockets = dir.File("inline.sock") + "\n" + dir.File("pooled.sock") + "\n";
+  REQUIRE(write(to_child[1], sockets.data(), sockets.size()) == static_cast<ssize_t>(sockets.size()));
   close(to_child[1]);
   int status = 0;
   REQUIRE(waitpid(child, &status, 0) == child);
@@ -110,21 +131,22 @@ TEST_CASE("Seeds: after Encrypt and Decrypt calls end, the server's memory holds
   REQUIRE(WEXITSTATUS(status) == 0);
   // Calls have ended on the client's side; give the server's last OnDone a moment (a condition, not a sleep:
   // the count can only fall).
-  int encrypt_left = kSeeds;
-  int decrypt_left = kSeeds;
+  std::vector<int> left(4, kSeeds);
+  const char* tags[] = {"ENCSEED-", "DECSEED-", "ENCPOOL-", "DECPOOL-"};
   const absl::Time end = absl::Now() + absl::Seconds(5);
   do {
-    encrypt_left = CountSeedsInMemory("ENCSEED-");
-    decrypt_left = CountSeedsInMemory("DECSEED-");
-    if (encrypt_left == 0 && decrypt_left == 0) {
+    for (int i = 0; i < 4; ++i) {
+      left[i] = CountSeedsInMemory(tags[i]);
+    }
+    if (left == std::vector<int>(4, 0)) {
       break;
     }
     absl::SleepFor(absl::Milliseconds(200));
   } while (absl::Now() < end);
-  INFO("Encrypt seeds left in memory: " << encrypt_left << " of " << kSeeds << "; Decrypt plaintexts left: "
-                                        << decrypt_left << " of " << kSeeds);
-  CHECK(encrypt_left == 0);
-  CHECK(decrypt_left == 0);
+  INFO("of " << kSeeds << " each left in memory: Encrypt seeds " << left[0] << " (inline) " << left[2]
+             << " (pool); Decrypt plaintexts " << left[1] << " (inline) " << left[3] << " (pool)");
+  CHECK(left == std::vector<int>(4, 0));
+  runner.Shutdown();
 }
 
 }  // namespace kmsplugin::testing
