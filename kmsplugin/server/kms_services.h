@@ -7,8 +7,9 @@
 // - Status (v2) and Version (v1beta1) are answered inline on gRPC's callback thread: EnvelopeService::Status()
 //   reads health state and the key source's cached current version under a short mutex and never calls the
 //   backend (ARCHITECTURE rule 4), so they never wait behind Encrypt or Decrypt.
-// - Encrypt and Decrypt may block on the backend for up to the call's deadline, so they never run on a callback
-//   thread: they go to the socket's CallPool. When its workers and queue are full, the call is refused at once
+// - Encrypt and Decrypt may block on a backend (Vault, an HSM) for up to the call's deadline, so with such a key
+//   source they never run on a callback thread: they go to the socket's CallPool. The local keyring only
+//   computes in memory and is served on the callback thread (a hop to a worker was its largest cost). When its workers and queue are full, the call is refused at once
 //   with RESOURCE_EXHAUSTED naming server.workers / server.maxQueuedCalls; a call whose deadline passes while it
 //   waits gets DEADLINE_EXCEEDED without reaching the key source. Both are counted and logged like any call.
 //

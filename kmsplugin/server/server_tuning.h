@@ -4,7 +4,8 @@
 // baseline server (bench/) runs on exactly the same gRPC stack.
 //
 // - Callback server (gRPC's callback API): gRPC's own threads only move bytes and answer Status/Version inline;
-//   they are few and long-lived. Encrypt and Decrypt run on a CallPool of `workers` threads per socket, started
+//   they are few and long-lived. Encrypt and Decrypt with a backend key source (vault, pkcs11; the local keyring
+//   is answered inline) run on a CallPool of `workers` threads per socket, started
 //   once, with at most `max_queued_calls` more waiting; beyond that a call gets RESOURCE_EXHAUSTED at once. (The
 //   synchronous server this replaces created and destroyed a thread for about every third call, and refused
 //   even Status with "Server Threadpool Exhausted" when its threads were busy.)
