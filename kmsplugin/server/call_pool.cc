@@ -15,8 +15,7 @@ void TrimMemory() {
 
 }  // namespace
 
-CallPool::CallPool(Options options)
-    : options_{std::max(1, options.workers), std::max(0, options.queue_limit)} {
+CallPool::CallPool(Options options) : options_{std::max(1, options.workers), std::max(0, options.queue_limit)} {
   threads_.reserve(options_.workers);
   for (int i = 0; i < options_.workers; ++i) {
     threads_.emplace_back([this] { Work(); });
@@ -36,8 +35,7 @@ CallPool::~CallPool() {
 
 bool CallPool::TrySubmit(Job& job) {
   absl::MutexLock lock(&mu_);
-  if (stopping_ ||
-      static_cast<int>(queue_.size()) + running_ >= options_.workers + options_.queue_limit) {
+  if (stopping_ || static_cast<int>(queue_.size()) + running_ >= options_.workers + options_.queue_limit) {
     return false;
   }
   queue_.push_back(std::move(job));

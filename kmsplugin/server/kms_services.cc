@@ -20,9 +20,8 @@ struct WipeOnExit {
 
 absl::Status CheckV1Version(const std::string& version) {
   if (!version.empty() && version != kV1beta1) {
-    return absl::InvalidArgumentError(absl::StrCat("unsupported KMS API version \"",
-                                                   absl::CHexEscape(version.substr(0, 32)),
-                                                   "\"; this service speaks v1beta1"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "unsupported KMS API version \"", absl::CHexEscape(version.substr(0, 32)), "\"; this service speaks v1beta1"));
   }
   return absl::OkStatus();
 }
@@ -39,8 +38,7 @@ bool Parse(google::protobuf::MessageLite& message, std::string_view bytes) {
 // source talks to a backend and goes through the pool. A key source's kind never changes while served
 // (EnvelopeService::CheckReplacement refuses that).
 Blocking BlockingOf(const core::EnvelopeService& service) {
-  return service.key_source()->Kind() == crypto::KeySourceKind::kLocal ? Blocking::kNeverBlocks
-                                                                        : Blocking::kMayBlock;
+  return service.key_source()->Kind() == crypto::KeySourceKind::kLocal ? Blocking::kNeverBlocks : Blocking::kMayBlock;
 }
 
 grpc::ServerUnaryReactor* FinishInline(grpc::CallbackServerContext* context, grpc::Status status) {
@@ -110,59 +108,63 @@ grpc::ServerUnaryReactor* KmsV2Service::Status(grpc::CallbackServerContext* cont
 
 grpc::ServerUnaryReactor* KmsV2Service::Encrypt(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
                                                 grpc::ByteBuffer* response) {
-  return StartPooledCall(
-      context, request, response, pool_, recorder_, "Encrypt", RequestSecrecy::kSecret, BlockingOf(service_),
-      [this](std::string_view bytes, absl::Time deadline) {
-        CallOutcome outcome;
-        v2::EncryptRequest parsed;
-        WipeOnExit wipe{*parsed.mutable_plaintext()};
-        if (!Parse(parsed, bytes)) {
-          outcome.status = Unparseable("v2.EncryptRequest");
-          return outcome;
-        }
-        outcome.uid = parsed.uid();
-        absl::StatusOr<core::EncryptResult> result = service_.Encrypt(parsed.plaintext(), deadline);
-        outcome.status = result.status();
-        if (result.ok()) {
-          v2::EncryptResponse answer;
-          answer.set_ciphertext(std::move(result->ciphertext));
-          answer.set_key_id(std::move(result->key_id));
-          for (auto& [key, value] : result->annotations) {
-            (*answer.mutable_annotations())[key] = std::move(value);
-          }
-          outcome.key_id = answer.key_id();
-          outcome.response = SerializePublic(answer);
-        }
-        return outcome;
-      });
+  return StartPooledCall(context, request, response, pool_, recorder_, "Encrypt", RequestSecrecy::kSecret,
+                         BlockingOf(service_),
+                         [this](std::string_view bytes, absl::Time deadline) { return RunEncrypt(bytes, deadline); });
+}
+
+CallOutcome KmsV2Service::RunEncrypt(std::string_view bytes, absl::Time deadline) {
+  CallOutcome outcome;
+  v2::EncryptRequest parsed;
+  WipeOnExit wipe{*parsed.mutable_plaintext()};
+  if (!Parse(parsed, bytes)) {
+    outcome.status = Unparseable("v2.EncryptRequest");
+    return outcome;
+  }
+  outcome.uid = parsed.uid();
+  absl::StatusOr<core::EncryptResult> result = service_.Encrypt(parsed.plaintext(), deadline);
+  outcome.status = result.status();
+  if (result.ok()) {
+    v2::EncryptResponse answer;
+    answer.set_ciphertext(std::move(result->ciphertext));
+    answer.set_key_id(std::move(result->key_id));
+    for (auto& [key, value] : result->annotations) {
+      (*answer.mutable_annotations())[key] = std::move(value);
+    }
+    outcome.key_id = answer.key_id();
+    outcome.response = SerializePublic(answer);
+  }
+  return outcome;
 }
 
 grpc::ServerUnaryReactor* KmsV2Service::Decrypt(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
                                                 grpc::ByteBuffer* response) {
-  return StartPooledCall(
-      context, request, response, pool_, recorder_, "Decrypt", RequestSecrecy::kPublic, BlockingOf(service_),
-      [this](std::string_view bytes, absl::Time deadline) {
-        CallOutcome outcome;
-        v2::DecryptRequest parsed;
-        if (!Parse(parsed, bytes)) {
-          outcome.status = Unparseable("v2.DecryptRequest");
-          return outcome;
-        }
-        outcome.uid = parsed.uid();
-        outcome.key_id = parsed.key_id();
-        core::DecryptMetadata metadata;
-        metadata.key_id = parsed.key_id();
-        metadata.annotations.insert(parsed.annotations().begin(), parsed.annotations().end());
-        absl::StatusOr<crypto::SecretBytes> plaintext = service_.Decrypt(parsed.ciphertext(), &metadata, deadline);
-        outcome.status = plaintext.status();
-        if (plaintext.ok()) {
-          v2::DecryptResponse answer;
-          WipeOnExit wipe{*answer.mutable_plaintext()};
-          answer.set_plaintext(plaintext->data(), plaintext->size());
-          outcome.response = SerializeSecret(answer);
-        }
-        return outcome;
-      });
+  return StartPooledCall(context, request, response, pool_, recorder_, "Decrypt", RequestSecrecy::kPublic,
+                         BlockingOf(service_),
+                         [this](std::string_view bytes, absl::Time deadline) { return RunDecrypt(bytes, deadline); });
+}
+
+CallOutcome KmsV2Service::RunDecrypt(std::string_view bytes, absl::Time deadline) {
+  CallOutcome outcome;
+  v2::DecryptRequest parsed;
+  if (!Parse(parsed, bytes)) {
+    outcome.status = Unparseable("v2.DecryptRequest");
+    return outcome;
+  }
+  outcome.uid = parsed.uid();
+  outcome.key_id = parsed.key_id();
+  core::DecryptMetadata metadata;
+  metadata.key_id = parsed.key_id();
+  metadata.annotations.insert(parsed.annotations().begin(), parsed.annotations().end());
+  absl::StatusOr<crypto::SecretBytes> plaintext = service_.Decrypt(parsed.ciphertext(), &metadata, deadline);
+  outcome.status = plaintext.status();
+  if (plaintext.ok()) {
+    v2::DecryptResponse answer;
+    WipeOnExit wipe{*answer.mutable_plaintext()};
+    answer.set_plaintext(plaintext->data(), plaintext->size());
+    outcome.response = SerializeSecret(answer);
+  }
+  return outcome;
 }
 
 grpc::ServerUnaryReactor* KmsV1beta1Service::Version(grpc::CallbackServerContext* context,
@@ -180,57 +182,60 @@ grpc::ServerUnaryReactor* KmsV1beta1Service::Version(grpc::CallbackServerContext
 
 grpc::ServerUnaryReactor* KmsV1beta1Service::Encrypt(grpc::CallbackServerContext* context,
                                                      const grpc::ByteBuffer* request, grpc::ByteBuffer* response) {
-  return StartPooledCall(
-      context, request, response, pool_, recorder_, "Encrypt", RequestSecrecy::kSecret, BlockingOf(service_),
-      [this](std::string_view bytes, absl::Time deadline) {
-        CallOutcome outcome;
-        v1beta1::EncryptRequest parsed;
-        WipeOnExit wipe{*parsed.mutable_plain()};
-        if (!Parse(parsed, bytes)) {
-          outcome.status = Unparseable("v1beta1.EncryptRequest");
-          return outcome;
-        }
-        outcome.status = CheckV1Version(parsed.version());
-        if (!outcome.status.ok()) {
-          return outcome;
-        }
-        absl::StatusOr<core::EncryptResult> result = service_.Encrypt(parsed.plain(), deadline);
-        outcome.status = result.status();
-        if (result.ok()) {
-          v1beta1::EncryptResponse answer;
-          answer.set_cipher(std::move(result->ciphertext));
-          outcome.response = SerializePublic(answer);
-        }
-        return outcome;
-      });
+  return StartPooledCall(context, request, response, pool_, recorder_, "Encrypt", RequestSecrecy::kSecret,
+                         BlockingOf(service_),
+                         [this](std::string_view bytes, absl::Time deadline) { return RunEncrypt(bytes, deadline); });
+}
+
+CallOutcome KmsV1beta1Service::RunEncrypt(std::string_view bytes, absl::Time deadline) {
+  CallOutcome outcome;
+  v1beta1::EncryptRequest parsed;
+  WipeOnExit wipe{*parsed.mutable_plain()};
+  if (!Parse(parsed, bytes)) {
+    outcome.status = Unparseable("v1beta1.EncryptRequest");
+    return outcome;
+  }
+  outcome.status = CheckV1Version(parsed.version());
+  if (!outcome.status.ok()) {
+    return outcome;
+  }
+  absl::StatusOr<core::EncryptResult> result = service_.Encrypt(parsed.plain(), deadline);
+  outcome.status = result.status();
+  if (result.ok()) {
+    v1beta1::EncryptResponse answer;
+    answer.set_cipher(std::move(result->ciphertext));
+    outcome.response = SerializePublic(answer);
+  }
+  return outcome;
 }
 
 grpc::ServerUnaryReactor* KmsV1beta1Service::Decrypt(grpc::CallbackServerContext* context,
                                                      const grpc::ByteBuffer* request, grpc::ByteBuffer* response) {
-  return StartPooledCall(
-      context, request, response, pool_, recorder_, "Decrypt", RequestSecrecy::kPublic, BlockingOf(service_),
-      [this](std::string_view bytes, absl::Time deadline) {
-        CallOutcome outcome;
-        v1beta1::DecryptRequest parsed;
-        if (!Parse(parsed, bytes)) {
-          outcome.status = Unparseable("v1beta1.DecryptRequest");
-          return outcome;
-        }
-        outcome.status = CheckV1Version(parsed.version());
-        if (!outcome.status.ok()) {
-          return outcome;
-        }
-        absl::StatusOr<crypto::SecretBytes> plaintext =
-            service_.Decrypt(parsed.cipher(), /*metadata=*/nullptr, deadline);
-        outcome.status = plaintext.status();
-        if (plaintext.ok()) {
-          v1beta1::DecryptResponse answer;
-          WipeOnExit wipe{*answer.mutable_plain()};
-          answer.set_plain(plaintext->data(), plaintext->size());
-          outcome.response = SerializeSecret(answer);
-        }
-        return outcome;
-      });
+  return StartPooledCall(context, request, response, pool_, recorder_, "Decrypt", RequestSecrecy::kPublic,
+                         BlockingOf(service_),
+                         [this](std::string_view bytes, absl::Time deadline) { return RunDecrypt(bytes, deadline); });
+}
+
+CallOutcome KmsV1beta1Service::RunDecrypt(std::string_view bytes, absl::Time deadline) {
+  CallOutcome outcome;
+  v1beta1::DecryptRequest parsed;
+  if (!Parse(parsed, bytes)) {
+    outcome.status = Unparseable("v1beta1.DecryptRequest");
+    return outcome;
+  }
+  outcome.status = CheckV1Version(parsed.version());
+  if (!outcome.status.ok()) {
+    return outcome;
+  }
+  absl::StatusOr<crypto::SecretBytes> plaintext = service_.Decrypt(parsed.cipher(), /*metadata=*/nullptr, deadline);
+  outcome.status = plaintext.status();
+  if (plaintext.ok()) {
+    v1beta1::DecryptResponse answer;
+    WipeOnExit wipe{*answer.mutable_plain()};
+    answer.set_plain(plaintext->data(), plaintext->size());
+    outcome.response = SerializeSecret(answer);
+  }
+  return outcome;
 }
 
 }  // namespace kmsplugin::server

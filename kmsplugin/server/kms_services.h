@@ -9,9 +9,10 @@
 //   backend (ARCHITECTURE rule 4), so they never wait behind Encrypt or Decrypt.
 // - Encrypt and Decrypt may block on a backend (Vault, an HSM) for up to the call's deadline, so with such a key
 //   source they never run on a callback thread: they go to the socket's CallPool. The local keyring only
-//   computes in memory and is served on the callback thread (a hop to a worker was its largest cost). When its workers and queue are full, the call is refused at once
-//   with RESOURCE_EXHAUSTED naming server.workers / server.maxQueuedCalls; a call whose deadline passes while it
-//   waits gets DEADLINE_EXCEEDED without reaching the key source. Both are counted and logged like any call.
+//   computes in memory and is served on the callback thread (a hop to a worker was its largest cost). When its workers
+//   and queue are full, the call is refused at once with RESOURCE_EXHAUSTED naming server.workers /
+//   server.maxQueuedCalls; a call whose deadline passes while it waits gets DEADLINE_EXCEEDED without reaching the key
+//   source. Both are counted and logged like any call.
 //
 // Secrets in buffers: Encrypt and Decrypt are raw methods (grpc::ByteBuffer), so the plugin parses the request
 // itself. An Encrypt request (it carries the seed) is copied into SecretBytes, and every received slice gRPC
@@ -40,6 +41,8 @@
 #include "kmsplugin/server/call_pool.h"
 
 namespace kmsplugin::server {
+
+struct CallOutcome;  // pooled_call.h
 
 // Failure log lines per second per environment, API, RPC and code; the rest are counted, not written.
 inline constexpr int kFailureLinesPerSecond = 10;
@@ -78,6 +81,10 @@ class KmsV2Service final
                                     grpc::ByteBuffer* response) override;
 
  private:
+  // Run on a worker (or inline for the local keyring); `bytes` is the serialised request.
+  CallOutcome RunEncrypt(std::string_view bytes, absl::Time deadline);
+  CallOutcome RunDecrypt(std::string_view bytes, absl::Time deadline);
+
   core::EnvelopeService& service_;
   CallPool& pool_;
   const RpcRecorder recorder_;
@@ -99,6 +106,10 @@ class KmsV1beta1Service final
                                     grpc::ByteBuffer* response) override;
 
  private:
+  // Run on a worker (or inline for the local keyring); `bytes` is the serialised request.
+  CallOutcome RunEncrypt(std::string_view bytes, absl::Time deadline);
+  CallOutcome RunDecrypt(std::string_view bytes, absl::Time deadline);
+
   core::EnvelopeService& service_;
   CallPool& pool_;
   const RpcRecorder recorder_;

@@ -16,6 +16,13 @@ namespace {
 // RLIMIT_MEMLOCK (SecretBytes aborts when it cannot lock).
 constexpr size_t kMaxLockedRequestBytes = 4096;
 
+// The outcome of a call that never reached its body.
+CallOutcome Refused(absl::Status status) {
+  CallOutcome outcome;
+  outcome.status = std::move(status);
+  return outcome;
+}
+
 class PooledCall final : public grpc::ServerUnaryReactor {
  public:
   PooledCall(grpc::CallbackServerContext* context, grpc::ByteBuffer* response, const RpcRecorder& recorder,
@@ -57,22 +64,23 @@ class PooledCall final : public grpc::ServerUnaryReactor {
     secrecy_ = secrecy;
   }
 
-
   void Submit(CallPool& pool, absl::Time deadline) {
     CallPool::Job job;
     job.deadline = deadline;
     job.run = [this, deadline] { Run(deadline); };
     job.expired = [this] {
-      End({absl::DeadlineExceededError(absl::StrCat(
-          "the call's deadline passed after ", absl::FormatDuration(absl::Trunc(absl::Now() - start_, absl::Milliseconds(1))),
+      End(Refused(absl::DeadlineExceededError(absl::StrCat(
+          "the call's deadline passed after ",
+          absl::FormatDuration(absl::Trunc(absl::Now() - start_, absl::Milliseconds(1))),
           " waiting in the queue for a free worker; the key source was not called; fix: give the call a longer "
-          "deadline, or raise server.workers if the key source is slow"))});
+          "deadline, or raise server.workers if the key source is slow"))));
     };
     if (!pool.TrySubmit(job)) {
-      End({absl::ResourceExhaustedError(absl::StrCat(
-          "environment \"", recorder_.environment(), "\": the call queue is full (", pool.workers(),
-          " workers busy and ", pool.queue_limit(), " calls waiting); retry later, or raise server.maxQueuedCalls "
-          "(calls that may wait) or server.workers (calls that run at once)"))});
+      End(Refused(absl::ResourceExhaustedError(
+          absl::StrCat("environment \"", recorder_.environment(), "\": the call queue is full (", pool.workers(),
+                       " workers busy and ", pool.queue_limit(),
+                       " calls waiting); retry later, or raise server.maxQueuedCalls "
+                       "(calls that may wait) or server.workers (calls that run at once)"))));
     }
   }
 
@@ -84,7 +92,7 @@ class PooledCall final : public grpc::ServerUnaryReactor {
  private:
   void Run(absl::Time deadline) {
     if (context_->IsCancelled()) {
-      End({absl::CancelledError("the caller cancelled the call while it waited for a free worker")});
+      End(Refused(absl::CancelledError("the caller cancelled the call while it waited for a free worker")));
       return;
     }
     const std::string_view request = in_secret_ ? secret_.view() : std::string_view(public_);
@@ -118,8 +126,7 @@ class PooledCall final : public grpc::ServerUnaryReactor {
 
 grpc::ServerUnaryReactor* StartPooledCall(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
                                           grpc::ByteBuffer* response, CallPool& pool, const RpcRecorder& recorder,
-                                          const char* rpc, RequestSecrecy secrecy, Blocking blocking,
-                                          CallBody body) {
+                                          const char* rpc, RequestSecrecy secrecy, Blocking blocking, CallBody body) {
   pool.NoteCall();
   auto* call = new PooledCall(context, response, recorder, rpc, std::move(body));
   call->TakeRequest(*request, secrecy);

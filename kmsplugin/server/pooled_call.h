@@ -11,13 +11,13 @@
 //
 // The reactor deletes itself in OnDone.
 
-#include <functional>
-#include <string>
-#include <string_view>
-
 #include <google/protobuf/message_lite.h>
 #include <grpcpp/support/byte_buffer.h>
 #include <grpcpp/support/server_callback.h>
+
+#include <functional>
+#include <string>
+#include <string_view>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
@@ -43,8 +43,7 @@ enum class Blocking { kMayBlock, kNeverBlocks };
 
 grpc::ServerUnaryReactor* StartPooledCall(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
                                           grpc::ByteBuffer* response, CallPool& pool, const RpcRecorder& recorder,
-                                          const char* rpc, RequestSecrecy secrecy, Blocking blocking,
-                                          CallBody body);
+                                          const char* rpc, RequestSecrecy secrecy, Blocking blocking, CallBody body);
 
 // `message` serialised into a plain gRPC slice (for responses without a secret).
 grpc::Slice SerializePublic(const google::protobuf::MessageLite& message);

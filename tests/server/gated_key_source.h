@@ -54,9 +54,7 @@ class GatedKeySource final : public core::KeySource {
     }
     return inner_->Unwrap(key_ref, wrapped, associated_data, deadline);
   }
-  absl::StatusOr<core::KeyVersion> Lookup(std::string_view key_ref) const override {
-    return inner_->Lookup(key_ref);
-  }
+  absl::StatusOr<core::KeyVersion> Lookup(std::string_view key_ref) const override { return inner_->Lookup(key_ref); }
   absl::Status Refresh(absl::Time deadline) override { return inner_->Refresh(deadline); }
   absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override { return inner_->Versions(); }
 

@@ -2,13 +2,12 @@
 // go away; the daemon's RSS must come back down instead of staying at its peak (issue 15: 52 -> 225 MB and
 // stuck, while the shipped static pod allows 64 Mi).
 
+#include <catch2/catch.hpp>
 #include <fstream>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <catch2/catch.hpp>
 
 #include "tests/support/daemon.h"
 
@@ -34,10 +33,10 @@ long RssKb(pid_t pid) {
 TEST_CASE("Memory: after 1,000 clients have come and gone, the daemon's RSS falls back", "[server][memory]") {
   DaemonDriver d;
   const std::string socket = d.dir.File("dev.sock");
-  d.config = d.dir.Write("config.yaml", "http:\n  enabled: false\nenvironments:\n  - name: dev\n    socket: " + socket +
-                                            "\n    keySource:\n      local:\n        keyring: " +
-                                            d.dir.File("dev.keyring") + "\n        rootKeyFile: " +
-                                            d.dir.File("dev.rootkey") + "\n");
+  d.config =
+      d.dir.Write("config.yaml", "http:\n  enabled: false\nenvironments:\n  - name: dev\n    socket: " + socket +
+                                     "\n    keySource:\n      local:\n        keyring: " + d.dir.File("dev.keyring") +
+                                     "\n        rootKeyFile: " + d.dir.File("dev.rootkey") + "\n");
   REQUIRE(d.Init().exit_code == 0);
   auto server = d.Serve();
   REQUIRE(DaemonDriver::WaitServing(*server, socket));

@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <cstdio>
 #include <fstream>
 #include <set>
@@ -15,8 +16,6 @@
 #include <string>
 #include <tuple>
 #include <vector>
-
-#include <catch2/catch.hpp>
 
 #include "tests/server/gated_key_source.h"
 #include "tests/server/server_fixture.h"
@@ -48,8 +47,8 @@ std::string Seed(const char* tag, int i) {
   if (!std::getline(lines, inline_socket) || !std::getline(lines, pooled_socket)) {
     _exit(3);
   }
-  for (const auto& [socket, enc, dec] : {std::tuple{inline_socket, "ENCSEED-", "DECSEED-"},
-                                         std::tuple{pooled_socket, "ENCPOOL-", "DECPOOL-"}}) {
+  for (const auto& [socket, enc, dec] :
+       {std::tuple{inline_socket, "ENCSEED-", "DECSEED-"}, std::tuple{pooled_socket, "ENCPOOL-", "DECPOOL-"}}) {
     KmsClient client(socket);
     for (int i = 0; i < kSeeds; ++i) {
       v2::EncryptResponse encrypted;

@@ -2,17 +2,17 @@
 // Encrypts beyond the socket's workers and queue, calls that expire in the queue, and a flood of failing calls
 // with oversized caller fields (log amplification).
 
+#include <spdlog/sinks/ostream_sink.h>
+
 #include <atomic>
+#include <catch2/catch.hpp>
 #include <chrono>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <catch2/catch.hpp>
-#include <nlohmann/json.hpp>
-#include <spdlog/sinks/ostream_sink.h>
 
 #include "kmsplugin/observe/log.h"
 #include "kmsplugin/observe/metrics.h"
@@ -272,10 +272,10 @@ TEST_CASE("Serving: a burst of failing calls with oversized uid and key_id keeps
                       "Failure log lines not written because their kind exceeded its rate limit.",
                       {{"environment", "dev"}, {"api", "v2"}, {"rpc", "Decrypt"}, {"code", "INVALID_ARGUMENT"}})
           .Value();
-  INFO("lines " << written << " bytes " << log.size() << " longest " << longest << " suppressed "
-                << suppressed_metric << " reported " << suppressed_reported);
-  CHECK(longest < 4096);                        // 32,000-byte fields are cut (the uncapped line was 64 KB)
-  CHECK(written < burst / 2);                   // rate-limited, not one line per call
+  INFO("lines " << written << " bytes " << log.size() << " longest " << longest << " suppressed " << suppressed_metric
+                << " reported " << suppressed_reported);
+  CHECK(longest < 4096);                           // 32,000-byte fields are cut (the uncapped line was 64 KB)
+  CHECK(written < burst / 2);                      // rate-limited, not one line per call
   CHECK(log.size() < size_t{written + 1} * 4096);  // bytes bounded by lines x capped line size
   CHECK(suppressed_metric + written == static_cast<uint64_t>(burst + extra));
   CHECK(suppressed_reported > 0);
