@@ -1,6 +1,6 @@
 // kms_null_server: the benchmark's null baseline. It serves KMS v2 and v1beta1 on a Unix socket with exactly the
-// gRPC settings of the plugin (ApplyServerTuning(ServerTuning{})) but does no cryptography, so the difference
-// between the plugin and this server is the plugin's own cost.
+// gRPC settings of the plugin (ApplyServerTuning(ServerTuning{}), gRPC's callback API) but does no cryptography,
+// so the difference between the plugin and this server is the plugin's own cost.
 //
 //   v2 Encrypt   -> ciphertext = plaintext, key_id "null", annotations {"format.kmsplugin.io": "1"} (the one
 //                   annotation the plugin returns, so response sizes match)
@@ -34,44 +34,55 @@ namespace {
 constexpr char kKeyId[] = "null";
 constexpr char kFormatAnnotation[] = "format.kmsplugin.io";
 
-class NullV2 final : public v2::KeyManagementService::Service {
+// Answered inline on gRPC's callback thread: no key source, so nothing can block. (The plugin hands Encrypt and
+// Decrypt to its CallPool; that hop is part of the plugin's own cost this baseline measures.)
+grpc::ServerUnaryReactor* Answer(grpc::CallbackServerContext* context) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+class NullV2 final : public v2::KeyManagementService::CallbackService {
  public:
-  grpc::Status Status(grpc::ServerContext*, const v2::StatusRequest*, v2::StatusResponse* resp) override {
+  grpc::ServerUnaryReactor* Status(grpc::CallbackServerContext* context, const v2::StatusRequest*,
+                                   v2::StatusResponse* resp) override {
     resp->set_version("v2");
     resp->set_healthz("ok");
     resp->set_key_id(kKeyId);
-    return grpc::Status::OK;
+    return Answer(context);
   }
-  grpc::Status Decrypt(grpc::ServerContext*, const v2::DecryptRequest* req, v2::DecryptResponse* resp) override {
+  grpc::ServerUnaryReactor* Decrypt(grpc::CallbackServerContext* context, const v2::DecryptRequest* req,
+                                    v2::DecryptResponse* resp) override {
     resp->set_plaintext(req->ciphertext());
-    return grpc::Status::OK;
+    return Answer(context);
   }
-  grpc::Status Encrypt(grpc::ServerContext*, const v2::EncryptRequest* req, v2::EncryptResponse* resp) override {
+  grpc::ServerUnaryReactor* Encrypt(grpc::CallbackServerContext* context, const v2::EncryptRequest* req,
+                                    v2::EncryptResponse* resp) override {
     resp->set_ciphertext(req->plaintext());
     resp->set_key_id(kKeyId);
     (*resp->mutable_annotations())[kFormatAnnotation] = "1";
-    return grpc::Status::OK;
+    return Answer(context);
   }
 };
 
-class NullV1 final : public v1beta1::KeyManagementService::Service {
+class NullV1 final : public v1beta1::KeyManagementService::CallbackService {
  public:
-  grpc::Status Version(grpc::ServerContext*, const v1beta1::VersionRequest*,
-                       v1beta1::VersionResponse* resp) override {
+  grpc::ServerUnaryReactor* Version(grpc::CallbackServerContext* context, const v1beta1::VersionRequest*,
+                                    v1beta1::VersionResponse* resp) override {
     resp->set_version("v1beta1");
     resp->set_runtime_name("null");
     resp->set_runtime_version("0.0.0");
-    return grpc::Status::OK;
+    return Answer(context);
   }
-  grpc::Status Decrypt(grpc::ServerContext*, const v1beta1::DecryptRequest* req,
-                       v1beta1::DecryptResponse* resp) override {
+  grpc::ServerUnaryReactor* Decrypt(grpc::CallbackServerContext* context, const v1beta1::DecryptRequest* req,
+                                    v1beta1::DecryptResponse* resp) override {
     resp->set_plain(req->cipher());
-    return grpc::Status::OK;
+    return Answer(context);
   }
-  grpc::Status Encrypt(grpc::ServerContext*, const v1beta1::EncryptRequest* req,
-                       v1beta1::EncryptResponse* resp) override {
+  grpc::ServerUnaryReactor* Encrypt(grpc::CallbackServerContext* context, const v1beta1::EncryptRequest* req,
+                                    v1beta1::EncryptResponse* resp) override {
     resp->set_cipher(req->plain());
-    return grpc::Status::OK;
+    return Answer(context);
   }
 };
 

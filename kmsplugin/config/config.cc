@@ -21,8 +21,8 @@ namespace {
 constexpr size_t kMaxSocketPath = sizeof(sockaddr_un::sun_path) - 1;
 
 absl::Status ParseServer(const YAML::Node& node, const FieldContext& context, ServerConfig& server) {
-  if (auto status = context.RejectUnknownKeys(node, {"pollInterval", "shutdownGracePeriod", "maxThreads",
-                                                       "allowUnlockedMemory"});
+  if (auto status = context.RejectUnknownKeys(node, {"pollInterval", "shutdownGracePeriod", "maxThreads", "workers",
+                                                       "maxQueuedCalls", "allowUnlockedMemory"});
       !status.ok()) {
     return status;
   }
@@ -55,6 +55,20 @@ absl::Status ParseServer(const YAML::Node& node, const FieldContext& context, Se
     return unlocked.status();
   }
   server.allow_unlocked_memory = unlocked->value_or(false);
+  auto workers = context.OptionalInt(node, "workers", 1, 1024);
+  if (!workers.ok()) {
+    return workers.status();
+  }
+  if (workers->has_value()) {
+    server.workers = static_cast<int>(**workers);
+  }
+  auto queued = context.OptionalInt(node, "maxQueuedCalls", 0, 65536);
+  if (!queued.ok()) {
+    return queued.status();
+  }
+  if (queued->has_value()) {
+    server.max_queued_calls = static_cast<int>(**queued);
+  }
   return absl::OkStatus();
 }
 

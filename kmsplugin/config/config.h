@@ -8,7 +8,9 @@
 //   server:                      # optional
 //     pollInterval: 10s          # how often each key source is refreshed and health-probed (SIGHUP: at once)
 //     shutdownGracePeriod: 10s   # SIGTERM drains in-flight calls for at most this long
-//     maxThreads: 128            # gRPC threads per socket; calls beyond it get RESOURCE_EXHAUSTED
+//     maxThreads: 128            # threads a key source may use (the PKCS#11 session pool)
+//     workers: 16                # Encrypt/Decrypt calls run at once per socket (each may block on the backend)
+//     maxQueuedCalls: 128        # Encrypt/Decrypt calls that may wait per socket; more get RESOURCE_EXHAUSTED
 //     allowUnlockedMemory: false # serve even when secrets cannot be locked in RAM (RLIMIT_MEMLOCK); warns
 //   environments:
 //     - name: dev                # [a-z0-9-], 1..63; bound into every ciphertext
@@ -47,6 +49,8 @@ struct ServerConfig {
   absl::Duration shutdown_grace_period = absl::Seconds(10);
   int max_threads = 128;
   bool allow_unlocked_memory = false;
+  int workers = 16;
+  int max_queued_calls = 128;
 };
 
 struct HttpConfig {

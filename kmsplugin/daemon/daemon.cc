@@ -74,7 +74,7 @@ absl::Status RunDaemon(const DaemonOptions& options) {
   if (auto locked = CheckLockedMemory(config.server.allow_unlocked_memory, registry); !locked.ok()) {
     return locked;
   }
-  SourceOpener opener(registry, config.server.max_threads, config.server.poll_interval);
+  SourceOpener opener(registry, config.server.workers, config.server.poll_interval);
   std::vector<server::ServedEnvironment> served;
   for (const config::EnvironmentConfig& env : config.environments) {
     served.push_back(server::ServedEnvironment{env.socket, env.socket_group,
@@ -85,6 +85,8 @@ absl::Status RunDaemon(const DaemonOptions& options) {
   runner_options.shutdown_grace_period = config.server.shutdown_grace_period;
   runner_options.probe_timeout = kProbeTimeout;
   runner_options.tuning.max_threads = config.server.max_threads;
+  runner_options.tuning.workers = config.server.workers;
+  runner_options.tuning.max_queued_calls = config.server.max_queued_calls;
   runner_options.registry = &registry;
   server::ServerRunner runner(runner_options, std::move(served));
   opener.OnStarted([&runner] { runner.RequestRefresh(); });

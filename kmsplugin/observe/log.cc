@@ -3,6 +3,7 @@
 #include <spdlog/pattern_formatter.h>
 #include <spdlog/sinks/stdout_sinks.h>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 
 namespace kmsplugin::observe {
@@ -10,6 +11,20 @@ namespace {
 
 // Marks a payload that is already a list of JSON members ("msg":...,"k":v).
 constexpr char kStructured = '\x1e';
+
+// Caps every string in `value`, however deep, in place.
+void CapStrings(nlohmann::json& value) {
+  if (value.is_string()) {
+    const std::string& text = value.get_ref<const std::string&>();
+    if (text.size() > kMaxLogFieldBytes) {
+      value = CapForLog(text);
+    }
+  } else if (value.is_structured()) {
+    for (auto& member : value) {
+      CapStrings(member);
+    }
+  }
+}
 
 class JsonFormatter final : public spdlog::formatter {
  public:
@@ -26,7 +41,7 @@ class JsonFormatter final : public spdlog::formatter {
       line.append(payload.substr(1));
     } else {
       line += "\"msg\":";
-      line += nlohmann::json(std::string(payload)).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+      line += nlohmann::json(CapForLog(payload)).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     }
     line += "}\n";
     dest.append(line.data(), line.data() + line.size());
@@ -35,6 +50,31 @@ class JsonFormatter final : public spdlog::formatter {
 };
 
 }  // namespace
+
+std::string CapForLog(std::string_view value) {
+  if (value.size() <= kMaxLogFieldBytes) {
+    return std::string(value);
+  }
+  // A cut inside a UTF-8 sequence is harmless: the encoder replaces the broken tail.
+  return absl::StrCat(std::string(value.substr(0, kMaxLogFieldBytes)), "\xe2\x80\xa6[truncated, ", value.size(), " bytes]");
+}
+
+LineLimiter::Decision LineLimiter::Admit(const std::string& key, absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  Window& window = windows_[key];
+  if (now - window.start >= absl::Seconds(1)) {
+    window.start = now;
+    window.written = 0;
+  }
+  if (window.written >= per_second_) {
+    ++window.suppressed;
+    return Decision{false, 0};
+  }
+  ++window.written;
+  Decision decision{true, window.suppressed};
+  window.suppressed = 0;
+  return decision;
+}
 
 std::unique_ptr<spdlog::formatter> MakeJsonFormatter() { return std::make_unique<JsonFormatter>(); }
 
@@ -65,10 +105,12 @@ void LogJson(spdlog::level::level_enum level, std::string_view message, const nl
     return;
   }
   nlohmann::json object = nlohmann::json::object();
-  object["msg"] = std::string(message);
+  object["msg"] = CapForLog(message);
   for (const auto& [key, value] : fields.items()) {
     if (key != "msg") {
-      object[key] = value;
+      nlohmann::json& member = object[CapForLog(key)];
+      member = value;
+      CapStrings(member);
     }
   }
   // Invalid UTF-8 (say, from a garbage key_id) is replaced, never allowed to break the line.

@@ -21,7 +21,7 @@ inline grpc::Status ToGrpcStatus(const absl::Status& status) {
 // Calls without a deadline (kube-apiserver always sets one, 3 s by default) get this much.
 inline constexpr absl::Duration kDefaultCallDeadline = absl::Seconds(30);
 
-inline absl::Time CallDeadline(const grpc::ServerContext& context) {
+inline absl::Time CallDeadline(const grpc::ServerContextBase& context) {
   const absl::Time now = absl::Now();
   const auto deadline = context.deadline();
   if (deadline == std::chrono::system_clock::time_point::max()) {

@@ -1,26 +1,50 @@
 #include "kmsplugin/server/kms_services.h"
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "crypto/secret_bytes.h"
 #include "kmsplugin/observe/log.h"
 #include "kmsplugin/server/grpc_status.h"
+#include "kmsplugin/server/pooled_call.h"
 
 namespace kmsplugin::server {
 namespace {
 
 constexpr char kV1beta1[] = "v1beta1";
 
-// The seed or DEK came in a buffer gRPC owns; once wrapped, it is wiped there too.
-void WipeRequestBytes(const std::string& bytes) {
-  crypto::Wipe(const_cast<char*>(bytes.data()), bytes.size());
-}
+// A seed or DEK the protobuf parser copied into a string of its own: wiped once used, on every path.
+struct WipeOnExit {
+  std::string& bytes;
+  ~WipeOnExit() { crypto::Wipe(bytes.data(), bytes.size()); }
+};
 
 absl::Status CheckV1Version(const std::string& version) {
   if (!version.empty() && version != kV1beta1) {
-    return absl::InvalidArgumentError(absl::StrCat("unsupported KMS API version \"", version.substr(0, 32),
-                                                   "\"; this service speaks v1beta1"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "unsupported KMS API version \"", absl::CHexEscape(version.substr(0, 32)), "\"; this service speaks v1beta1"));
   }
   return absl::OkStatus();
+}
+
+absl::Status Unparseable(const char* message) {
+  return absl::InvalidArgumentError(absl::StrCat("the request is not a valid ", message, " protobuf message"));
+}
+
+bool Parse(google::protobuf::MessageLite& message, std::string_view bytes) {
+  return message.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()));
+}
+
+// Only the local keyring is known never to block (it computes in memory under a short lock); every other key
+// source talks to a backend and goes through the pool. A key source's kind never changes while served
+// (EnvelopeService::CheckReplacement refuses that).
+Blocking BlockingOf(const core::EnvelopeService& service) {
+  return service.key_source()->Kind() == crypto::KeySourceKind::kLocal ? Blocking::kNeverBlocks : Blocking::kMayBlock;
+}
+
+grpc::ServerUnaryReactor* FinishInline(grpc::CallbackServerContext* context, grpc::Status status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(std::move(status));
+  return reactor;
 }
 
 }  // namespace
@@ -41,96 +65,177 @@ grpc::Status RpcRecorder::Finish(const absl::Status& status, const char* rpc, co
   }
   const auto level = status.ok() ? spdlog::level::debug : spdlog::level::warn;
   if (spdlog::should_log(level)) {
-    observe::Log(level, status.ok() ? "rpc" : "rpc failed",
-                 {{"environment", environment_},
-                  {"rpc", api_ + "." + rpc},
-                  {"uid", uid},
-                  {"key_id", key_id},
-                  {"code", code},
-                  {"latency_ms", absl::ToDoubleMilliseconds(latency)},
-                  {"error", std::string(status.message())}});
+    uint64_t suppressed = 0;
+    if (!status.ok()) {
+      // A flood of failing calls (a hostile or broken client) must not become a flood of log lines.
+      const observe::LineLimiter::Decision decision = failure_lines_.Admit(absl::StrCat(rpc, "/", code), absl::Now());
+      if (!decision.write) {
+        if (registry_ != nullptr) {
+          registry_
+              ->GetCounter("kmsplugin_log_lines_suppressed_total",
+                           "Failure log lines not written because their kind exceeded its rate limit.",
+                           {{"environment", environment_}, {"api", api_}, {"rpc", rpc}, {"code", code}})
+              .Increment();
+        }
+        return ToGrpcStatus(status);
+      }
+      suppressed = decision.suppressed_before;
+    }
+    nlohmann::json fields = {{"environment", environment_},
+                             {"rpc", api_ + "." + rpc},
+                             {"uid", uid},
+                             {"key_id", key_id},
+                             {"code", code},
+                             {"latency_ms", absl::ToDoubleMilliseconds(latency)},
+                             {"error", std::string(status.message())}};
+    if (suppressed > 0) {
+      fields["suppressed"] = suppressed;  // like lines held back since the last one written
+    }
+    observe::LogJson(level, status.ok() ? "rpc" : "rpc failed", fields);
   }
   return ToGrpcStatus(status);
 }
 
-grpc::Status KmsV2Service::Status(grpc::ServerContext*, const v2::StatusRequest*, v2::StatusResponse* response) {
+grpc::ServerUnaryReactor* KmsV2Service::Status(grpc::CallbackServerContext* context, const v2::StatusRequest*,
+                                               v2::StatusResponse* response) {
   const absl::Time start = absl::Now();
-  const core::StatusResult status = service_.Status();
+  const core::StatusResult status = service_.Status();  // non-blocking: answered on the callback thread
   response->set_version(status.version);
   response->set_healthz(status.healthz);
   response->set_key_id(status.key_id);
-  return recorder_.Finish(absl::OkStatus(), "Status", "", status.key_id, start);
+  return FinishInline(context, recorder_.Finish(absl::OkStatus(), "Status", "", status.key_id, start));
 }
 
-grpc::Status KmsV2Service::Encrypt(grpc::ServerContext* context, const v2::EncryptRequest* request,
-                                   v2::EncryptResponse* response) {
-  const absl::Time start = absl::Now();
-  absl::StatusOr<core::EncryptResult> result = service_.Encrypt(request->plaintext(), CallDeadline(*context));
-  WipeRequestBytes(request->plaintext());
+grpc::ServerUnaryReactor* KmsV2Service::Encrypt(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+                                                grpc::ByteBuffer* response) {
+  return StartPooledCall(context, request, response, pool_, recorder_, "Encrypt", RequestSecrecy::kSecret,
+                         BlockingOf(service_),
+                         [this](std::string_view bytes, absl::Time deadline) { return RunEncrypt(bytes, deadline); });
+}
+
+CallOutcome KmsV2Service::RunEncrypt(std::string_view bytes, absl::Time deadline) {
+  CallOutcome outcome;
+  v2::EncryptRequest parsed;
+  WipeOnExit wipe{*parsed.mutable_plaintext()};
+  if (!Parse(parsed, bytes)) {
+    outcome.status = Unparseable("v2.EncryptRequest");
+    return outcome;
+  }
+  outcome.uid = parsed.uid();
+  absl::StatusOr<core::EncryptResult> result = service_.Encrypt(parsed.plaintext(), deadline);
+  outcome.status = result.status();
   if (result.ok()) {
-    response->set_ciphertext(std::move(result->ciphertext));
-    response->set_key_id(std::move(result->key_id));
+    v2::EncryptResponse answer;
+    answer.set_ciphertext(std::move(result->ciphertext));
+    answer.set_key_id(std::move(result->key_id));
     for (auto& [key, value] : result->annotations) {
-      (*response->mutable_annotations())[key] = std::move(value);
+      (*answer.mutable_annotations())[key] = std::move(value);
     }
+    outcome.key_id = answer.key_id();
+    outcome.response = SerializePublic(answer);
   }
-  return recorder_.Finish(result.status(), "Encrypt", request->uid(), response->key_id(), start);
+  return outcome;
 }
 
-grpc::Status KmsV2Service::Decrypt(grpc::ServerContext* context, const v2::DecryptRequest* request,
-                                   v2::DecryptResponse* response) {
-  const absl::Time start = absl::Now();
+grpc::ServerUnaryReactor* KmsV2Service::Decrypt(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+                                                grpc::ByteBuffer* response) {
+  return StartPooledCall(context, request, response, pool_, recorder_, "Decrypt", RequestSecrecy::kPublic,
+                         BlockingOf(service_),
+                         [this](std::string_view bytes, absl::Time deadline) { return RunDecrypt(bytes, deadline); });
+}
+
+CallOutcome KmsV2Service::RunDecrypt(std::string_view bytes, absl::Time deadline) {
+  CallOutcome outcome;
+  v2::DecryptRequest parsed;
+  if (!Parse(parsed, bytes)) {
+    outcome.status = Unparseable("v2.DecryptRequest");
+    return outcome;
+  }
+  outcome.uid = parsed.uid();
+  outcome.key_id = parsed.key_id();
   core::DecryptMetadata metadata;
-  metadata.key_id = request->key_id();
-  metadata.annotations.insert(request->annotations().begin(), request->annotations().end());
-  absl::StatusOr<crypto::SecretBytes> plaintext =
-      service_.Decrypt(request->ciphertext(), &metadata, CallDeadline(*context));
+  metadata.key_id = parsed.key_id();
+  metadata.annotations.insert(parsed.annotations().begin(), parsed.annotations().end());
+  absl::StatusOr<crypto::SecretBytes> plaintext = service_.Decrypt(parsed.ciphertext(), &metadata, deadline);
+  outcome.status = plaintext.status();
   if (plaintext.ok()) {
-    response->set_plaintext(plaintext->data(), plaintext->size());
+    v2::DecryptResponse answer;
+    WipeOnExit wipe{*answer.mutable_plaintext()};
+    answer.set_plaintext(plaintext->data(), plaintext->size());
+    outcome.response = SerializeSecret(answer);
   }
-  return recorder_.Finish(plaintext.status(), "Decrypt", request->uid(), request->key_id(), start);
+  return outcome;
 }
 
-grpc::Status KmsV1beta1Service::Version(grpc::ServerContext*, const v1beta1::VersionRequest* request,
-                                        v1beta1::VersionResponse* response) {
+grpc::ServerUnaryReactor* KmsV1beta1Service::Version(grpc::CallbackServerContext* context,
+                                                     const v1beta1::VersionRequest* request,
+                                                     v1beta1::VersionResponse* response) {
   const absl::Time start = absl::Now();
   if (auto status = CheckV1Version(request->version()); !status.ok()) {
-    return recorder_.Finish(status, "Version", "", "", start);
+    return FinishInline(context, recorder_.Finish(status, "Version", "", "", start));
   }
   response->set_version(kV1beta1);
   response->set_runtime_name("kmsplugin");
   response->set_runtime_version(KMSPLUGIN_VERSION);
-  return recorder_.Finish(absl::OkStatus(), "Version", "", "", start);
+  return FinishInline(context, recorder_.Finish(absl::OkStatus(), "Version", "", "", start));
 }
 
-grpc::Status KmsV1beta1Service::Encrypt(grpc::ServerContext* context, const v1beta1::EncryptRequest* request,
-                                        v1beta1::EncryptResponse* response) {
-  const absl::Time start = absl::Now();
-  absl::Status status = CheckV1Version(request->version());
-  if (status.ok()) {
-    absl::StatusOr<core::EncryptResult> result = service_.Encrypt(request->plain(), CallDeadline(*context));
-    if (result.ok()) {
-      response->set_cipher(std::move(result->ciphertext));
-    }
-    status = result.status();
-  }
-  WipeRequestBytes(request->plain());
-  return recorder_.Finish(status, "Encrypt", "", "", start);
+grpc::ServerUnaryReactor* KmsV1beta1Service::Encrypt(grpc::CallbackServerContext* context,
+                                                     const grpc::ByteBuffer* request, grpc::ByteBuffer* response) {
+  return StartPooledCall(context, request, response, pool_, recorder_, "Encrypt", RequestSecrecy::kSecret,
+                         BlockingOf(service_),
+                         [this](std::string_view bytes, absl::Time deadline) { return RunEncrypt(bytes, deadline); });
 }
 
-grpc::Status KmsV1beta1Service::Decrypt(grpc::ServerContext* context, const v1beta1::DecryptRequest* request,
-                                        v1beta1::DecryptResponse* response) {
-  const absl::Time start = absl::Now();
-  absl::Status status = CheckV1Version(request->version());
-  if (status.ok()) {
-    absl::StatusOr<crypto::SecretBytes> plaintext =
-        service_.Decrypt(request->cipher(), /*metadata=*/nullptr, CallDeadline(*context));
-    if (plaintext.ok()) {
-      response->set_plain(plaintext->data(), plaintext->size());
-    }
-    status = plaintext.status();
+CallOutcome KmsV1beta1Service::RunEncrypt(std::string_view bytes, absl::Time deadline) {
+  CallOutcome outcome;
+  v1beta1::EncryptRequest parsed;
+  WipeOnExit wipe{*parsed.mutable_plain()};
+  if (!Parse(parsed, bytes)) {
+    outcome.status = Unparseable("v1beta1.EncryptRequest");
+    return outcome;
   }
-  return recorder_.Finish(status, "Decrypt", "", "", start);
+  outcome.status = CheckV1Version(parsed.version());
+  if (!outcome.status.ok()) {
+    return outcome;
+  }
+  absl::StatusOr<core::EncryptResult> result = service_.Encrypt(parsed.plain(), deadline);
+  outcome.status = result.status();
+  if (result.ok()) {
+    v1beta1::EncryptResponse answer;
+    answer.set_cipher(std::move(result->ciphertext));
+    outcome.response = SerializePublic(answer);
+  }
+  return outcome;
+}
+
+grpc::ServerUnaryReactor* KmsV1beta1Service::Decrypt(grpc::CallbackServerContext* context,
+                                                     const grpc::ByteBuffer* request, grpc::ByteBuffer* response) {
+  return StartPooledCall(context, request, response, pool_, recorder_, "Decrypt", RequestSecrecy::kPublic,
+                         BlockingOf(service_),
+                         [this](std::string_view bytes, absl::Time deadline) { return RunDecrypt(bytes, deadline); });
+}
+
+CallOutcome KmsV1beta1Service::RunDecrypt(std::string_view bytes, absl::Time deadline) {
+  CallOutcome outcome;
+  v1beta1::DecryptRequest parsed;
+  if (!Parse(parsed, bytes)) {
+    outcome.status = Unparseable("v1beta1.DecryptRequest");
+    return outcome;
+  }
+  outcome.status = CheckV1Version(parsed.version());
+  if (!outcome.status.ok()) {
+    return outcome;
+  }
+  absl::StatusOr<crypto::SecretBytes> plaintext = service_.Decrypt(parsed.cipher(), /*metadata=*/nullptr, deadline);
+  outcome.status = plaintext.status();
+  if (plaintext.ok()) {
+    v1beta1::DecryptResponse answer;
+    WipeOnExit wipe{*answer.mutable_plain()};
+    answer.set_plain(plaintext->data(), plaintext->size());
+    outcome.response = SerializeSecret(answer);
+  }
+  return outcome;
 }
 
 }  // namespace kmsplugin::server

@@ -88,8 +88,11 @@ absl::Status ServerRunner::StartListener(Listener& listener) {
   if (auto status = PrepareSocketPath(env.socket, env.socket_group); !status.ok()) {
     return status;
   }
-  listener.v2 = std::make_unique<KmsV2Service>(*env.service, options_.registry);
-  listener.v1beta1 = std::make_unique<KmsV1beta1Service>(*env.service, options_.registry);
+  listener.server.reset();  // a pool is replaced only once its server is gone
+  listener.pool = std::make_unique<CallPool>(
+      CallPool::Options{options_.tuning.workers, options_.tuning.max_queued_calls});
+  listener.v2 = std::make_unique<KmsV2Service>(*env.service, *listener.pool, options_.registry);
+  listener.v1beta1 = std::make_unique<KmsV1beta1Service>(*env.service, *listener.pool, options_.registry);
   grpc::ServerBuilder builder;
   ApplyServerTuning(options_.tuning, builder);
   listener.calls = std::make_unique<CallCounter>();

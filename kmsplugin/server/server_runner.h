@@ -136,6 +136,8 @@ class ServerRunner {
  private:
   struct Listener {
     ServedEnvironment environment;
+    // Runs this socket's Encrypt/Decrypt calls; outlives `server` (it is reset first when stopping).
+    std::unique_ptr<CallPool> pool;
     std::unique_ptr<KmsV2Service> v2;
     std::unique_ptr<KmsV1beta1Service> v1beta1;
     std::unique_ptr<CallCounter> calls;  // outlives `server`

@@ -168,5 +168,55 @@ TEST_CASE("Logs: every line is one JSON object with time, level, msg and the fie
   CHECK(parsed[1]["msg"] == "plain text with \"quotes\"");
 }
 
+TEST_CASE("Logs: a string field longer than the cap is cut and says its length, with control characters escaped",
+          "[observe][log]") {
+  std::ostringstream out;
+  auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(out);
+  auto logger = std::make_shared<spdlog::logger>("observe-test", sink);
+  logger->set_formatter(observe::MakeJsonFormatter());
+  auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(logger);
+  const std::string huge(32000, 'u');
+  observe::Log(spdlog::level::warn, std::string(5000, 'm'),
+               {{"uid", huge}, {"nested", nlohmann::json::array({huge, "short"})}, {"ctl", "a\x01" "b\nc\x1b[31m"}});
+  spdlog::warn("{}", huge);
+  spdlog::set_default_logger(previous);
+  std::istringstream lines(out.str());
+  std::string line;
+  std::vector<nlohmann::json> parsed;
+  while (std::getline(lines, line)) {
+    INFO(line.substr(0, 200));
+    CHECK(line.size() < 4 * observe::kMaxLogFieldBytes + 400);
+    CHECK(line.find('\x1b') == std::string::npos);  // the escape character is written as \u001b
+    CHECK(line.find('\x01') == std::string::npos);
+    parsed.push_back(nlohmann::json::parse(line));
+  }
+  REQUIRE(parsed.size() == 2);
+  const std::string uid = parsed[0]["uid"];
+  CHECK(uid.size() < observe::kMaxLogFieldBytes + 64);
+  CHECK(Has(uid, "truncated, 32000 bytes"));
+  CHECK(Has(parsed[0]["nested"][0].get<std::string>(), "truncated, 32000 bytes"));
+  CHECK(parsed[0]["nested"][1] == "short");
+  CHECK(Has(parsed[0]["msg"].get<std::string>(), "truncated, 5000 bytes"));
+  CHECK(parsed[0]["ctl"] == "a\x01" "b\nc\x1b[31m");  // escaped on the wire, intact when read back
+  CHECK(Has(parsed[1]["msg"].get<std::string>(), "truncated, 32000 bytes"));
+}
+
+TEST_CASE("Logs: LineLimiter writes at most N lines per key per second and reports what it held back",
+          "[observe][log]") {
+  observe::LineLimiter limiter(3);
+  const absl::Time t0 = absl::FromUnixSeconds(1'800'000'000);
+  int written = 0;
+  for (int i = 0; i < 10; ++i) {
+    written += limiter.Admit("Decrypt/INVALID_ARGUMENT", t0 + absl::Milliseconds(i)).write ? 1 : 0;
+  }
+  CHECK(written == 3);
+  CHECK(limiter.Admit("Encrypt/UNAVAILABLE", t0).write);  // another key has its own budget
+  const observe::LineLimiter::Decision next = limiter.Admit("Decrypt/INVALID_ARGUMENT", t0 + absl::Seconds(1));
+  CHECK(next.write);
+  CHECK(next.suppressed_before == 7);
+  CHECK(limiter.Admit("Decrypt/INVALID_ARGUMENT", t0 + absl::Seconds(1)).suppressed_before == 0);
+}
+
 }  // namespace
 }  // namespace kmsplugin::testing
