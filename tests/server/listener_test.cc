@@ -18,6 +18,7 @@
 #include "absl/time/clock.h"
 #include <grpcpp/server_builder.h>
 
+#include "kmsplugin/server/call_pool.h"
 #include "kmsplugin/server/kms_services.h"
 #include "kmsplugin/server/socket_listener.h"
 #include "tests/server/server_fixture.h"
@@ -71,7 +72,8 @@ TEST_CASE("Listener: a gRPC 1.51 server built with no listening port serves the 
           "[server][listener]") {
   TempDir dir;
   auto service = MakeService(OpenLocal(MakeKeyring(dir, "dev"), "dev"), "dev");
-  server::KmsV2Service v2(*service, nullptr);
+  server::CallPool pool(server::CallPool::Options{2, 4});
+  server::KmsV2Service v2(*service, pool, nullptr);
   grpc::ServerBuilder builder;
   builder.RegisterService(&v2);
   std::unique_ptr<grpc::Server> grpc_server = builder.BuildAndStart();
