@@ -6,6 +6,9 @@
 
 #include <iostream>
 
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
 #include "kmsplugin/core/exit_codes.h"
 #include "kmsplugin/daemon/event_log_sink.h"
 #include "kmsplugin/keysource/registry.h"
@@ -13,11 +16,28 @@
 namespace kmsplugin::cli {
 
 int Fail(const absl::Status& status) {
-  std::cerr << "kmsplugin: " << status.message() << "\n";
+  // A message may quote a config value or a flag as typed: no escape sequence reaches the terminal.
+  std::cerr << "kmsplugin: " << Printable(std::string(status.message()), 8192) << "\n";
   return core::ExitCodeFor(status, core::IsUsageError(status) ? core::kExitUsage : core::kExitFailed);
 }
 
 int FailConfig(const absl::Status& status) { return Fail(core::AsUsageError(status)); }
+
+std::string Printable(const std::string& text, size_t max) {
+  std::string out;
+  for (const char c : text.substr(0, max)) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (byte < 0x20 || byte == 0x7f) {
+      absl::StrAppendFormat(&out, "\\x%02x", byte);
+    } else {
+      out.push_back(c);
+    }
+  }
+  if (text.size() > max) {
+    absl::StrAppend(&out, "...[", text.size(), " bytes]");
+  }
+  return out;
+}
 
 void HardenProcess() {
   prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);

@@ -22,6 +22,10 @@ int Fail(const absl::Status& status);
 // The same for a config that cannot be loaded or an environment it does not have: 2 (a config error), or 3.
 int FailConfig(const absl::Status& status);
 
+// `text` for a terminal, on one line: control characters (ESC, newline, ...) as \xNN, at most `max` bytes. For
+// anything that may echo what the caller typed or a config value.
+std::string Printable(const std::string& text, size_t max = 512);
+
 // No core dumps (they would hold keys), not dumpable, no files readable by others (umask 077).
 void HardenProcess();
 

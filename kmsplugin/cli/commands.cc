@@ -491,13 +491,13 @@ int Main(int argc, char** argv) {
         if (word == "--log-level") {
           ++i;  // its value
         } else if (!word.empty() && word[0] != '-') {
-          std::cerr << "kmsplugin: unknown command \"" << word.substr(0, 64) << "\"; fix: use one of "
+          std::cerr << "kmsplugin: unknown command \"" << Printable(word, 64) << "\"; fix: use one of "
                     << absl::StrJoin(names, ", ") << " (kmsplugin --help)\n";
           return core::kExitUsage;
         }
       }
     }
-    std::cerr << "kmsplugin: " << error.what() << "; fix: see `" << command << " --help`\n";
+    std::cerr << "kmsplugin: " << Printable(error.what()) << "; fix: see `" << command << " --help`\n";
     return core::kExitUsage;
   }
   observe::SetUpJsonLogging(log_level);

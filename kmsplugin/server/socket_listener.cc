@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -67,9 +68,9 @@ bool SocketListener::WaitForStop(absl::Duration timeout) const {
 }
 
 void SocketListener::Sweep() {
-  std::erase_if(handed_, [](const std::pair<int, ino_t>& entry) {
+  std::erase_if(handed_, [](const Handed& entry) {
     struct stat info {};
-    return fstat(entry.first, &info) != 0 || !S_ISSOCK(info.st_mode) || info.st_ino != entry.second;
+    return fstat(entry.fd, &info) != 0 || !S_ISSOCK(info.st_mode) || info.st_ino != entry.inode;
   });
 }
 
@@ -149,15 +150,25 @@ void SocketListener::AcceptLoop() {
       }
       struct stat info {};
       fstat(fd, &info);
+      ucred peer{};
+      socklen_t peer_size = sizeof(peer);
+      if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &peer_size) != 0) {
+        peer.uid = static_cast<uid_t>(-1);  // unknown peers share one account
+      }
       bool admit = false;
       {
         absl::MutexLock lock(&mu_);
-        if (static_cast<int>(handed_.size()) >= limits_.max_connections) {
+        const auto from_peer = [&] {
+          return std::count_if(handed_.begin(), handed_.end(), [&](const Handed& h) { return h.uid == peer.uid; });
+        };
+        if (static_cast<int>(handed_.size()) >= limits_.max_connections ||
+            from_peer() >= limits_.max_connections_per_uid) {
           Sweep();
         }
-        admit = static_cast<int>(handed_.size()) < limits_.max_connections;
+        admit = static_cast<int>(handed_.size()) < limits_.max_connections &&
+                from_peer() < limits_.max_connections_per_uid;
         if (admit) {
-          handed_.emplace_back(fd, info.st_ino);
+          handed_.push_back({fd, info.st_ino, peer.uid});
         }
       }
       if (!admit) {
@@ -171,6 +182,8 @@ void SocketListener::AcceptLoop() {
           observe::Log(spdlog::level::warn, "connection limit reached; closing new connections at once",
                        {{"event", "connection_limit"}, {"socket", path_},
                         {"max_connections", limits_.max_connections},
+                        {"max_connections_per_uid", limits_.max_connections_per_uid},
+                        {"peer_uid", static_cast<int64_t>(peer.uid)},
                         {"refused_so_far", refused_over_limit_.load()}});
         }
         continue;

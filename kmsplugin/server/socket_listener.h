@@ -15,6 +15,8 @@
 //   closes a connection it was given, so each handed descriptor is remembered with its socket inode; at the
 //   limit, entries whose descriptor is closed or now names another file (fstat) are dropped first. A descriptor
 //   number gRPC closed and the kernel reused has another inode, so it is never counted twice.
+// - at most `max_connections_per_uid` of them from one peer user (SO_PEERCRED): a member of the socket group who
+//   holds connections open cannot take the room kube-apiserver (and the daemon's own socket probe) need.
 // Thread-safe. The gRPC server must be started before Start() and outlive the listener.
 
 #include <sys/types.h>
@@ -41,13 +43,15 @@ struct ListenerLimits {
   // Connections one socket serves at once. kube-apiserver keeps one per plugin; the rest is room for
   // `kmsplugin status`, probes and restarts of the apiserver.
   int max_connections = 128;
+  // Of those, at most this many from one peer uid; kube-apiserver's user and ours always keep the rest.
+  int max_connections_per_uid = 64;
   int backlog = 128;
   absl::Duration error_backoff = absl::Milliseconds(50);
 };
 
 struct ListenerCounts {
   uint64_t accepted = 0;
-  uint64_t refused_over_limit = 0;  // closed at once: `max_connections` were live
+  uint64_t refused_over_limit = 0;  // closed at once: `max_connections` were live, or the peer uid's share
   uint64_t accept_errors = 0;       // accept4 failed with EMFILE, ENFILE, ENOBUFS or ENOMEM (and was retried)
   int live = 0;                     // connections handed to gRPC that are still open (as of the last sweep)
 };
@@ -97,7 +101,12 @@ class SocketListener {
   std::atomic<uint64_t> refused_over_limit_{0};
   std::atomic<uint64_t> accept_errors_{0};
   mutable absl::Mutex mu_;
-  std::vector<std::pair<int, ino_t>> handed_ ABSL_GUARDED_BY(mu_);  // descriptor, socket inode
+  struct Handed {
+    int fd;
+    ino_t inode;
+    uid_t uid;  // the peer's, from SO_PEERCRED
+  };
+  std::vector<Handed> handed_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace kmsplugin::server

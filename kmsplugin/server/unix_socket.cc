@@ -40,26 +40,42 @@ bool SomethingAnswers(const std::string& path) {
 // socket, in its place (kube-apiserver would then hand its DEKs to them). The same rule as config/file_checks.h
 // has for directories of trusted files (owned by root or by us, not writable by group or others unless sticky);
 // server/ does not link config/, and this is the one directory it applies to here.
+// The socket's own directory: owned by root or us, and writable by nobody else, sticky or not. A sticky shared
+// directory (/tmp) stops others deleting our socket, but not creating the path first while we are down (after a
+// boot, between restarts, before a reload adds the environment): kube-apiserver would then talk to theirs.
+// Every directory above it: owned by root or us, and not writable by others unless sticky (then nobody else can
+// rename our directory away and put theirs in its place).
 absl::Status CheckSocketDirectory(const std::filesystem::path& dir) {
-  struct stat info {};
-  if (stat(dir.c_str(), &info) != 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("cannot inspect socket directory ", dir.string(), ": ", std::strerror(errno)));
-  }
-  if (!S_ISDIR(info.st_mode)) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "socket directory ", dir.string(), " is not a directory; fix: remove it or choose another socket path"));
-  }
-  const bool trusted_owner = info.st_uid == 0 || info.st_uid == geteuid();
-  const bool writable_by_others = (info.st_mode & (S_IWGRP | S_IWOTH)) != 0 && (info.st_mode & S_ISVTX) == 0;
-  if (!trusted_owner || writable_by_others) {
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "socket directory %s is owned by uid %d with mode %04o: %s could replace the socket with a link or with "
-        "their own socket; fix: %s, or put the socket in a directory only root or uid %d can write (e.g. "
-        "/run/kmsplugin, mode 0750)",
-        dir.string(), info.st_uid, info.st_mode & 07777, trusted_owner ? "group members or other users" : "its owner",
-        trusted_owner ? absl::StrCat("chmod go-w ", dir.string()) : absl::StrCat("chown ", geteuid(), " ", dir.string()),
-        geteuid()));
+  bool own_directory = true;
+  for (std::filesystem::path at = dir; !at.empty(); at = at.parent_path()) {
+    struct stat info {};
+    if (stat(at.c_str(), &info) != 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("cannot inspect socket directory ", at.string(), ": ", std::strerror(errno)));
+    }
+    if (!S_ISDIR(info.st_mode)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "socket directory ", at.string(), " is not a directory; fix: remove it or choose another socket path"));
+    }
+    const bool trusted_owner = info.st_uid == 0 || info.st_uid == geteuid();
+    const bool group_or_others_write = (info.st_mode & (S_IWGRP | S_IWOTH)) != 0;
+    const bool sticky = (info.st_mode & S_ISVTX) != 0;
+    const bool writable_by_others = own_directory ? group_or_others_write : group_or_others_write && !sticky;
+    if (!trusted_owner || writable_by_others) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "socket directory %s%s is owned by uid %d with mode %04o: %s could replace the socket with a link or "
+          "with their own socket%s; fix: %s, or put the socket in a directory only root or uid %d can write (e.g. "
+          "/run/kmsplugin, mode 0750)",
+          at.string(), own_directory ? "" : absl::StrCat(" (above ", dir.string(), ")"), info.st_uid,
+          info.st_mode & 07777, trusted_owner ? "group members or other users" : "its owner",
+          own_directory && sticky ? " (a sticky directory stops them deleting it, not creating it first)" : "",
+          trusted_owner ? absl::StrCat("chmod go-w ", at.string()) : absl::StrCat("chown ", geteuid(), " ", at.string()),
+          geteuid()));
+    }
+    if (at == at.root_path()) {
+      break;
+    }
+    own_directory = false;
   }
   return absl::OkStatus();
 }

@@ -503,6 +503,9 @@ TEST_CASE("CLI grammar: every usage error exits 2 with one line naming the flag"
       {{"--log-level", "verbose", "version"}, "--log-level"},
       {{"version", "--log-level", "verbose"}, "--log-level"},
       {{"no-such-command"}, "no-such-command"},
+      // What the caller typed is echoed without its control characters (no escape sequence reaches a terminal).
+      {{"--log-level", "debug\x1b[31m", "version"}, "debug\\x1b[31m"},
+      {{"keys", "--config", s.config, "--env", "a\nb\x1b"}, "a\\x0ab\\x1b"},
       {{"keys", "--config", s.config, "--env", "prod"}, "no environment named \"prod\""},
       {{"keys", "--config", s.dir.File("missing.yaml"), "--env", "dev"}, "missing.yaml"},
       {{"init", "--config", s.dir.File("missing.yaml")}, "missing.yaml"},

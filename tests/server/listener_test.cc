@@ -7,11 +7,14 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
+#include <grp.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cstring>
 #include <thread>
+#include <vector>
 
 #include <catch2/catch.hpp>
 
@@ -155,6 +158,71 @@ TEST_CASE("Listener: connections over the per-socket limit are closed at once, a
   CHECK(WaitFor([&] { return StatusOk(f.socket); }));
 }
 
+TEST_CASE("Listener: one peer user holding connections open cannot take kube-apiserver's room",
+          "[server][listener][hardening]") {
+  if (geteuid() != 0) {
+    WARN("needs root to connect as another user; CI runs as root");
+    return;
+  }
+  server::RunnerOptions options;
+  options.listener.max_connections = 8;
+  options.listener.max_connections_per_uid = 4;
+  ServerFixture f(options);
+  // A member of the socket group: here the socket is opened to everyone so that uid 65534 can connect.
+  REQUIRE(chmod(f.socket.c_str(), 0666) == 0);
+  std::string dir = f.socket.substr(0, f.socket.rfind('/'));
+  for (std::string d = dir; d.size() > 1; d = d.substr(0, d.rfind('/'))) {
+    struct stat info {};
+    if (stat(d.c_str(), &info) == 0 && (info.st_mode & 0001) == 0) {
+      chmod(d.c_str(), info.st_mode | 0001);  // traversable (the test's own temp directories)
+    }
+  }
+  int ready[2], release[2];
+  REQUIRE(pipe(ready) == 0);
+  REQUIRE(pipe(release) == 0);
+  const pid_t attacker = fork();
+  REQUIRE(attacker >= 0);
+  if (attacker == 0) {
+    close(ready[0]);
+    close(release[1]);
+    if (setgroups(0, nullptr) != 0 || setresgid(65534, 65534, 65534) != 0 || setresuid(65534, 65534, 65534) != 0) {
+      _exit(2);
+    }
+    std::vector<int> held;
+    for (int i = 0; i < 8; ++i) {  // every connection the socket takes
+      const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      sockaddr_un address{};
+      address.sun_family = AF_UNIX;
+      std::strncpy(address.sun_path, f.socket.c_str(), sizeof(address.sun_path) - 1);
+      if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
+        _exit(3);
+      }
+      held.push_back(fd);
+    }
+    const char byte = 1;
+    if (write(ready[1], &byte, 1) != 1) {
+      _exit(4);
+    }
+    char done;
+    (void)!read(release[0], &done, 1);  // hold them until the parent has checked
+    _exit(0);
+  }
+  close(ready[1]);
+  close(release[0]);
+  char byte = 0;
+  REQUIRE(read(ready[0], &byte, 1) == 1);
+  // The listener admits 4 of the attacker's 8 and closes the rest at once.
+  CHECK(WaitFor([&] { return f.runner->SocketCounts("dev")->refused_over_limit >= 4; }));
+  // kube-apiserver (root here) still gets in and is served.
+  CHECK(StatusOk(f.socket));
+  close(release[1]);
+  int status = 0;
+  waitpid(attacker, &status, 0);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  close(ready[0]);
+}
+
 TEST_CASE("Socket: a link swapped in at the socket path never changes its target, over 20 starts",
           "[server][socket][hardening]") {
   TempDir dir;
@@ -222,7 +290,8 @@ TEST_CASE("Socket: a socket directory others can write (0777, not sticky) is ref
   CHECK(lstat((open_dir + "/dev.sock").c_str(), &info) != 0);  // nothing was bound there
 }
 
-TEST_CASE("Socket: a sticky shared directory (like /tmp) is accepted", "[server][socket]") {
+TEST_CASE("Socket: a sticky shared directory (like /tmp) is refused: anyone could create the path first",
+          "[server][socket][hardening]") {
   TempDir dir;
   const std::string shared = dir.File("shared");
   REQUIRE(mkdir(shared.c_str(), 0777) == 0);
@@ -230,8 +299,27 @@ TEST_CASE("Socket: a sticky shared directory (like /tmp) is accepted", "[server]
   auto service = MakeService(OpenLocal(MakeKeyring(dir, "dev"), "dev"), "dev");
   std::vector<server::ServedEnvironment> envs{{shared + "/dev.sock", std::nullopt, service}};
   server::ServerRunner runner({}, std::move(envs));
-  REQUIRE(runner.Start().ok());
-  CHECK(StatusOk(shared + "/dev.sock"));
+  const absl::Status status = runner.Start();
+  INFO(status.ToString());
+  CHECK(status.code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(Has(std::string(status.message()), "socket directory " + shared));
+  CHECK(Has(std::string(status.message()), "not creating it first"));
+}
+
+TEST_CASE("Socket: a directory above the socket's that another user owns is refused", "[server][socket][hardening]") {
+  TempDir dir;
+  const std::string theirs = dir.File("theirs");
+  REQUIRE(mkdir(theirs.c_str(), 0755) == 0);
+  REQUIRE(chown(theirs.c_str(), 65534, 65534) == 0);  // nobody: could rename run/ away and put its own in place
+  REQUIRE(mkdir((theirs + "/run").c_str(), 0700) == 0);
+  auto service = MakeService(OpenLocal(MakeKeyring(dir, "dev"), "dev"), "dev");
+  std::vector<server::ServedEnvironment> envs{{theirs + "/run/dev.sock", std::nullopt, service}};
+  server::ServerRunner runner({}, std::move(envs));
+  const absl::Status status = runner.Start();
+  INFO(status.ToString());
+  CHECK(status.code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(Has(std::string(status.message()), "socket directory " + theirs + " (above " + theirs + "/run)"));
+  CHECK(Has(std::string(status.message()), "owned by uid 65534"));
 }
 
 TEST_CASE("Socket: a stale socket is replaced by one of mode 0600 even with umask 0", "[server][socket]") {
