@@ -170,6 +170,13 @@ class Flood {
 
 TEST_CASE("Listener attack: a local user's connection flood on the metrics port leaves gRPC answering after it",
           "[integration][hardening][listener]") {
+#if defined(__SANITIZE_ADDRESS__)
+  // Under UBSan a dynamic-type check that misses its cache tests the memory with a pipe (sanitizer_common's
+  // IsAccessibleMemoryRange); with every descriptor taken the pipe fails and UBSan reports an "invalid vptr" that
+  // is not there, and halts. Measured only in the Release run.
+  WARN("skipped under the sanitizers: they need descriptors of their own");
+  return;
+#endif
   INFO("the attacker runs as the unprivileged user nobody: switching to it needs root (CI runs as root)");
   REQUIRE(geteuid() == 0);
   Setup s;
