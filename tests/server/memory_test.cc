@@ -31,6 +31,12 @@ long RssKb(pid_t pid) {
 }  // namespace
 
 TEST_CASE("Memory: after 1,000 clients have come and gone, the daemon's RSS falls back", "[server][memory]") {
+#if defined(__SANITIZE_ADDRESS__)
+  // RSS under AddressSanitizer is mostly its shadow memory and quarantine, which are never handed back. The
+  // Release run measures it.
+  WARN("skipped under AddressSanitizer");
+  return;
+#endif
   DaemonDriver d;
   const std::string socket = d.dir.File("dev.sock");
   d.config =
@@ -49,8 +55,9 @@ TEST_CASE("Memory: after 1,000 clients have come and gone, the daemon's RSS fall
   }
   const long base = RssKb(server->pid());
   {
-    // 1,000 clients, in waves below one user's share of the per-socket connection limit (more are closed at once, which bounds
-    // what a flood of connections can cost), each sending maximum-size garbage: the receive buffers and the
+    // 1,000 clients, in waves below one user's share of the per-socket connection limit (more are closed at
+    // once, which bounds what a flood of connections can cost), each sending maximum-size garbage: the receive
+    // buffers and the
     // allocator's arenas grow, and must be handed back once the clients are gone.
     const int clients = 1000;
     const int wave = 50;  // below the per-uid share (64) of the per-socket limit (128); 1,000 in 20 waves

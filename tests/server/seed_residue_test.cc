@@ -104,6 +104,12 @@ int CountSeedsInMemory(const char* tag) {
 
 TEST_CASE("Seeds: after Encrypt and Decrypt calls end, the server's memory holds none of their plaintexts",
           "[server][secrets]") {
+#if defined(__SANITIZE_ADDRESS__)
+  // AddressSanitizer maps terabytes of shadow memory and keeps freed blocks in quarantine: a scan of this
+  // process would measure the sanitizer, not the plugin. The Release run measures it.
+  WARN("skipped under AddressSanitizer");
+  return;
+#endif
   int to_child[2];
   REQUIRE(pipe(to_child) == 0);
   const pid_t child = fork();
