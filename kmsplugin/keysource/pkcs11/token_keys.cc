@@ -1,4 +1,6 @@
+#include <chrono>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kmsplugin/keysource/pkcs11/key_ref.h"
@@ -165,7 +167,19 @@ CK_RV GenerateKey(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session, const std::
 CK_RV SetUsage(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session, CK_OBJECT_HANDLE key, bool usable) {
   CK_BBOOL value = usable ? CK_TRUE : CK_FALSE;
   CK_ATTRIBUTE usage[] = {{CKA_ENCRYPT, &value, sizeof(value)}, {CKA_DECRYPT, &value, sizeof(value)}};
-  return f->C_SetAttributeValue(session, key, usage, 2);
+  // Setting the same two attributes again is idempotent, so a CKR_GENERAL_ERROR is tried twice more: SoftHSM2's
+  // file object store fails an attribute write that races another thread's use of the object and says
+  // CKR_GENERAL_ERROR, and the same call succeeds right after (softhsm/SoftHSMv2#573). Anything else, and a third
+  // failure, is the caller's to report.
+  CK_RV rv = CKR_GENERAL_ERROR;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    rv = f->C_SetAttributeValue(session, key, usage, 2);
+    if (rv != CKR_GENERAL_ERROR) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5 * (attempt + 1)));
+  }
+  return rv;
 }
 
 namespace {
