@@ -37,19 +37,17 @@ ConfigReloader::ConfigReloader(std::string path, LoadedConfig running, observe::
 void ConfigReloader::Reload() {
   ReloadPlan plan;
   if (absl::Status status = TryReload(plan); !status.ok()) {
-    rejected_->Increment();
-    last_ok_.store(false);
+    // The line first, then the counter: whoever sees the counter move can read why (the tests do).
     observe::Log(spdlog::level::err, "config reload rejected",
                  {{"event", "reload"},
                   {"result", "rejected"},
                   {"config", path_},
                   {"error", std::string(status.message())},
                   {"serving", "the previous configuration, unchanged"}});
+    last_ok_.store(false);
+    rejected_->Increment();
     return;
   }
-  applied_->Increment();
-  last_ok_.store(true);
-  last_success_.store(absl::ToUnixSeconds(absl::Now()));
   RegisterBackendGauges(registry_, services_, backend_gauges_);
   observe::Log(spdlog::level::info, "config reloaded",
                {{"event", "reload"},
@@ -59,6 +57,9 @@ void ConfigReloader::Reload() {
                 {"added", plan.added},
                 {"removed", plan.removed},
                 {"changed", plan.Changed()}});
+  last_ok_.store(true);
+  last_success_.store(absl::ToUnixSeconds(absl::Now()));
+  applied_->Increment();
 }
 
 absl::Status ConfigReloader::TryReload(ReloadPlan& plan) {
