@@ -31,10 +31,8 @@ sigset_t ServerSignals() {
 }
 
 
-int64_t SteadyNanos() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
+// The monotonic reading core::Clock gives, as nanoseconds for an atomic.
+int64_t SteadyNanos() { return absl::ToInt64Nanoseconds(core::SystemClock().Elapsed()); }
 
 absl::Status ForEnvironment(const std::string& environment, const absl::Status& status) {
   return absl::Status(status.code(), absl::StrCat("environment \"", environment, "\": ", status.message()));

@@ -22,7 +22,6 @@
 // Thread-safe: Apply() and Shutdown() are serialised; Services() may be called from any thread at any time.
 
 #include <atomic>
-#include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
@@ -166,7 +165,8 @@ class ServerRunner {
   std::thread maintenance_;
   std::function<void()> reload_handler_;
   std::function<void()> stop_handler_;
-  // steady_clock nanoseconds at the end of the last maintenance pass (or the start of the loop's wait).
+  // Monotonic nanoseconds (core::Clock::Elapsed) at the end of the last maintenance pass (or the start of the
+  // loop's wait).
   std::atomic<int64_t> last_progress_ns_{0};
 
   // Serialises Apply() and Shutdown(); taken before mu_.
