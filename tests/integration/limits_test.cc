@@ -4,12 +4,14 @@
 // fields, and raw bytes that are no protobuf at all), and 32 processes (as nobody) writing raw garbage bytes on
 // fresh socket connections. Meanwhile a separate client (root, as kube-apiserver is another user) calls Status
 // every few milliseconds. It checks:
-// - Status stays answered throughout (every call within its 1 s deadline), with its latency printed;
+// - Status stays answered throughout (every call within kube-apiserver's 3 s deadline), its latency printed;
 // - the daemon's RSS stays under the documented bound (the static pod's 128Mi memory limit,
 //   deploy/kubernetes/kmsplugin-static-pod.yaml) and falls back afterwards;
 // - nothing is refused without being counted: every connection a client saw closed before the server's first
 //   byte equals the growth of kmsplugin_socket_connections_refused_total{reason="limit"}, and every gRPC status a
-//   garbage call got equals the growth of kmsplugin_grpc_requests_total for that code.
+//   garbage call got equals the growth of kmsplugin_grpc_requests_total for that code. (A message over the
+//   limit is refused by gRPC itself before the plugin sees it, and so is not counted: README "Guarantees" says
+//   so; this test sends messages of exactly the limit, which the plugin receives, refuses and counts.)
 // The per-socket limits it meets: 128 connections, 64 of them per peer uid (server/socket_listener.h).
 
 #include <grp.h>
@@ -130,7 +132,7 @@ TEST_CASE("Limits: 1,000 connections and 64 clients sending maximum-size garbage
       KmsClient& client = fresh ? *fresh : kept;
       v2::StatusResponse response;
       const auto start = std::chrono::steady_clock::now();
-      const grpc::Status result = client.Status(response, std::chrono::milliseconds(1000));
+      const grpc::Status result = client.Status(response, std::chrono::milliseconds(3000));
       const auto took = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - start);
       std::lock_guard<std::mutex> lock(status.mu);
       if (result.ok() && response.healthz() == "ok") {
@@ -240,6 +242,9 @@ TEST_CASE("Limits: 1,000 connections and 64 clients sending maximum-size garbage
   const auto at = [&micros](double q) { return micros[std::min(micros.size() - 1, size_t(q * micros.size()))]; };
   std::cout << "limits: Status answered " << micros.size() << " times, failed " << status.failed.load()
             << "; latency p50 " << at(0.5) << " us, p99 " << at(0.99) << " us, max " << micros.back() << " us\n";
+  if (status.failed.load() > 0) {
+    std::cout << "limits: last Status failure: " << status.last_error << "\n";
+  }
   INFO("last Status failure: " << status.last_error);
   CHECK(status.failed.load() == 0);
   CHECK(micros.size() > 100);
