@@ -26,20 +26,21 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
+#include <catch2/catch.hpp>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <set>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <catch2/catch.hpp>
-#include <nlohmann/json.hpp>
 
 #include "absl/time/clock.h"
 #include "tests/support/daemon.h"
@@ -88,10 +89,11 @@ struct Local : DaemonDriver {
     keyring = state_dir + "/dev.keyring";
     root_key = state_dir + "/dev.rootkey";
     socket = dir.File("dev.sock");
-    config = dir.Write(state + ".yaml", "http:\n  enabled: false\nserver:\n  pollInterval: 1s\nenvironments:\n"
-                                        "  - name: dev\n    socket: " + socket +
-                                        "\n    keySource:\n      local:\n        keyring: " + keyring +
-                                        "\n        rootKeyFile: " + root_key + "\n");
+    config = dir.Write(state + ".yaml",
+                       "http:\n  enabled: false\nserver:\n  pollInterval: 1s\nenvironments:\n"
+                       "  - name: dev\n    socket: " +
+                           socket + "\n    keySource:\n      local:\n        keyring: " + keyring +
+                           "\n        rootKeyFile: " + root_key + "\n");
   }
 
   std::vector<std::string> Argv(const std::vector<std::string>& args) const {
@@ -257,9 +259,10 @@ void CheckDaemon(const Local& l, const Rows& rows, std::vector<Issued>& issued, 
 
 }  // namespace
 
-TEST_CASE("Crash: SIGKILL of init, rotate, retire and reinstate at random points leaves the old or the new "
-          "keyring, every ciphertext decrypting, and no temporary file after the next run",
-          "[integration][crash][long]") {
+TEST_CASE(
+    "Crash: SIGKILL of init, rotate, retire and reinstate at random points leaves the old or the new "
+    "keyring, every ciphertext decrypting, and no temporary file after the next run",
+    "[integration][crash][long]") {
   const uint64_t seed = static_cast<uint64_t>(EnvInt("KMSPLUGIN_CRASH_SEED", 0)) != 0
                             ? static_cast<uint64_t>(EnvInt("KMSPLUGIN_CRASH_SEED", 0))
                             : std::random_device()();
@@ -269,8 +272,7 @@ TEST_CASE("Crash: SIGKILL of init, rotate, retire and reinstate at random points
   const int default_runs = 240;
 #endif
   const int runs = EnvInt("KMSPLUGIN_CRASH_RUNS", default_runs);
-  std::cout << "crash test: seed " << seed << " (replay: KMSPLUGIN_CRASH_SEED=" << seed << "), " << runs
-            << " kills\n";
+  std::cout << "crash test: seed " << seed << " (replay: KMSPLUGIN_CRASH_SEED=" << seed << "), " << runs << " kills\n";
   INFO("seed " << seed << " (replay with KMSPLUGIN_CRASH_SEED=" << seed << ")");
   std::mt19937_64 rng(seed);
   const auto started = SteadyClock::now();
@@ -299,12 +301,11 @@ TEST_CASE("Crash: SIGKILL of init, rotate, retire and reinstate at random points
   {
     std::vector<Micros> retire, reinstate;
     for (int i = 0; i < 5; ++i) {
-      retire.push_back(TimeRun(l.Argv({"retire", "--config", l.config, "--env", "dev", "--version", "1", "--force",
-                                       "--allow-recent"}),
-                               l.dir.path()));
-      reinstate.push_back(
-          TimeRun(l.Argv({"retire", "--config", l.config, "--env", "dev", "--version", "1", "--reinstate"}),
-                  l.dir.path()));
+      retire.push_back(TimeRun(
+          l.Argv({"retire", "--config", l.config, "--env", "dev", "--version", "1", "--force", "--allow-recent"}),
+          l.dir.path()));
+      reinstate.push_back(TimeRun(
+          l.Argv({"retire", "--config", l.config, "--env", "dev", "--version", "1", "--reinstate"}), l.dir.path()));
     }
     std::sort(retire.begin(), retire.end());
     std::sort(reinstate.begin(), reinstate.end());
@@ -353,8 +354,8 @@ TEST_CASE("Crash: SIGKILL of init, rotate, retire and reinstate at random points
     double& centre = window.emplace(op, 0.9 * static_cast<double>(d.count())).first->second;
     const bool staircase = rng() % 2 == 0;
     const double u = static_cast<double>(rng() % 1000000) / 1e6;
-    const Micros delay(static_cast<int64_t>(
-        staircase ? centre * (0.9 + 0.2 * u) : 1.5 * std::max(static_cast<double>(d.count()), centre) * u));
+    const Micros delay(static_cast<int64_t>(staircase ? centre * (0.9 + 0.2 * u)
+                                                      : 1.5 * std::max(static_cast<double>(d.count()), centre) * u));
     const auto follow = [&](Outcome outcome) {
       if (outcome == kOld && delay.count() >= centre * 0.9) {
         centre *= 1.12;
@@ -362,8 +363,8 @@ TEST_CASE("Crash: SIGKILL of init, rotate, retire and reinstate at random points
         centre /= 1.12;
       }
     };
-    INFO("kill " << run << ": " << op << " " << version << " after " << delay.count() << " us (of "
-                 << d.count() << " us)");
+    INFO("kill " << run << ": " << op << " " << version << " after " << delay.count() << " us (of " << d.count()
+                 << " us)");
 
     if (op == "init") {
       // A fresh environment each time: init only ever creates.
@@ -406,8 +407,8 @@ TEST_CASE("Crash: SIGKILL of init, rotate, retire and reinstate at random points
     if (op == "rotate") {
       args = {"rotate", "--config", l.config, "--env", "dev"};
     } else if (op == "retire") {
-      args = {"retire", "--config", l.config, "--env", "dev", "--version", std::to_string(version), "--force",
-              "--allow-recent"};
+      args = {"retire",  "--config",      l.config, "--env", "dev", "--version", std::to_string(version),
+              "--force", "--allow-recent"};
     } else {
       args = {"retire", "--config", l.config, "--env", "dev", "--version", std::to_string(version), "--reinstate"};
     }
@@ -482,10 +483,9 @@ TEST_CASE("Crash: two writers at once (rotate and rotate, rotate and retire) nev
     Subprocess first(l.Argv({"rotate", "--config", l.config, "--env", "dev"}), l.dir.path());
     std::unique_ptr<Subprocess> second;
     if (retiring) {
-      second = std::make_unique<Subprocess>(
-          l.Argv({"retire", "--config", l.config, "--env", "dev", "--version", std::to_string(retire_version),
-                  "--force", "--allow-recent"}),
-          l.dir.path());
+      second = std::make_unique<Subprocess>(l.Argv({"retire", "--config", l.config, "--env", "dev", "--version",
+                                                    std::to_string(retire_version), "--force", "--allow-recent"}),
+                                            l.dir.path());
     } else {
       second = std::make_unique<Subprocess>(l.Argv({"rotate", "--config", l.config, "--env", "dev"}), l.dir.path());
     }

@@ -15,11 +15,13 @@
 // The per-socket limits it meets: 128 connections, 64 of them per peer uid (server/socket_listener.h).
 
 #include <grp.h>
+#include <grpcpp/generic/generic_stub.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <catch2/catch.hpp>
 #include <chrono>
 #include <future>
 #include <iostream>
@@ -30,9 +32,6 @@
 #include <thread>
 #include <vector>
 
-#include <catch2/catch.hpp>
-#include <grpcpp/generic/generic_stub.h>
-
 #include "absl/time/clock.h"
 #include "tests/support/connection_flood.h"
 #include "tests/support/daemon.h"
@@ -42,7 +41,7 @@
 namespace kmsplugin::testing {
 namespace {
 
-constexpr int kMaxReceiveBytes = 64 * 1024;  // server/server_tuning.h: max_receive_bytes
+constexpr int kMaxReceiveBytes = 64 * 1024;      // server/server_tuning.h: max_receive_bytes
 constexpr long kDocumentedBoundKb = 128 * 1024;  // the static pod's limit for the kmsplugin container
 
 std::string RandomBytes(std::mt19937_64& rng, size_t size) {
@@ -88,9 +87,10 @@ struct Latencies {
 
 }  // namespace
 
-TEST_CASE("Limits: 1,000 connections and 64 clients sending maximum-size garbage leave Status answering, memory "
-          "under the pod limit, and every refusal counted",
-          "[integration][limits][long]") {
+TEST_CASE(
+    "Limits: 1,000 connections and 64 clients sending maximum-size garbage leave Status answering, memory "
+    "under the pod limit, and every refusal counted",
+    "[integration][limits][long]") {
   INFO("the flood runs as the unprivileged user nobody: switching to it needs root (CI runs as root)");
   REQUIRE(geteuid() == 0);
   const group* nogroup = getgrgid(kNobody);
@@ -99,12 +99,12 @@ TEST_CASE("Limits: 1,000 connections and 64 clients sending maximum-size garbage
   // nobody reaches the socket through its group (socketGroup: mode 0660) and a directory it may pass.
   REQUIRE(chmod(d.dir.path().c_str(), 0711) == 0);
   const std::string socket = d.dir.File("dev.sock");
-  d.config = d.dir.Write("config.yaml", "http:\n  listen: 127.0.0.1:0\nserver:\n  pollInterval: 1s\n"
-                                        "environments:\n  - name: dev\n    socket: " + socket +
-                                        "\n    socketGroup: " + nogroup->gr_name +
-                                        "\n    keySource:\n      local:\n        keyring: " +
-                                        d.dir.File("state/dev.keyring") + "\n        rootKeyFile: " +
-                                        d.dir.File("state/dev.rootkey") + "\n");
+  d.config = d.dir.Write("config.yaml",
+                         "http:\n  listen: 127.0.0.1:0\nserver:\n  pollInterval: 1s\n"
+                         "environments:\n  - name: dev\n    socket: " +
+                             socket + "\n    socketGroup: " + nogroup->gr_name +
+                             "\n    keySource:\n      local:\n        keyring: " + d.dir.File("state/dev.keyring") +
+                             "\n        rootKeyFile: " + d.dir.File("state/dev.rootkey") + "\n");
   REQUIRE(d.Init().exit_code == 0);
   auto server = d.Serve();
   REQUIRE(DaemonDriver::WaitServing(*server, socket));
@@ -158,8 +158,8 @@ TEST_CASE("Limits: 1,000 connections and 64 clients sending maximum-size garbage
     flood = connections.seen();
     absl::SleepFor(absl::Seconds(2));  // held while Status is probed
   }
-  INFO("flood: opened " << flood.opened << ", answered " << flood.answered << ", closed " << flood.closed
-                        << ", silent " << flood.silent);
+  INFO("flood: opened " << flood.opened << ", answered " << flood.answered << ", closed " << flood.closed << ", silent "
+                        << flood.silent);
   CHECK(flood.opened == 1000);
   CHECK(flood.answered == 64);
   CHECK(flood.silent == 0);
@@ -225,8 +225,8 @@ TEST_CASE("Limits: 1,000 connections and 64 clients sending maximum-size garbage
     }
     raw = raw_clients.Wait();
   }
-  INFO("raw garbage connections: admitted then closed " << raw.admitted << ", refused " << raw.refused
-                                                         << ", failed " << raw.failed);
+  INFO("raw garbage connections: admitted then closed " << raw.admitted << ", refused " << raw.refused << ", failed "
+                                                        << raw.failed);
   CHECK(raw.admitted > 0);
   CHECK(raw.failed == 0);
   CHECK(grpc_calls > 0);
@@ -266,10 +266,11 @@ TEST_CASE("Limits: 1,000 connections and 64 clients sending maximum-size garbage
   CHECK(refused_counted == refused_seen);
   for (const auto& [rpc, codes] : seen) {
     for (const auto& [code, n] : codes) {
-      static const char* const kNames[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
-                                           "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
-                                           "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
-                                           "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"};
+      static const char* const kNames[] = {
+          "OK",        "CANCELLED",      "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
+          "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+          "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
+          "DATA_LOSS", "UNAUTHENTICATED"};
       const std::string name = kNames[code];
       const long counted = delta("kmsplugin_grpc_requests_total{environment=\"dev\",api=\"v2\",rpc=\"" + rpc +
                                  "\",code=\"" + name + "\"}");

@@ -23,12 +23,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <cerrno>
 #include <cstring>
 #include <string>
 #include <vector>
-
-#include <catch2/catch.hpp>
 
 namespace kmsplugin::testing {
 
