@@ -25,12 +25,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "tests/support/connection_flood.h"
 #include "tests/support/daemon.h"
 
 namespace kmsplugin::testing {
 namespace {
-
-constexpr uid_t kNobody = 65534;
 
 bool Has(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
@@ -103,70 +102,7 @@ bool WaitFor(Condition condition, absl::Duration timeout = absl::Seconds(30)) {
   return true;
 }
 
-int TcpConnect(int port, bool nonblocking) {
-  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | (nonblocking ? SOCK_NONBLOCK : 0), 0);
-  if (fd < 0) {
-    return -1;
-  }
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(static_cast<uint16_t>(port));
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 && errno != EINPROGRESS) {
-    close(fd);
-    return -1;
-  }
-  return fd;
-}
-
-// A process running as nobody (a real unprivileged user) that opens `count` TCP connections to `port`, holds
-// them until told, then exits. After fork only system calls are made (the test process has threads).
-class Flood {
- public:
-  Flood(int port, int count) {
-    int ready[2];
-    int release[2];
-    REQUIRE(pipe(ready) == 0);
-    REQUIRE(pipe(release) == 0);
-    pid_ = fork();
-    REQUIRE(pid_ >= 0);
-    if (pid_ == 0) {
-      close(ready[0]);
-      close(release[1]);
-      if (setgroups(0, nullptr) != 0 || setresgid(kNobody, kNobody, kNobody) != 0 ||
-          setresuid(kNobody, kNobody, kNobody) != 0) {
-        _exit(3);
-      }
-      int opened = 0;
-      for (int i = 0; i < count; ++i) {
-        opened += TcpConnect(port, /*nonblocking=*/true) >= 0 ? 1 : 0;
-      }
-      (void)!write(ready[1], &opened, sizeof(opened));
-      char byte;
-      (void)!read(release[0], &byte, 1);
-      _exit(0);
-    }
-    close(ready[1]);
-    close(release[0]);
-    release_ = release[1];
-    REQUIRE(read(ready[0], &opened_, sizeof(opened_)) == sizeof(opened_));
-    close(ready[0]);
-  }
-  ~Flood() { End(); }
-  int opened() const { return opened_; }
-  void End() {
-    if (pid_ > 0) {
-      close(release_);
-      waitpid(pid_, nullptr, 0);
-      pid_ = -1;
-    }
-  }
-
- private:
-  pid_t pid_ = -1;
-  int release_ = -1;
-  int opened_ = 0;
-};
+int TcpConnect(int port, bool nonblocking) { return ConnectTo(FloodTarget{port, ""}, nonblocking); }
 
 TEST_CASE("Listener attack: a local user's connection flood on the metrics port leaves gRPC answering after it",
           "[integration][hardening][listener]") {
@@ -183,7 +119,7 @@ TEST_CASE("Listener attack: a local user's connection flood on the metrics port 
   // Few descriptors, as under systemd's default 1024 with the flood scaled down to match.
   auto server = s.Start({"/usr/bin/prlimit", "--nofile=64:64", "--"});
   {
-    Flood flood(s.port, 2000);
+    ConnectionFlood flood(FloodTarget{s.port, ""}, 2000);
     INFO("the flood opened " << flood.opened() << " connections");
     REQUIRE(flood.opened() > 100);
     // Clients arrive while descriptors are short: each accept4 can meet EMFILE.

@@ -41,16 +41,8 @@ bool Eventually(F done, absl::Duration bound = absl::Seconds(10)) {
   return true;
 }
 
-// The value of the sample `series` (name{labels}) in a /metrics body; -1 when absent.
 double Sample(const std::string& metrics, const std::string& series) {
-  std::istringstream lines(metrics);
-  std::string line;
-  while (std::getline(lines, line)) {
-    if (line.rfind(series + " ", 0) == 0) {
-      return std::stod(line.substr(series.size() + 1));
-    }
-  }
-  return -1;
+  return DaemonDriver::MetricSample(metrics, series);
 }
 
 // The daemon's JSON log lines whose msg is `msg`.

@@ -104,6 +104,18 @@ struct DaemonDriver {
     return response ? response->body : std::string();
   }
 
+  // The value of the sample `series` (name{labels}) in a /metrics body; -1 when absent.
+  static double MetricSample(const std::string& metrics, const std::string& series) {
+    std::istringstream lines(metrics);
+    std::string line;
+    while (std::getline(lines, line)) {
+      if (line.rfind(series + " ", 0) == 0) {
+        return std::stod(line.substr(series.size() + 1));
+      }
+    }
+    return -1;
+  }
+
   TempDir dir;
   std::string config;
 };

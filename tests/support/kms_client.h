@@ -91,6 +91,8 @@ class KmsClient {
   }
 
   v2::KeyManagementService::Stub& v2() { return *v2_; }
+  // The connection itself, for calls the typed stubs cannot make (raw bytes through grpc::GenericStub).
+  const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
 
  private:
   static std::chrono::milliseconds Default() { return std::chrono::milliseconds(5000); }
