@@ -150,7 +150,7 @@ int FillLikeAClusterLife(World& w) {
   return kms;
 }
 
-TEST_CASE("Audit --decrypt: everything kube-apiserver wrote decrypts; exit 0", "[audit][decrypt]") {
+TEST_CASE("Audit --decrypt: everything kube-apiserver wrote decrypts, exit 0", "[audit][decrypt]") {
   World w;
   const int kms = FillLikeAClusterLife(w);
   const AuditRun run = RunAudit(w.Flags());

@@ -78,7 +78,7 @@ TEST_CASE("OpenEncryptedData: kube-apiserver's seed mode (HKDF-SHA256 expand-onl
              StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
-TEST_CASE("OpenEncryptedData: AES_GCM_KEY and KMS v1 data (nonce, ciphertext, tag) fixed vector; DEK sizes",
+TEST_CASE("OpenEncryptedData: AES_GCM_KEY and KMS v1 data (nonce, ciphertext, tag) fixed vector, and DEK sizes",
           "[audit][decrypt]") {
   const crypto::SecretBytes dek = Counting(0x10, 32);
   const std::string data = Hex(kVectorDekModeDataHex);
