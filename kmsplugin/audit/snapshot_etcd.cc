@@ -30,7 +30,7 @@ namespace kmsplugin::audit {
 
 struct SnapshotEtcd::State {
   std::mutex mu;
-  pid_t pid = -1;  // etcd, leader of its own process group
+  pid_t pid = -1;  // etcdctl restoring, then etcd; leader of its own process group
   std::string dir;
   std::string endpoint;
   bool cleaned = false;
@@ -150,6 +150,21 @@ void Cleanup(SnapshotEtcd::State& state) {
     std::filesystem::remove_all(state.dir, ignored);
   }
   state.cleaned = true;
+}
+
+// Spawn, with the child recorded in `state` at once (under the lock Cleanup takes), so a signal at any moment
+// finds it. CANCELLED when a signal has already cleaned up.
+absl::StatusOr<pid_t> SpawnTracked(SnapshotEtcd::State& state, const std::vector<std::string>& argv,
+                                   const std::string& log) {
+  std::lock_guard<std::mutex> lock(state.mu);
+  if (state.cleaned) {
+    return absl::CancelledError("interrupted");
+  }
+  auto pid = Spawn(argv, log);
+  if (pid.ok()) {
+    state.pid = *pid;
+  }
+  return pid;
 }
 
 // SIGINT, SIGTERM and SIGHUP while a snapshot etcd runs: the handler only writes the signal number to a pipe; a
@@ -308,12 +323,13 @@ absl::StatusOr<std::unique_ptr<SnapshotEtcd>> SnapshotEtcd::Start(const Snapshot
   }
   const char* tmp = std::getenv("TMPDIR");
   std::string templ = absl::StrCat(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp", "/kmsplugin-audit-XXXXXX");
-  if (mkdtemp(templ.data()) == nullptr) {
-    return absl::FailedPreconditionError(absl::StrCat("cannot create a private directory ", templ, ": ",
-                                                      std::strerror(errno), "; fix: set TMPDIR to a writable one"));
-  }
   {
+    // Made and recorded under the lock a signal's cleanup takes, so it is never left behind.
     std::lock_guard<std::mutex> lock(state->mu);
+    if (mkdtemp(templ.data()) == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat("cannot create a private directory ", templ, ": ",
+                                                        std::strerror(errno), "; fix: set TMPDIR to a writable one"));
+    }
     state->dir = templ;
   }
   chmod(templ.c_str(), 0700);
@@ -327,7 +343,8 @@ absl::StatusOr<std::unique_ptr<SnapshotEtcd>> SnapshotEtcd::Start(const Snapshot
     return restore_peer.status();
   }
   const std::string peer_url = absl::StrCat("http://127.0.0.1:", *restore_peer);
-  auto restore = Spawn(
+  auto restore = SpawnTracked(
+      *state,
       {options.etcdctl, "snapshot", "restore", options.snapshot, "--data-dir=" + data_dir, "--name=kmsplugin-audit",
        "--initial-cluster=kmsplugin-audit=" + peer_url, "--initial-advertise-peer-urls=" + peer_url},
       restore_log);
@@ -336,10 +353,12 @@ absl::StatusOr<std::unique_ptr<SnapshotEtcd>> SnapshotEtcd::Start(const Snapshot
   }
   std::optional<int> restored = WaitFor(*restore, kRestoreTimeout);
   if (!restored.has_value()) {
-    kill(-*restore, SIGKILL);
-    WaitFor(*restore, kStopTimeout);
     return absl::UnavailableError(
         absl::StrCat("etcdctl snapshot restore did not finish within ", absl::FormatDuration(kRestoreTimeout)));
+  }
+  {
+    std::lock_guard<std::mutex> lock(state->mu);
+    state->pid = -1;  // reaped
   }
   if (!WIFEXITED(*restored) || WEXITSTATUS(*restored) != 0) {
     return absl::InvalidArgumentError(
@@ -358,17 +377,17 @@ absl::StatusOr<std::unique_ptr<SnapshotEtcd>> SnapshotEtcd::Start(const Snapshot
       continue;
     }
     const std::string client_url = absl::StrCat("http://127.0.0.1:", *client_port);
-    auto pid =
-        Spawn({options.etcd, "--name=kmsplugin-audit", "--data-dir=" + data_dir, "--listen-client-urls=" + client_url,
-               "--advertise-client-urls=" + client_url,
-               absl::StrCat("--listen-peer-urls=http://127.0.0.1:", *peer_port), "--logger=zap", "--log-level=error"},
-              etcd_log);
+    auto pid = SpawnTracked(
+        *state,
+        {options.etcd, "--name=kmsplugin-audit", "--data-dir=" + data_dir, "--listen-client-urls=" + client_url,
+         "--advertise-client-urls=" + client_url, absl::StrCat("--listen-peer-urls=http://127.0.0.1:", *peer_port),
+         "--logger=zap", "--log-level=error"},
+        etcd_log);
     if (!pid.ok()) {
       return pid.status();
     }
     {
       std::lock_guard<std::mutex> lock(state->mu);
-      state->pid = *pid;
       state->endpoint = absl::StrCat("127.0.0.1:", *client_port);
     }
     bool port_taken = false;

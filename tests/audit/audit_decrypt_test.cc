@@ -329,7 +329,10 @@ TEST_CASE("Audit --snapshot: SIGTERM and SIGINT stop the private etcd and remove
     }
     REQUIRE_FALSE(private_dir.empty());
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
-    REQUIRE(audit.Running());
+    {
+      INFO("the audit ended before the signal: " << audit.Stdout() << audit.Stderr());
+      REQUIRE(audit.Running());
+    }
     audit.Signal(signal);
     const std::optional<int> code = audit.Wait(std::chrono::seconds(30));
     INFO(audit.Stdout() << audit.Stderr());
