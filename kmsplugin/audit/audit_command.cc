@@ -12,6 +12,8 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/time.h"
+#include "kmsplugin/audit/snapshot_etcd.h"
+#include "kmsplugin/core/clock.h"
 #include "kmsplugin/core/duration_flag.h"
 #include "kmsplugin/core/exit_codes.h"
 #include "kmsplugin/core/sv.h"
@@ -39,11 +41,24 @@ int Fail(std::ostream& err, const absl::Status& status) {
 void AddAuditFlags(CLI::App& subcommand, AuditFlags& flags) {
   subcommand.add_option("--config", flags.config_path,
                         "kmsplugin config: key_ids are checked against its environments' key versions");
-  subcommand.add_option("--endpoints", flags.endpoints, "etcd endpoints, host:port[,host:port]")
-      ->capture_default_str();
-  subcommand.add_option("--cacert", flags.cacert, "CA bundle (PEM) that signs etcd's server certificate");
-  subcommand.add_option("--cert", flags.cert, "client certificate (PEM) for etcd");
-  subcommand.add_option("--key", flags.key, "client certificate's private key (PEM)");
+  CLI::Option* endpoints =
+      subcommand.add_option("--endpoints", flags.endpoints, "etcd endpoints, host:port[,host:port]")
+          ->capture_default_str();
+  CLI::Option* cacert =
+      subcommand.add_option("--cacert", flags.cacert, "CA bundle (PEM) that signs etcd's server certificate");
+  CLI::Option* cert = subcommand.add_option("--cert", flags.cert, "client certificate (PEM) for etcd");
+  CLI::Option* key = subcommand.add_option("--key", flags.key, "client certificate's private key (PEM)");
+  subcommand.add_flag("--decrypt", flags.decrypt,
+                      "decrypt every object for real through the config's key sources (needs --config); name each "
+                      "that does not decrypt");
+  subcommand
+      .add_option("--snapshot", flags.snapshot,
+                  "audit an etcd snapshot file (etcdctl snapshot save) instead of a live etcd: it is restored and "
+                  "served by a private etcd on loopback, removed afterwards")
+      ->excludes(endpoints)
+      ->excludes(cacert)
+      ->excludes(cert)
+      ->excludes(key);
   subcommand.add_option("--prefix", flags.prefixes,
                         "etcd key prefix to audit, repeatable (default /registry/secrets/)");
   subcommand.add_option("--page-size", flags.page_size, "keys read per etcd request")->capture_default_str();
@@ -119,18 +134,50 @@ int RunAudit(const AuditFlags& flags, const config::KeySourceParsers& parsers, s
   if (!audit_options.ok()) {
     return Fail(err, audit_options.status());
   }
+  if (flags.decrypt && flags.config_path.empty()) {
+    return Fail(err,
+                absl::InvalidArgumentError("--decrypt needs --config: the environments' key sources unwrap the DEKs"));
+  }
+  // The snapshot's etcd first, so that whatever fails later (config, key sources) still removes it.
+  std::unique_ptr<SnapshotEtcd> snapshot;
+  if (!flags.snapshot.empty()) {
+    SnapshotEtcdOptions snapshot_options;
+    snapshot_options.snapshot = flags.snapshot;
+    auto started = SnapshotEtcd::Start(snapshot_options);
+    if (!started.ok()) {
+      return Fail(err, started.status());
+    }
+    snapshot = *std::move(started);
+    etcd_options->endpoints = {snapshot->endpoint()};
+    etcd_options->ca_file.clear();
+    etcd_options->cert_file.clear();
+    etcd_options->key_file.clear();
+  }
   std::optional<KeyCatalog> catalog;
+  std::map<std::string, std::shared_ptr<core::KeySource>> sources;
+  std::unique_ptr<ObjectDecryptor> decryptor;
   if (!flags.config_path.empty()) {
     NoCoreDumps();
     auto config = config::LoadConfig(flags.config_path, parsers);
     if (!config.ok()) {
       return Fail(err, config.status());
     }
-    auto loaded = KeyCatalog::FromConfig(*config);
+    auto opened = OpenKeySources(*config);
+    if (!opened.ok()) {
+      return Fail(err, opened.status());
+    }
+    sources = *std::move(opened);
+    auto loaded = KeyCatalog::FromSources(sources);
     if (!loaded.ok()) {
       return Fail(err, loaded.status());
     }
     catalog = *std::move(loaded);
+    if (flags.decrypt) {
+      ObjectDecryptor::Options decrypt_options;
+      decrypt_options.timeout = etcd_options->timeout;
+      decryptor = std::make_unique<ObjectDecryptor>(sources, decrypt_options, core::SystemClock());
+      audit_options->decryptor = decryptor.get();
+    }
   }
   auto client = EtcdClient::New(*etcd_options);
   if (!client.ok()) {
@@ -140,6 +187,9 @@ int RunAudit(const AuditFlags& flags, const config::KeySourceParsers& parsers, s
   if (!report.ok()) {
     return Fail(err, report.status());
   }
+  if (snapshot != nullptr) {
+    report->endpoint = absl::StrCat("snapshot ", flags.snapshot);
+  }
   if (flags.json) {
     out << ToJson(*report).dump(2) << "\n";
   } else {
@@ -147,6 +197,38 @@ int RunAudit(const AuditFlags& flags, const config::KeySourceParsers& parsers, s
   }
   out.flush();
   return ExitCodeFor(*report);
+}
+
+absl::StatusOr<AuditReport> DecryptAuditFromEtcd(
+    const AuditFlags& flags, const config::Config& config,
+    const std::map<std::pair<std::string, std::string>, uint64_t>& retiring) {
+  auto etcd_options = EtcdOptionsFromFlags(flags);
+  if (!etcd_options.ok()) {
+    return etcd_options.status();
+  }
+  auto audit_options = AuditOptionsFromFlags(flags);
+  if (!audit_options.ok()) {
+    return audit_options.status();
+  }
+  NoCoreDumps();
+  auto sources = OpenKeySources(config);
+  if (!sources.ok()) {
+    return sources.status();
+  }
+  auto catalog = KeyCatalog::FromSources(*sources);
+  if (!catalog.ok()) {
+    return catalog.status();
+  }
+  ObjectDecryptor::Options decrypt_options;
+  decrypt_options.timeout = etcd_options->timeout;
+  decrypt_options.assume_retired = retiring;
+  ObjectDecryptor decryptor(*sources, decrypt_options, core::SystemClock());
+  audit_options->decryptor = &decryptor;
+  auto client = EtcdClient::New(*etcd_options);
+  if (!client.ok()) {
+    return client.status();
+  }
+  return RunAuditScan(**client, &*catalog, *audit_options);
 }
 
 absl::StatusOr<KeyUsageReport> KeyUsageFromEtcd(const AuditFlags& flags, const config::Config& config,

@@ -6,6 +6,12 @@
 //
 //   kmsplugin audit [--config FILE] --endpoints host:port[,host:port] [--cacert F --cert F --key F]
 //                   [--prefix /registry/secrets/ ...] [--page-size 500] [--timeout 10] [--json]
+//                   [--decrypt] [--snapshot FILE]
+//
+// --decrypt (needs --config): every encrypted object is decrypted for real (object_decryptor.h), through the
+// configured environments' key sources; one that does not decrypt is named with the reason and fails the audit.
+// --snapshot FILE: instead of a live etcd, audits an etcd snapshot, restored and served by a private etcd on
+// loopback that is removed afterwards (snapshot_etcd.h): "would this backup be readable with today's keys?".
 //
 // Exit codes: 0 all objects encrypted under known, unretired keys; 1 something is unencrypted, malformed, or
 // under an unknown or retired key; 2 usage, config, key source or etcd connection error (one line on stderr
@@ -15,6 +21,8 @@
 // objects still use it.
 
 #include <cstdint>
+#include <map>
+#include <utility>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -39,6 +47,8 @@ struct AuditFlags {
   int64_t page_size = kDefaultPageSize;
   bool json = false;
   double timeout_seconds = 10;                // per etcd call
+  bool decrypt = false;                       // decrypt every object (needs config_path)
+  std::string snapshot;                       // audit this etcd snapshot instead of --endpoints
 };
 
 // Registers the flags above on `subcommand` (e.g. app.add_subcommand("audit", ...)).
@@ -62,6 +72,14 @@ absl::StatusOr<AuditOptions> AuditOptionsFromFlags(const AuditFlags& flags);
 absl::StatusOr<KeyUsageReport> KeyUsageFromEtcd(const AuditFlags& flags, const config::Config& config,
                                                 const std::string& environment);
 std::string RenderKeyUsage(const KeyUsageReport& usage);
+
 nlohmann::json KeyUsageJson(const KeyUsageReport& usage);
+
+// `kmsplugin retire --verify`: decrypts every object under the flags' prefixes with every environment of `config`,
+// treating the (environment, key_ref) pairs of `retiring` as retired already, so the report names each object that
+// would stop decrypting (or already does not). Uses the etcd flags as KeyUsageFromEtcd does.
+absl::StatusOr<AuditReport> DecryptAuditFromEtcd(
+    const AuditFlags& flags, const config::Config& config,
+    const std::map<std::pair<std::string, std::string>, uint64_t>& retiring);
 
 }  // namespace kmsplugin::audit

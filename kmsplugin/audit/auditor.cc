@@ -32,8 +32,13 @@ void AddName(std::vector<std::string>& names, std::string_view name, size_t max_
 
 class PrefixAuditor {
  public:
-  PrefixAuditor(PrefixReport& report, const KeyCatalog* catalog, size_t max_names, size_t max_names_per_key)
-      : report_(report), catalog_(catalog), max_names_(max_names), max_names_per_key_(max_names_per_key) {}
+  PrefixAuditor(PrefixReport& report, const KeyCatalog* catalog, size_t max_names, size_t max_names_per_key,
+                ObjectDecryptor* decryptor)
+      : report_(report),
+        catalog_(catalog),
+        max_names_(max_names),
+        max_names_per_key_(max_names_per_key),
+        decryptor_(decryptor) {}
 
   void Visit(std::string_view key, std::string_view value) {
     std::string_view name = key.substr(std::min(key.size(), report_.prefix.size()));
@@ -101,13 +106,40 @@ class PrefixAuditor {
       ++report_.retired_key;
       AddName(report_.retired_key_names, name, max_names_);
     }
+    if (decryptor_ != nullptr && c.kind != StorageKind::kIdentity && c.kind != StorageKind::kMalformed) {
+      Decrypt(key, value, name, group);
+    }
   }
 
  private:
+  void Decrypt(std::string_view key, std::string_view value, std::string_view name, GroupCount& group) {
+    DecryptResult result = decryptor_->Check(key, value);
+    switch (result.verdict) {
+      case DecryptVerdict::kDecrypts:
+        ++report_.decrypted;
+        ++group.decrypted;
+        break;
+      case DecryptVerdict::kNotCheckable:
+      case DecryptVerdict::kNotEncrypted:
+        ++report_.not_checkable;
+        break;
+      case DecryptVerdict::kFails:
+        ++report_.undecryptable;
+        if (group.status != KeyStatus::kUnknown && group.status != KeyStatus::kRetired) {
+          ++report_.undecryptable_not_counted;
+        }
+        if (report_.undecryptable_objects.size() < max_names_) {
+          report_.undecryptable_objects.push_back(UndecryptableObject{std::string(name), std::move(result.reason)});
+        }
+        break;
+    }
+  }
+
   PrefixReport& report_;
   const KeyCatalog* catalog_;
   size_t max_names_;
   size_t max_names_per_key_;
+  ObjectDecryptor* decryptor_;
 };
 
 std::string Pad(std::string text, size_t width) {
@@ -171,13 +203,14 @@ absl::StatusOr<AuditReport> RunAuditScan(EtcdClient& client, const KeyCatalog* c
   }
   AuditReport report;
   report.keys_checked = catalog != nullptr;
+  report.decrypt_checked = options.decryptor != nullptr;
   if (catalog != nullptr) {
     report.environments = catalog->environments();
   }
   for (const std::string& prefix : options.prefixes) {
     PrefixReport prefix_report;
     prefix_report.prefix = prefix;
-    PrefixAuditor auditor(prefix_report, catalog, options.max_names, options.max_names_per_key);
+    PrefixAuditor auditor(prefix_report, catalog, options.max_names, options.max_names_per_key, options.decryptor);
     ScanOptions scan;
     scan.prefix = prefix;
     scan.page_size = options.page_size;
@@ -203,7 +236,7 @@ std::string RenderTable(const AuditReport& report) {
   for (size_t i = 0; i < report.environments.size(); ++i) {
     out << (i == 0 ? "" : ", ") << report.environments[i];
   }
-  out << "\n";
+  out << (report.decrypt_checked ? "; every encrypted object decrypted for real" : "") << "\n";
   for (const PrefixReport& p : report.prefixes) {
     out << "\n" << p.prefix << ": " << p.objects << " object(s)\n";
     if (p.objects == 0) {
@@ -244,12 +277,34 @@ std::string RenderTable(const AuditReport& report) {
         out << "    ... and " << p.malformed - p.malformed_objects.size() << " more\n";
       }
     }
+    if (report.decrypt_checked) {
+      out << "  DECRYPT: " << p.decrypted << " of " << p.decrypted + p.undecryptable << " KMS object(s) decrypt";
+      if (p.not_checkable > 0) {
+        out << "; " << p.not_checkable << " not checkable (aescbc/aesgcm/secretbox: keys only kube-apiserver has)";
+      }
+      out << "\n";
+      if (p.undecryptable > 0) {
+        out << "  DOES NOT DECRYPT (" << p.undecryptable << "):\n";
+        for (const UndecryptableObject& u : p.undecryptable_objects) {
+          out << "    " << u.name << ": " << u.reason << "\n";
+        }
+        if (p.undecryptable > p.undecryptable_objects.size()) {
+          out << "    ... and " << p.undecryptable - p.undecryptable_objects.size() << " more\n";
+        }
+      }
+    }
   }
   const uint64_t problems = report.problems();
   out << "\n"
-      << (problems == 0 ? "OK: every object is encrypted under a known, unretired key\n"
+      << (problems == 0 ? (report.decrypt_checked
+                               ? "OK: every object is encrypted under a known, unretired key, and every KMS object "
+                                 "decrypts\n"
+                               : "OK: every object is encrypted under a known, unretired key\n")
                         : absl::StrCat("PROBLEMS: ", problems,
-                                       " object(s) unencrypted, malformed, or under an unknown or retired key; "
+                                       report.decrypt_checked
+                                           ? " object(s) unencrypted, malformed, under an unknown or retired key, or "
+                                             "not decrypting; "
+                                           : " object(s) unencrypted, malformed, or under an unknown or retired key; ",
                                        "rewrite them (kubectl get secrets -A -o json | kubectl replace -f -) or "
                                        "add the missing environment to the config\n"));
   return out.str();
@@ -269,6 +324,9 @@ nlohmann::json ToJson(const AuditReport& report) {
       if (group.version != 0) {
         g["version"] = group.version;
       }
+      if (report.decrypt_checked) {
+        g["decrypts"] = group.decrypted;
+      }
       if (!group.by_dek_source_type.empty()) {
         nlohmann::json types = nlohmann::json::object();
         for (const auto& [type, count] : group.by_dek_source_type) {
@@ -282,7 +340,7 @@ nlohmann::json ToJson(const AuditReport& report) {
     for (const MalformedObject& m : p.malformed_objects) {
       malformed.push_back({{"name", m.name}, {"problem", m.problem}});
     }
-    prefixes.push_back({{"prefix", p.prefix},
+    nlohmann::json entry = {{"prefix", p.prefix},
                         {"objects", p.objects},
                         {"unencrypted", p.unencrypted},
                         {"unknownKeyId", p.unknown_key},
@@ -297,11 +355,24 @@ nlohmann::json ToJson(const AuditReport& report) {
                         {"namesTruncated", p.unencrypted > p.unencrypted_names.size() ||
                                                p.unknown_key > p.unknown_key_names.size() ||
                                                p.retired_key > p.retired_key_names.size() ||
-                                               p.malformed > p.malformed_objects.size()}});
+                                               p.malformed > p.malformed_objects.size() ||
+                                               p.undecryptable > p.undecryptable_objects.size()}};
+    if (report.decrypt_checked) {
+      nlohmann::json failures = nlohmann::json::array();
+      for (const UndecryptableObject& u : p.undecryptable_objects) {
+        failures.push_back({{"name", u.name}, {"reason", u.reason}});
+      }
+      entry["decrypt"] = {{"decrypts", p.decrypted},
+                          {"fails", p.undecryptable},
+                          {"notCheckable", p.not_checkable},
+                          {"failures", failures}};
+    }
+    prefixes.push_back(std::move(entry));
   }
   return {{"endpoint", report.endpoint},
           {"revision", report.revision},
           {"keysChecked", report.keys_checked},
+          {"decryptChecked", report.decrypt_checked},
           {"environments", report.environments},
           {"prefixes", prefixes},
           {"problems", report.problems()},

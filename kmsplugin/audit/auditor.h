@@ -23,6 +23,7 @@
 #include "absl/status/statusor.h"
 #include "kmsplugin/audit/etcd_client.h"
 #include "kmsplugin/audit/key_catalog.h"
+#include "kmsplugin/audit/object_decryptor.h"
 #include "kmsplugin/audit/value_classifier.h"
 
 namespace kmsplugin::audit {
@@ -35,6 +36,9 @@ struct AuditOptions {
   int64_t page_size = kDefaultPageSize;
   size_t max_names = 1000;  // object names listed per problem kind and prefix; counts are always exact
   size_t max_names_per_key = 0;  // object names kept per key_id group (GroupCount::names); 0: none
+  // With a decryptor (audit --decrypt), every encrypted object is also decrypted for real; one that does not is a
+  // problem, named with the reason. Not owned.
+  ObjectDecryptor* decryptor = nullptr;
 };
 
 // How a key_id relates to the configured environments.
@@ -62,11 +66,18 @@ struct GroupCount {
   uint64_t objects = 0;
   std::map<int, uint64_t> by_dek_source_type;  // KMS v2 only
   std::vector<std::string> names;               // at most AuditOptions::max_names_per_key
+  uint64_t decrypted = 0;                       // with a decryptor: objects of this group that decrypt
 };
 
 struct MalformedObject {
   std::string name;
   std::string problem;
+};
+
+// An object that does not decrypt (audit --decrypt), and why.
+struct UndecryptableObject {
+  std::string name;
+  std::string reason;
 };
 
 struct PrefixReport {
@@ -82,14 +93,25 @@ struct PrefixReport {
   std::vector<std::string> unknown_key_names;
   std::vector<std::string> retired_key_names;
   std::vector<MalformedObject> malformed_objects;
+  // With a decryptor: KMS objects that decrypt, that do not (each a problem), and objects whose key is not a KMS
+  // key (aescbc, aesgcm, secretbox). `undecryptable_not_counted` are the undecryptable ones no other count above
+  // holds already (an object under a retired key is counted once).
+  uint64_t decrypted = 0;
+  uint64_t undecryptable = 0;
+  uint64_t undecryptable_not_counted = 0;
+  uint64_t not_checkable = 0;
+  std::vector<UndecryptableObject> undecryptable_objects;  // at most max_names
 
-  uint64_t problems() const { return unencrypted + malformed + unknown_key + retired_key; }
+  uint64_t problems() const {
+    return unencrypted + malformed + unknown_key + retired_key + undecryptable_not_counted;
+  }
 };
 
 struct AuditReport {
   std::string endpoint;
   int64_t revision = 0;
   bool keys_checked = false;
+  bool decrypt_checked = false;  // audit --decrypt
   std::vector<std::string> environments;  // the configured environments whose keys were known
   std::vector<PrefixReport> prefixes;
 
@@ -99,7 +121,8 @@ struct AuditReport {
 // Scans every prefix. `catalog` may be null (key_ids then are kNotChecked).
 absl::StatusOr<AuditReport> RunAuditScan(EtcdClient& client, const KeyCatalog* catalog, const AuditOptions& options);
 
-// 0: nothing to fix; 1: something unencrypted, malformed, or under an unknown or retired key.
+// 0: nothing to fix; 1: something unencrypted, malformed, under an unknown or retired key, or (--decrypt) that
+// does not decrypt.
 int ExitCodeFor(const AuditReport& report);
 
 std::string RenderTable(const AuditReport& report);

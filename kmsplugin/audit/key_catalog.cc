@@ -9,9 +9,9 @@
 
 namespace kmsplugin::audit {
 
-absl::StatusOr<KeyCatalog> KeyCatalog::FromConfig(const config::Config& config,
-                                                  const std::string& only_environment) {
-  KeyCatalog catalog;
+absl::StatusOr<std::map<std::string, std::shared_ptr<core::KeySource>>> OpenKeySources(
+    const config::Config& config, const std::string& only_environment) {
+  std::map<std::string, std::shared_ptr<core::KeySource>> sources;
   if (!only_environment.empty()) {
     if (auto env = config.Find(only_environment); !env.ok()) {
       return env.status();
@@ -32,15 +32,33 @@ absl::StatusOr<KeyCatalog> KeyCatalog::FromConfig(const config::Config& config,
                           absl::StrCat("environment \"", env.name, "\": cannot open its key source to list key ids: ",
                                        source.status().message()));
     }
-    auto versions = source->source->Versions();
+    sources[env.name] = std::move(source->source);
+  }
+  return sources;
+}
+
+absl::StatusOr<KeyCatalog> KeyCatalog::FromSources(
+    const std::map<std::string, std::shared_ptr<core::KeySource>>& sources) {
+  KeyCatalog catalog;
+  for (const auto& [name, source] : sources) {
+    auto versions = source->Versions();
     if (!versions.ok()) {
       return absl::Status(versions.status().code(),
-                          absl::StrCat("environment \"", env.name, "\": cannot list key versions: ",
+                          absl::StrCat("environment \"", name, "\": cannot list key versions: ",
                                        versions.status().message()));
     }
-    catalog.Add(env.name, *versions);
+    catalog.Add(name, *versions);
   }
   return catalog;
+}
+
+absl::StatusOr<KeyCatalog> KeyCatalog::FromConfig(const config::Config& config,
+                                                  const std::string& only_environment) {
+  auto sources = OpenKeySources(config, only_environment);
+  if (!sources.ok()) {
+    return sources.status();
+  }
+  return FromSources(*sources);
 }
 
 void KeyCatalog::Add(const std::string& environment, const std::vector<core::KeyVersion>& versions) {

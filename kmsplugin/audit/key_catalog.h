@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -25,6 +26,12 @@ struct KnownKey {
   core::KeyState state = core::KeyState::kActive;
 };
 
+// Opens the key source of every environment of `config` (or only `only_environment`), read-only, as `keys` and
+// `retire` do; the caller keeps them for decrypting (audit --decrypt). An environment whose source cannot be opened
+// is an error naming it.
+absl::StatusOr<std::map<std::string, std::shared_ptr<core::KeySource>>> OpenKeySources(
+    const config::Config& config, const std::string& only_environment = "");
+
 class KeyCatalog {
  public:
   KeyCatalog() = default;
@@ -34,6 +41,8 @@ class KeyCatalog {
   // objects "unknown".
   static absl::StatusOr<KeyCatalog> FromConfig(const config::Config& config,
                                                const std::string& only_environment = "");
+  // The same from sources already opened (OpenKeySources): lists each one's versions.
+  static absl::StatusOr<KeyCatalog> FromSources(const std::map<std::string, std::shared_ptr<core::KeySource>>& sources);
 
   // Adds the versions of one environment (FromConfig uses this; tests can feed it directly).
   void Add(const std::string& environment, const std::vector<core::KeyVersion>& versions);

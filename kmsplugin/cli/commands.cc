@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -160,8 +161,42 @@ absl::StatusOr<uint64_t> ObjectsStillUsing(const config::Config& config, const s
 
 // `retire`: checks etcd (unless --force), then retires `version` and every older version. `--reinstate` undoes
 // it; `--destroy` deletes retired versions' key material where the backend has that step (PKCS#11).
+// `retire --verify`: decrypts every object etcd holds (every configured environment's key source), treating the
+// versions about to be retired as retired already. Prints each object that would not decrypt; returns how many.
+absl::StatusOr<uint64_t> ObjectsThatWouldNotDecrypt(const config::Config& config, const std::string& env_name,
+                                                    const std::vector<core::KeyVersion>& versions,
+                                                    const audit::AuditFlags& etcd, std::ostream& out) {
+  constexpr size_t kNamesShown = 20;
+  std::map<std::pair<std::string, std::string>, uint64_t> retiring;
+  for (const core::KeyVersion& v : versions) {
+    retiring[{env_name, v.key_ref}] = v.version;
+  }
+  auto report = audit::DecryptAuditFromEtcd(etcd, config, retiring);
+  if (!report.ok()) {
+    return report.status();
+  }
+  uint64_t failing = 0;
+  uint64_t decrypting = 0;
+  for (const audit::PrefixReport& p : report->prefixes) {
+    failing += p.undecryptable;
+    decrypting += p.decrypted;
+    size_t shown = 0;
+    for (const audit::UndecryptableObject& u : p.undecryptable_objects) {
+      if (shown++ < kNamesShown) {
+        out << "    " << p.prefix << u.name << ": " << u.reason << "\n";
+      }
+    }
+    if (p.undecryptable > std::min(shown, kNamesShown)) {
+      out << "    ... and " << p.undecryptable - std::min(shown, kNamesShown) << " more under " << p.prefix << "\n";
+    }
+  }
+  std::cout << "etcd (revision " << report->revision << "): " << decrypting
+            << " object(s) decrypt without versions " << VersionList(versions) << ", " << failing << " do not\n";
+  return failing;
+}
+
 int Retire(const std::string& config_path, const std::string& env_name, uint64_t version, RetireAction action,
-           bool force, bool allow_recent, const audit::AuditFlags& etcd) {
+           bool force, bool allow_recent, bool verify, const audit::AuditFlags& etcd) {
   HardenProcess();
   auto opened = OpenEnvironment(config_path, env_name);
   if (!opened.ok()) {
@@ -221,6 +256,22 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
         std::cout << "--force: " << *objects << " object(s) in etcd " << effect << ":\n" << in_use.str();
       } else {
         std::cout << "etcd: no object uses versions " << VersionList(*plan) << "\n";
+      }
+      if (verify) {
+        std::ostringstream failing_names;
+        auto failing = ObjectsThatWouldNotDecrypt(config, env_name, *plan, etcd, failing_names);
+        if (!failing.ok()) {
+          return Fail(failing.status());
+        }
+        if (*failing > 0) {
+          std::cerr << "kmsplugin: refusing to " << verb << " versions " << VersionList(*plan) << " of environment "
+                    << env_name << ": --verify decrypted every object in etcd and " << *failing
+                    << " would not decrypt afterwards:\n"
+                    << failing_names.str()
+                    << "fix: rewrite them under the current key (kubectl get secrets -A -o json | kubectl replace -f "
+                       "-), or see `kmsplugin audit --decrypt`, then run this again\n";
+          return 1;
+        }
       }
     }
   }
@@ -397,7 +448,14 @@ int Main(int argc, char** argv) {
   retire->add_option("--config", config_path, "config file")->capture_default_str();
   retire->add_option("--env", env_name, "environment")->required();
   retire->add_option("--version", retire_version, "key version (see `kmsplugin keys`)")->required();
-  retire->add_flag("--force", force, "retire even if objects still use it (they become undecryptable)");
+  CLI::Option* force_flag =
+      retire->add_flag("--force", force, "retire even if objects still use it (they become undecryptable)");
+  bool verify = false;
+  retire
+      ->add_flag("--verify", verify,
+                 "also decrypt every object in etcd for real, as if the versions were retired already, and refuse "
+                 "unless all decrypt (needs --endpoints)")
+      ->excludes(force_flag);
   bool allow_recent = false;
   retire->add_flag("--allow-recent", allow_recent,
                    "retire even though the next version became current less than 8 minutes + pollInterval ago");
@@ -517,7 +575,7 @@ int Main(int argc, char** argv) {
   if (*retire) {
     return Retire(config_path, env_name, retire_version,
                   reinstate ? RetireAction::kReinstate : destroy ? RetireAction::kDestroy : RetireAction::kRetire,
-                  force, allow_recent, retire_etcd);
+                  force, allow_recent, verify, retire_etcd);
   }
   if (*audit_command) {
     return audit::RunAudit(audit_flags, keysource::KeySourceParsers());

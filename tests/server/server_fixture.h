@@ -55,11 +55,12 @@ inline std::shared_ptr<core::EnvelopeService> MakeService(std::shared_ptr<core::
 }
 
 struct ServerFixture {
-  explicit ServerFixture(server::RunnerOptions runner_options = {}) {
-    keyring = MakeKeyring(dir, "dev");
-    source = OpenLocal(keyring, "dev");
-    service = MakeService(source, "dev");
-    socket = dir.File("dev.sock");
+  // `environment` names the environment and its keyring and socket files ("dev" unless a test needs another).
+  explicit ServerFixture(server::RunnerOptions runner_options = {}, const std::string& environment = "dev") {
+    keyring = MakeKeyring(dir, environment);
+    source = OpenLocal(keyring, environment);
+    service = MakeService(source, environment);
+    socket = dir.File(environment + ".sock");
     std::vector<server::ServedEnvironment> envs;
     envs.push_back(server::ServedEnvironment{socket, std::nullopt, service});
     runner = std::make_unique<server::ServerRunner>(runner_options, std::move(envs));
