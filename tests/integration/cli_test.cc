@@ -502,6 +502,8 @@ TEST_CASE("CLI grammar: every usage error exits 2 with one line naming the flag"
       {{"render", "--config", s.config, "--kind", "encryption-config"}, "--env"},
       {{"--log-level", "verbose", "version"}, "--log-level"},
       {{"version", "--log-level", "verbose"}, "--log-level"},
+      {{"--log-format", "yaml", "version"}, "--log-format"},
+      {{"version", "--log-format", "yaml"}, "--log-format"},
       {{"no-such-command"}, "no-such-command"},
       // What the caller typed is echoed without its control characters (no escape sequence reaches a terminal).
       {{"--log-level", "debug\x1b[31m", "version"}, "debug\\x1b[31m"},
