@@ -280,7 +280,7 @@ TEST_CASE("CLI: retire on a serving daemon takes effect on SIGHUP and reinstate 
   v2::DecryptResponse decrypted;
   REQUIRE(client.DecryptResponseOf(old_ciphertext, decrypted).ok());  // an hour's poll interval: not yet
   server->Signal(SIGHUP);
-  REQUIRE(logged("\"retired\":\"1\"", 1));
+  REQUIRE(logged("\"retired\":[1]", 1));
   const grpc::Status refused = client.DecryptResponseOf(old_ciphertext, decrypted);
   CHECK(refused.error_code() == grpc::StatusCode::FAILED_PRECONDITION);
   CHECK(Has(refused.error_message(), "retired"));
@@ -289,7 +289,7 @@ TEST_CASE("CLI: retire on a serving daemon takes effect on SIGHUP and reinstate 
 
   REQUIRE(s.Cli({"retire", "--config", s.config, "--env", "dev", "--version", "1", "--reinstate"}).exit_code == 0);
   server->Signal(SIGHUP);
-  REQUIRE(logged("\"retired_before\":\"1\"", 1));
+  REQUIRE(logged("\"retired_before\":[1]", 1));
   REQUIRE(client.DecryptResponseOf(old_ciphertext, decrypted).ok());
   CHECK(decrypted.plaintext() == std::string(32, 'o'));
   CHECK(server->Running());
