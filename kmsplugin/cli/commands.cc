@@ -284,13 +284,15 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
     return Fail(changed.status());
   }
   std::vector<std::string> key_ids;
+  std::vector<uint64_t> numbers;
   for (const core::KeyVersion& v : *changed) {
     key_ids.push_back(v.key_id);
+    numbers.push_back(v.version);
   }
   observe::Log(spdlog::level::warn, absl::StrCat("key versions ", done),
                {{"event", verb},
                 {"environment", env_name},
-                {"versions", VersionList(*changed)},
+                {"versions", numbers},
                 {"key_ids", key_ids},
                 {"forced", force},
                 {"etcd_checked", !etcd.endpoints.empty()}});
@@ -408,6 +410,10 @@ int Main(int argc, char** argv) {
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical or off")
       ->capture_default_str()
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "warning", "error", "critical", "off"}));
+  std::string log_format = "json";
+  app.add_option("--log-format", log_format, "json (one object per line) or text (for a person at a terminal)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"json", "text"}));
 
   std::string config_path = kDefaultConfig;
   std::string env_name;
@@ -546,7 +552,7 @@ int Main(int argc, char** argv) {
       }
       for (int i = 1; i < argc; ++i) {
         const std::string word = argv[i];
-        if (word == "--log-level") {
+        if (word == "--log-level" || word == "--log-format") {
           ++i;  // its value
         } else if (!word.empty() && word[0] != '-') {
           std::cerr << "kmsplugin: unknown command \"" << Printable(word, 64) << "\"; fix: use one of "
@@ -558,7 +564,7 @@ int Main(int argc, char** argv) {
     std::cerr << "kmsplugin: " << Printable(error.what()) << "; fix: see `" << command << " --help`\n";
     return core::kExitUsage;
   }
-  observe::SetUpJsonLogging(log_level);
+  observe::SetUpLogging(log_level, observe::ParseLogFormat(log_format).value_or(observe::LogFormat::kJson));
 
   if (*serve) {
     return Serve(config_path);

@@ -137,7 +137,7 @@ absl::Status RunDaemon(const DaemonOptions& options) {
     observe::Log(spdlog::level::info, "http listening",
                  {{"address", http_config.listen}, {"port", http->port()}, {"paths", "/metrics /healthz /readyz"}});
   }
-  observe::Log(spdlog::level::info, "ready", {{"version", options.version}, {"environments", environments}});
+  observe::Log(spdlog::level::info, "ready", {{"program_version", options.version}, {"environments", environments}});
   // Every socket listens and the HTTP endpoint answers: units ordered after this one may start now.
   notifier.Ready(serving_line());
   // A maintenance pass takes at most a refresh and a probe per environment, each bounded by the probe timeout;

@@ -3,7 +3,9 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include "absl/strings/numbers.h"
 #include "kmsplugin/observe/log.h"
+#include "kmsplugin/observe/log_fields.h"
 
 namespace kmsplugin::daemon {
 namespace {
@@ -15,6 +17,22 @@ std::string Capped(const std::string& value) {
     return value;
   }
   return value.substr(0, kMaxFieldBytes) + "...(truncated)";
+}
+
+// A source's fields arrive as text; a key the field list (observe/log_fields.h) types as a number is written as
+// one ("ttl_seconds":3600, not "3600"), so each key keeps one JSON type whoever logs it.
+nlohmann::json Typed(const std::string& key, const std::string& value) {
+  const observe::LogField* field = observe::FindLogField(key);
+  if (field != nullptr &&
+      (field->type == observe::LogFieldType::kInteger || field->type == observe::LogFieldType::kNumber)) {
+    if (int64_t integer = 0; absl::SimpleAtoi(value, &integer)) {
+      return integer;
+    }
+    if (double number = 0; field->type == observe::LogFieldType::kNumber && absl::SimpleAtod(value, &number)) {
+      return number;
+    }
+  }
+  return value;
 }
 
 }  // namespace
@@ -29,7 +47,7 @@ void EventLogSink::Emit(const core::SourceEvent& event) {
   fields["key_source"] = key_source_;
   for (const auto& [name, value] : event.fields) {
     if (!fields.contains(name)) {
-      fields[name] = Capped(value);
+      fields[name] = Typed(name, Capped(value));
     }
   }
   observe::LogJson(event.warning ? spdlog::level::warn : spdlog::level::info, Capped(event.message), fields);

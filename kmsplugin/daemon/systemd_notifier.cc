@@ -69,7 +69,7 @@ void SystemdNotifier::StartWatchdog(std::function<bool()> alive) {
   if (interval == absl::ZeroDuration() || watchdog_.joinable()) {
     return;
   }
-  observe::Log(spdlog::level::info, "systemd watchdog on", {{"interval", absl::FormatDuration(interval)}});
+  observe::Log(spdlog::level::info, "systemd watchdog on", {{"interval_seconds", absl::ToDoubleSeconds(interval)}});
   watchdog_ = std::thread([this, interval, alive = std::move(alive)] {
     bool said_stuck = false;
     while (true) {

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <map>
 #include <set>
+#include <vector>
 
 #include <grpc/grpc.h>
 #include <grpcpp/server_builder.h>
@@ -384,12 +385,12 @@ bool ServerRunner::MaintenanceProgressing(absl::Duration limit) const {
 namespace {
 
 // The versions `source` reports retired ("1,2"); empty when none are or the versions are unknown.
-std::string RetiredVersions(const core::KeySource& source) {
-  std::string retired;
+std::vector<uint64_t> RetiredVersions(const core::KeySource& source) {
+  std::vector<uint64_t> retired;
   if (auto versions = source.Versions(); versions.ok()) {
     for (const core::KeyVersion& v : *versions) {
       if (v.state == core::KeyState::kRetired) {
-        absl::StrAppend(&retired, retired.empty() ? "" : ",", v.version);
+        retired.push_back(v.version);
       }
     }
   }
@@ -401,13 +402,13 @@ std::string RetiredVersions(const core::KeySource& source) {
 void ServerRunner::MaintainOnce() {
   for (const std::shared_ptr<core::EnvelopeService>& service : Services()) {
     const std::string before = service->Status().key_id;
-    const std::string retired_before = RetiredVersions(*service->key_source());
+    const std::vector<uint64_t> retired_before = RetiredVersions(*service->key_source());
     if (auto status = service->key_source()->Refresh(absl::Now() + options_.probe_timeout); !status.ok()) {
       observe::Log(spdlog::level::err, "key source refresh failed",
                    {{"environment", service->environment()}, {"error", std::string(status.message())}});
     }
     // A retire or reinstate (by `kmsplugin retire` or in the backend) is in force from here on: say so once.
-    if (const std::string retired_after = RetiredVersions(*service->key_source()); retired_after != retired_before) {
+    if (const auto retired_after = RetiredVersions(*service->key_source()); retired_after != retired_before) {
       observe::Log(spdlog::level::warn, "retired key versions changed",
                    {{"event", "retire"}, {"environment", service->environment()},
                     {"retired_before", retired_before}, {"retired", retired_after}});
@@ -587,7 +588,7 @@ absl::Status ServerRunner::RunUntilSignalled() {
     }
     observe::Log(spdlog::level::info, signal == SIGTERM ? "SIGTERM: draining in-flight calls"
                                                         : "SIGINT: draining in-flight calls",
-                 {{"grace_period", absl::FormatDuration(options_.shutdown_grace_period)}});
+                 {{"grace_period_seconds", absl::ToDoubleSeconds(options_.shutdown_grace_period)}});
     if (stop_handler_) {
       stop_handler_();
     }

@@ -160,7 +160,7 @@ TEST_CASE("Logs: every line is one JSON object with time, level, msg and the fie
     parsed.push_back(nlohmann::json::parse(line));
   }
   REQUIRE(parsed.size() == 2);
-  CHECK(parsed[0]["level"] == "warning");
+  CHECK(parsed[0]["level"] == "warn");
   CHECK(parsed[0]["msg"] == "rpc failed");
   CHECK(parsed[0]["environment"] == "dev");
   CHECK(parsed[0]["latency_ms"] == 0.25);
