@@ -50,6 +50,10 @@ struct LockedSetup {
     // (sanitizer_common's MlockIsUnsupported), so under it nothing here can be observed: the Release run tests it.
     std::cout << "SKIPPED: AddressSanitizer turns mlock into a no-op\n";
     std::exit(kSkip);
+#elif defined(__SANITIZE_THREAD__)
+    // ThreadSanitizer shares that interceptor (sanitizer_common): mlock succeeds and locks nothing.
+    std::cout << "SKIPPED: ThreadSanitizer turns mlock into a no-op\n";
+    std::exit(kSkip);
 #endif
     if (geteuid() != 0) {
       std::cout << "SKIPPED: creating throw-away users needs root (CI runs this as root)\n";
