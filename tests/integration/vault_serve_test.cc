@@ -336,6 +336,45 @@ TEST_CASE("Vault serve: with the first of two addresses hanging, calls fail over
   CHECK(decrypted.plaintext() == std::string(32, 'g'));
 }
 
+TEST_CASE("Vault serve: a Vault killed and started again (sealed, then unsealed) fails calls UNAVAILABLE in time "
+          "meanwhile, and the daemon serves again by itself, earlier ciphertexts included",
+          "[vault][serve][fault]") {
+  VaultE2E v(VaultTestServer::Options::Persistent());
+  v.Configure({{"prod"}}, "  pollInterval: 1s\n");
+  REQUIRE(v.Init().exit_code == 0);
+  auto server = v.Serve();
+  const std::string socket = v.Socket("prod");
+  REQUIRE(v.WaitServing(*server, socket));
+  KmsClient client(socket);
+  v2::EncryptResponse before;
+  REQUIRE(client.Encrypt(std::string(32, 'k'), before).ok());
+  v.vault.Kill();
+  for (const char* state : {"killed", "restarted sealed"}) {
+    INFO(state);
+    const absl::Time start = absl::Now();
+    v2::EncryptResponse encrypted;
+    const grpc::Status down = client.Encrypt(std::string(32, 'k'), encrypted, std::chrono::milliseconds(3000));
+    INFO(down.error_code() << " " << down.error_message());
+    CHECK((down.error_code() == grpc::StatusCode::UNAVAILABLE ||
+           down.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED));
+    CHECK(absl::Now() - start < absl::Milliseconds(3500));
+    CHECK(v.WaitHealth(socket, false, absl::Seconds(8)) != "ok");
+    if (std::string(state) == "killed") {
+      v.vault.Restart();  // same address and storage; sealed, as a restarted Vault is
+    }
+  }
+  v.vault.Control({{"all", true}, {"sealed", false}});
+  CHECK(v.WaitHealth(socket, true, absl::Seconds(8)) == "ok");
+  v2::DecryptResponse decrypted;
+  REQUIRE(client.DecryptResponseOf(before, decrypted).ok());
+  CHECK(decrypted.plaintext() == std::string(32, 'k'));
+  v2::EncryptResponse after;
+  REQUIRE(client.Encrypt(std::string(32, 'k'), after).ok());
+  CHECK(after.key_id() == before.key_id());
+  CHECK(server->Running());
+  CheckNoToken(*server);
+}
+
 TEST_CASE("Vault serve: a short 429 storm is retried inside the call, a long one ends UNAVAILABLE in time",
           "[vault][serve][fault]") {
   VaultE2E v;
