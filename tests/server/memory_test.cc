@@ -3,32 +3,15 @@
 // stuck, while the shipped static pod allows 64 Mi).
 
 #include <catch2/catch.hpp>
-#include <fstream>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "tests/support/daemon.h"
+#include "tests/support/process_stats.h"
 
 namespace kmsplugin::testing {
-namespace {
-
-long RssKb(pid_t pid) {
-  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
-  std::string key;
-  long value = -1;
-  while (status >> key) {
-    if (key == "VmRSS:") {
-      status >> value;
-      return value;
-    }
-    status.ignore(4096, '\n');
-  }
-  return value;
-}
-
-}  // namespace
 
 TEST_CASE("Memory: after 1,000 clients have come and gone, the daemon's RSS falls back", "[server][memory]") {
 #if defined(__SANITIZE_ADDRESS__)
