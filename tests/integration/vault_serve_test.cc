@@ -485,6 +485,55 @@ TEST_CASE("Vault serve: a version below min_decryption_version fails with FAILED
   CHECK(v.Status(socket).healthz() == "ok");
 }
 
+// Vault archives versions below min_decryption_version and stops listing them, so the `retire --reinstate` run
+// (a new process) never sees version 1 listed; it must bring it back all the same (found by the soak).
+TEST_CASE("Vault serve: `retire` then `retire --reinstate` in another run bring version 1 back, and the daemon "
+          "decrypts under it again",
+          "[vault][serve][retire]") {
+  VaultE2E v;
+  v.Configure();
+  REQUIRE(v.Init().exit_code == 0);
+  auto server = v.Serve();
+  const std::string socket = v.Socket("prod");
+  REQUIRE(v.WaitServing(*server, socket));
+  KmsClient client(socket);
+  v2::EncryptResponse old;
+  REQUIRE(client.Encrypt(std::string(32, '1'), old).ok());
+  REQUIRE(v.Rotate().exit_code == 0);
+  REQUIRE(VersionOf(v.KeyIdAfterHup(*server, socket, old.key_id())) == 2);
+  const RunResult retire =
+      v.Cli({"retire", "--config", v.config, "--env", "prod", "--version", "1", "--force", "--allow-recent"});
+  INFO(retire.out << retire.err);
+  REQUIRE(retire.exit_code == 0);
+  server->Signal(SIGHUP);
+  v2::DecryptResponse decrypted;
+  grpc::Status status;
+  for (int i = 0; i < 50; ++i) {
+    status = client.DecryptResponseOf(old, decrypted);
+    if (status.error_code() == grpc::StatusCode::FAILED_PRECONDITION) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  REQUIRE(status.error_code() == grpc::StatusCode::FAILED_PRECONDITION);
+  const RunResult reinstate = v.Cli({"retire", "--config", v.config, "--env", "prod", "--version", "1", "--reinstate"});
+  INFO(reinstate.out << reinstate.err);
+  REQUIRE(reinstate.exit_code == 0);
+  CHECK(Has(reinstate.out, "reinstated versions 1"));
+  server->Signal(SIGHUP);
+  for (int i = 0; i < 50; ++i) {
+    status = client.DecryptResponseOf(old, decrypted);
+    if (status.ok()) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  REQUIRE(status.ok());
+  CHECK(decrypted.plaintext() == std::string(32, '1'));
+  const RunResult keys = v.Cli({"keys", "--config", v.config, "--env", "prod", "--json"});
+  REQUIRE(keys.exit_code == 0);
+  const auto doc = nlohmann::json::parse(keys.out);
+  REQUIRE(doc["versions"].size() == 2);
+  CHECK(doc["versions"][0]["keyId"] == old.key_id());
+  CHECK(doc["versions"][0]["state"] == "active");
+}
+
 TEST_CASE("Vault serve: a ciphertext of another vault environment is FAILED_PRECONDITION naming both",
           "[vault][serve][bad-input]") {
   VaultE2E v;
