@@ -212,10 +212,14 @@ int Retire(const std::string& config_path, const std::string& env_name, uint64_t
   const char* done = admin::PastTense(action);
   // What would change: the same rule the key source applies.
   absl::StatusOr<std::vector<core::KeyVersion>> plan = admin::PlanRetireAction(action, *versions, version);
-  if (!plan.ok()) {
+  // A version retired by another process may be missing from this listing although the backend keeps it (Vault
+  // archives versions below min_decryption_version and stops listing them): a reinstate of a version the listing
+  // does not have is left to the key source, which knows its backend's retired versions.
+  const bool left_to_source = action == RetireAction::kReinstate && plan.status().code() == absl::StatusCode::kNotFound;
+  if (!plan.ok() && !left_to_source) {
     return Fail(plan.status());
   }
-  if (plan->empty()) {
+  if (plan.ok() && plan->empty()) {
     std::cout << "environment " << env_name << ": nothing to " << verb << " (versions up to " << version
               << " already are)\n";
     return 0;

@@ -36,7 +36,7 @@
 #include "tests/support/connection_flood.h"
 #include "tests/support/daemon.h"
 #include "tests/support/kms_client.h"
-#include "tests/support/process_memory.h"
+#include "tests/support/process_stats.h"
 
 namespace kmsplugin::testing {
 namespace {
@@ -252,8 +252,8 @@ TEST_CASE(
   // Nothing refused without being counted.
   const std::string after = DaemonDriver::HttpGet(port, "/metrics");
   const auto delta = [&](const std::string& series) {
-    const double was = std::max(0.0, DaemonDriver::MetricSample(before, series));
-    const double now = std::max(0.0, DaemonDriver::MetricSample(after, series));
+    const double was = std::max(0.0, MetricSample(before, series));
+    const double now = std::max(0.0, MetricSample(after, series));
     return static_cast<long>(now - was);
   };
   const long refused_counted =

@@ -41,26 +41,6 @@ bool Eventually(F done, absl::Duration bound = absl::Seconds(10)) {
   return true;
 }
 
-double Sample(const std::string& metrics, const std::string& series) {
-  return DaemonDriver::MetricSample(metrics, series);
-}
-
-// The daemon's JSON log lines whose msg is `msg`.
-std::vector<nlohmann::json> LogLines(const Subprocess& server, const std::string& msg) {
-  std::vector<nlohmann::json> found;
-  std::istringstream lines(server.Stderr());
-  std::string line;
-  while (std::getline(lines, line)) {
-    if (nlohmann::json::accept(line)) {
-      auto entry = nlohmann::json::parse(line);
-      if (entry.value("msg", "") == msg) {
-        found.push_back(std::move(entry));
-      }
-    }
-  }
-  return found;
-}
-
 struct Reload : DaemonDriver {
   Reload() {
     // Key material for every environment any step uses, made once up front (init skips what exists).
@@ -99,7 +79,7 @@ struct Reload : DaemonDriver {
   }
   std::string Metrics() const { return HttpGet(port, "/metrics"); }
   double Reloads(const std::string& result) const {
-    return Sample(Metrics(), "kmsplugin_config_reloads_total{result=\"" + result + "\"}");
+    return MetricSample(Metrics(), "kmsplugin_config_reloads_total{result=\"" + result + "\"}");
   }
   // SIGHUP, then waits (bounded) until the daemon counted one more reload with `result`.
   bool Hup(const std::string& result) {
@@ -231,7 +211,7 @@ TEST_CASE("Reload: under load, environments come and go, a key source is re-poin
     const std::string reason = r.LastRejection();
     CHECK(Has(reason, r.config));
     CHECK(Has(reason, "fix:"));
-    CHECK(Sample(r.Metrics(), "kmsplugin_config_last_reload_successful") == 0);
+    CHECK(MetricSample(r.Metrics(), "kmsplugin_config_last_reload_successful") == 0);
     CHECK_FALSE(Exists(r.Socket("extra")));
     CHECK(r.Answers(r.Socket("dev")));
     REQUIRE(load.Progresses());
@@ -239,7 +219,7 @@ TEST_CASE("Reload: under load, environments come and go, a key source is re-poin
     chmod(r.config.c_str(), 0600);
     REQUIRE(r.Hup("applied"));
     ++applied;
-    CHECK(Sample(r.Metrics(), "kmsplugin_config_last_reload_successful") == 1);
+    CHECK(MetricSample(r.Metrics(), "kmsplugin_config_last_reload_successful") == 1);
   }
   REQUIRE(load.Progresses());
   load.Stop();
@@ -261,9 +241,9 @@ TEST_CASE("Reload: under load, environments come and go, a key source is re-poin
   CHECK(DaemonDriver::Status(r.Socket("dev")).key_id() == key_id);
   // What the daemon counted and logged matches what was done.
   const std::string metrics = r.Metrics();
-  CHECK(Sample(metrics, "kmsplugin_config_reloads_total{result=\"applied\"}") == applied);
-  CHECK(Sample(metrics, "kmsplugin_config_reloads_total{result=\"rejected\"}") == rejected);
-  CHECK(Sample(metrics, "kmsplugin_config_last_reload_success_timestamp_seconds") >=
+  CHECK(MetricSample(metrics, "kmsplugin_config_reloads_total{result=\"applied\"}") == applied);
+  CHECK(MetricSample(metrics, "kmsplugin_config_reloads_total{result=\"rejected\"}") == rejected);
+  CHECK(MetricSample(metrics, "kmsplugin_config_last_reload_success_timestamp_seconds") >=
         static_cast<double>(absl::ToUnixSeconds(start)));
   const auto applied_lines = LogLines(*r.server, "config reloaded");
   const auto rejected_lines = LogLines(*r.server, "config reload rejected");
@@ -299,9 +279,9 @@ TEST_CASE("Reload: a server.maxThreads or http.listen change is rejected, naming
   CHECK(Has(r.LastRejection(), "http.listen"));
   CHECK_FALSE(Exists(r.Socket("extra")));
   const std::string metrics = r.Metrics();
-  CHECK(Sample(metrics, "kmsplugin_config_reloads_total{result=\"applied\"}") == 0);
-  CHECK(Sample(metrics, "kmsplugin_config_reloads_total{result=\"rejected\"}") == 2);
-  CHECK(Sample(metrics, "kmsplugin_config_last_reload_successful") == 0);
+  CHECK(MetricSample(metrics, "kmsplugin_config_reloads_total{result=\"applied\"}") == 0);
+  CHECK(MetricSample(metrics, "kmsplugin_config_reloads_total{result=\"rejected\"}") == 2);
+  CHECK(MetricSample(metrics, "kmsplugin_config_last_reload_successful") == 0);
   CHECK(r.Answers(r.Socket("dev")));
 }
 

@@ -336,6 +336,45 @@ TEST_CASE("Vault serve: with the first of two addresses hanging, calls fail over
   CHECK(decrypted.plaintext() == std::string(32, 'g'));
 }
 
+TEST_CASE("Vault serve: a Vault killed and started again (sealed, then unsealed) fails calls UNAVAILABLE in time "
+          "meanwhile, and the daemon serves again by itself, earlier ciphertexts included",
+          "[vault][serve][fault]") {
+  VaultE2E v(VaultTestServer::Options::Persistent());
+  v.Configure({{"prod"}}, "  pollInterval: 1s\n");
+  REQUIRE(v.Init().exit_code == 0);
+  auto server = v.Serve();
+  const std::string socket = v.Socket("prod");
+  REQUIRE(v.WaitServing(*server, socket));
+  KmsClient client(socket);
+  v2::EncryptResponse before;
+  REQUIRE(client.Encrypt(std::string(32, 'k'), before).ok());
+  v.vault.Kill();
+  for (const char* state : {"killed", "restarted sealed"}) {
+    INFO(state);
+    const absl::Time start = absl::Now();
+    v2::EncryptResponse encrypted;
+    const grpc::Status down = client.Encrypt(std::string(32, 'k'), encrypted, std::chrono::milliseconds(3000));
+    INFO(down.error_code() << " " << down.error_message());
+    CHECK((down.error_code() == grpc::StatusCode::UNAVAILABLE ||
+           down.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED));
+    CHECK(absl::Now() - start < absl::Milliseconds(3500));
+    CHECK(v.WaitHealth(socket, false, absl::Seconds(8)) != "ok");
+    if (std::string(state) == "killed") {
+      v.vault.Restart();  // same address and storage; sealed, as a restarted Vault is
+    }
+  }
+  v.vault.Control({{"all", true}, {"sealed", false}});
+  CHECK(v.WaitHealth(socket, true, absl::Seconds(8)) == "ok");
+  v2::DecryptResponse decrypted;
+  REQUIRE(client.DecryptResponseOf(before, decrypted).ok());
+  CHECK(decrypted.plaintext() == std::string(32, 'k'));
+  v2::EncryptResponse after;
+  REQUIRE(client.Encrypt(std::string(32, 'k'), after).ok());
+  CHECK(after.key_id() == before.key_id());
+  CHECK(server->Running());
+  CheckNoToken(*server);
+}
+
 TEST_CASE("Vault serve: a short 429 storm is retried inside the call, a long one ends UNAVAILABLE in time",
           "[vault][serve][fault]") {
   VaultE2E v;
@@ -444,6 +483,55 @@ TEST_CASE("Vault serve: a version below min_decryption_version fails with FAILED
   REQUIRE(client.Encrypt(std::string(32, '2'), v2_ciphertext).ok());
   REQUIRE(client.DecryptResponseOf(v2_ciphertext, decrypted).ok());
   CHECK(v.Status(socket).healthz() == "ok");
+}
+
+// Vault archives versions below min_decryption_version and stops listing them, so the `retire --reinstate` run
+// (a new process) never sees version 1 listed; it must bring it back all the same (found by the soak).
+TEST_CASE("Vault serve: `retire` then `retire --reinstate` in another run bring version 1 back, and the daemon "
+          "decrypts under it again",
+          "[vault][serve][retire]") {
+  VaultE2E v;
+  v.Configure();
+  REQUIRE(v.Init().exit_code == 0);
+  auto server = v.Serve();
+  const std::string socket = v.Socket("prod");
+  REQUIRE(v.WaitServing(*server, socket));
+  KmsClient client(socket);
+  v2::EncryptResponse old;
+  REQUIRE(client.Encrypt(std::string(32, '1'), old).ok());
+  REQUIRE(v.Rotate().exit_code == 0);
+  REQUIRE(VersionOf(v.KeyIdAfterHup(*server, socket, old.key_id())) == 2);
+  const RunResult retire =
+      v.Cli({"retire", "--config", v.config, "--env", "prod", "--version", "1", "--force", "--allow-recent"});
+  INFO(retire.out << retire.err);
+  REQUIRE(retire.exit_code == 0);
+  server->Signal(SIGHUP);
+  v2::DecryptResponse decrypted;
+  grpc::Status status;
+  for (int i = 0; i < 50; ++i) {
+    status = client.DecryptResponseOf(old, decrypted);
+    if (status.error_code() == grpc::StatusCode::FAILED_PRECONDITION) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  REQUIRE(status.error_code() == grpc::StatusCode::FAILED_PRECONDITION);
+  const RunResult reinstate = v.Cli({"retire", "--config", v.config, "--env", "prod", "--version", "1", "--reinstate"});
+  INFO(reinstate.out << reinstate.err);
+  REQUIRE(reinstate.exit_code == 0);
+  CHECK(Has(reinstate.out, "reinstated versions 1"));
+  server->Signal(SIGHUP);
+  for (int i = 0; i < 50; ++i) {
+    status = client.DecryptResponseOf(old, decrypted);
+    if (status.ok()) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  REQUIRE(status.ok());
+  CHECK(decrypted.plaintext() == std::string(32, '1'));
+  const RunResult keys = v.Cli({"keys", "--config", v.config, "--env", "prod", "--json"});
+  REQUIRE(keys.exit_code == 0);
+  const auto doc = nlohmann::json::parse(keys.out);
+  REQUIRE(doc["versions"].size() == 2);
+  CHECK(doc["versions"][0]["keyId"] == old.key_id());
+  CHECK(doc["versions"][0]["state"] == "active");
 }
 
 TEST_CASE("Vault serve: a ciphertext of another vault environment is FAILED_PRECONDITION naming both",

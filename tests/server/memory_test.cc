@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "tests/support/daemon.h"
-#include "tests/support/process_memory.h"
+#include "tests/support/process_stats.h"
 
 namespace kmsplugin::testing {
 

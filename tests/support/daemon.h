@@ -22,6 +22,34 @@
 
 namespace kmsplugin::testing {
 
+// The value of the sample `series` (name{labels}) in a /metrics body; -1 when absent.
+inline double MetricSample(const std::string& metrics, const std::string& series) {
+  std::istringstream lines(metrics);
+  std::string line;
+  while (std::getline(lines, line)) {
+    if (line.rfind(series + " ", 0) == 0) {
+      return std::stod(line.substr(series.size() + 1));
+    }
+  }
+  return -1;
+}
+
+// The daemon's JSON log lines whose msg is `msg` (every line when `msg` is empty).
+inline std::vector<nlohmann::json> LogLines(const Subprocess& server, const std::string& msg) {
+  std::vector<nlohmann::json> found;
+  std::istringstream lines(server.Stderr());
+  std::string line;
+  while (std::getline(lines, line)) {
+    if (nlohmann::json::accept(line)) {
+      auto entry = nlohmann::json::parse(line);
+      if (msg.empty() || entry.value("msg", "") == msg) {
+        found.push_back(std::move(entry));
+      }
+    }
+  }
+  return found;
+}
+
 struct DaemonDriver {
   static std::string Binary() { return std::string(KMS_BINARY_DIR) + "/kmsplugin/cli/kmsplugin"; }
 
@@ -102,18 +130,6 @@ struct DaemonDriver {
     httplib::Client client("127.0.0.1", port);
     auto response = client.Get(path.c_str());
     return response ? response->body : std::string();
-  }
-
-  // The value of the sample `series` (name{labels}) in a /metrics body; -1 when absent.
-  static double MetricSample(const std::string& metrics, const std::string& series) {
-    std::istringstream lines(metrics);
-    std::string line;
-    while (std::getline(lines, line)) {
-      if (line.rfind(series + " ", 0) == 0) {
-        return std::stod(line.substr(series.size() + 1));
-      }
-    }
-    return -1;
   }
 
   TempDir dir;

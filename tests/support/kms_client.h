@@ -72,18 +72,18 @@ class KmsClient {
     return v1_->Version(&context, request, &response);
   }
   grpc::Status V1Encrypt(const std::string& plain, v1beta1::EncryptResponse& response,
-                         const std::string& version = "v1beta1") {
+                         const std::string& version = "v1beta1", std::chrono::milliseconds timeout = Default()) {
     grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + Default());
+    context.set_deadline(std::chrono::system_clock::now() + timeout);
     v1beta1::EncryptRequest request;
     request.set_version(version);
     request.set_plain(plain);
     return v1_->Encrypt(&context, request, &response);
   }
   grpc::Status V1Decrypt(const std::string& cipher, v1beta1::DecryptResponse& response,
-                         const std::string& version = "v1beta1") {
+                         const std::string& version = "v1beta1", std::chrono::milliseconds timeout = Default()) {
     grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + Default());
+    context.set_deadline(std::chrono::system_clock::now() + timeout);
     v1beta1::DecryptRequest request;
     request.set_version(version);
     request.set_cipher(cipher);

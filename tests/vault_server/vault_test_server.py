@@ -40,8 +40,15 @@ may be combined):
     reset_stats: true
 GET /stats -> {"listeners": [{"connections": n, "requests": {path: n}}, ...]}
 
-Usage: vault_test_server.py --ready-file F [--listeners N] [--tls-cert C --tls-key K [--client-ca CA]]
-                            [--root-token T] [--namespaces ns1,ns2]
+A Vault server that is killed and started again keeps its storage, comes back on its configured address, and
+starts sealed until it is unsealed ("When a Vault server is started, it starts in a sealed state",
+developer.hashicorp.com/vault/docs/concepts/seal). To play that: --state-file F keeps the storage (keys with their
+versions and settings, tokens, auth roles, policies) in F, written atomically after every change and read at start;
+--ports P1,P2 binds the API listeners to those ports instead of free ones; --sealed starts every listener sealed
+(unseal with the control request {"all": true, "sealed": false}).
+
+Usage: vault_test_server.py --ready-file F [--listeners N] [--ports P1,...] [--tls-cert C --tls-key K
+                            [--client-ca CA]] [--root-token T] [--namespaces ns1,ns2] [--state-file F] [--sealed]
 """
 
 import argparse
@@ -90,6 +97,7 @@ class State:
         self.token_ttl = 3600
         self.token_max_ttl = 86400
         self.root_token = root_token
+        self.dirty = False  # storage changed since it was last written to --state-file
         if root_token:
             self.tokens[root_token] = {"ttl": 0, "renewable": False, "expire": None, "max_expire": None,
                                        "policies": ["root"], "creation_ttl": 0, "issue": now()}
@@ -102,6 +110,7 @@ class State:
         self.tokens[tid] = {"ttl": ttl, "renewable": renewable, "expire": t + ttl if ttl else None,
                             "max_expire": t + max_ttl if max_ttl else None, "policies": policies or ["default", "kms"],
                             "creation_ttl": ttl, "issue": t, "accessor": secrets.token_hex(12)}
+        self.dirty = True
         return tid
 
     def valid_token(self, tid):
@@ -118,6 +127,46 @@ class State:
             "versions": {1: (AESGCM.generate_key(256), int(created or now()))},
             "latest": 1, "min_decryption": 1, "min_encryption": 0, "min_available": 0,
         }
+        self.dirty = True
+
+    # Storage as JSON (key material base64: this is a test server's throw-away storage, written 0600).
+    def save(self, path):
+        keys = [{"ns": ns, "mount": m, "name": n, "latest": k["latest"], "min_decryption": k["min_decryption"],
+                 "min_encryption": k["min_encryption"], "min_available": k["min_available"],
+                 "versions": {str(v): [base64.b64encode(raw).decode(), created]
+                              for v, (raw, created) in k["versions"].items()}}
+                for (ns, m, n), k in self.keys.items()]
+        doc = {"keys": keys, "tokens": self.tokens, "mounts": sorted(self.mounts),
+               "approles": {m: list(v) for m, v in self.approles.items()},
+               "jwt_roles": [[m, r, j] for (m, r), j in self.jwt_roles.items()],
+               "cert_roles": [list(c) for c in self.cert_roles],
+               "policies": {n: {p: sorted(c) for p, c in pol.items()} for n, pol in self.policies.items()},
+               "token_ttl": self.token_ttl, "token_max_ttl": self.token_max_ttl}
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+        self.dirty = False
+
+    def load(self, path):
+        with open(path) as f:
+            doc = json.load(f)
+        for k in doc["keys"]:
+            self.keys[(k["ns"], k["mount"], k["name"])] = {
+                "versions": {int(v): (base64.b64decode(raw), created) for v, (raw, created) in k["versions"].items()},
+                "latest": k["latest"], "min_decryption": k["min_decryption"], "min_encryption": k["min_encryption"],
+                "min_available": k["min_available"]}
+        self.tokens.update(doc["tokens"])
+        self.mounts = set(doc["mounts"])
+        self.approles = {m: tuple(v) for m, v in doc["approles"].items()}
+        self.jwt_roles = {(m, r): j for m, r, j in doc["jwt_roles"]}
+        self.cert_roles = {tuple(c) for c in doc["cert_roles"]}
+        self.policies = {n: {p: set(c) for p, c in pol.items()} for n, pol in doc["policies"].items()}
+        self.token_ttl = doc["token_ttl"]
+        self.token_max_ttl = doc["token_max_ttl"]
 
 
 class Listener:
@@ -234,6 +283,7 @@ class Api:
                 expire = min(expire, tok["max_expire"])
             tok["expire"] = expire
             tok["ttl"] = max(0, int(round(expire - now())))
+            st.dirty = True
             return 200, self.auth_response(tid)
         if len(parts) < 3 or parts[0] not in st.mounts:
             raise UserError(404, ["no handler for route \"%s\". route entry not found." % path])
@@ -257,6 +307,7 @@ class Api:
                     raise UserError(400, ["key not found"])
                 key["latest"] += 1
                 key["versions"][key["latest"]] = (AESGCM.generate_key(256), int(now()))
+                st.dirty = True
                 return 200, envelope(data=key_data(name, key))
             if len(parts) == 4 and parts[3] == "config" and method in ("POST", "PUT"):
                 if key is None:
@@ -277,6 +328,7 @@ class Api:
                     raise UserError(400, ["minimum decryption version is greater than minimum encryption "
                                           "version"])
                 key["min_decryption"], key["min_encryption"] = new_mdv, new_mev
+                st.dirty = True
                 return 200, envelope(data=key_data(name, key))
             raise UserError(405, ["unsupported operation"])
         if op == "encrypt" and len(parts) == 3 and method in ("POST", "PUT"):
@@ -399,6 +451,11 @@ class Api:
         raise UserError(404, ["no handler for route \"auth/%s/login\". route entry not found." % mount])
 
 
+def persist(state, args):
+    if args.state_file and state.dirty:
+        state.save(args.state_file)
+
+
 def make_handler(api, listener, args):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -468,6 +525,8 @@ def make_handler(api, listener, args):
                     status, obj = api.handle(self, method, vpath, body)
                 except UserError as e:
                     return self.send_json(e.status, {"errors": e.errors})
+                finally:
+                    persist(api.state, args)  # written before the answer, as Vault's storage is
                 return self.send_json(status, obj)
 
         def health(self):
@@ -501,10 +560,10 @@ class ApiServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, listener, handler, ssl_ctx):
+    def __init__(self, listener, handler, ssl_ctx, port=0):
         self.listener = listener
         self.ssl_ctx = ssl_ctx
-        super().__init__(("127.0.0.1", 0), handler)
+        super().__init__(("127.0.0.1", port), handler)
 
     def process_request(self, request, client_address):
         with LOCK:
@@ -536,7 +595,7 @@ class ApiServer(ThreadingHTTPServer):
         super().shutdown_request(request)
 
 
-def make_control(state, listeners):
+def make_control(state, listeners, args):
     class Control(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -562,6 +621,8 @@ def make_control(state, listeners):
                 c = json.loads(self.rfile.read(length) or b"{}")
                 with LOCK:
                     self.apply(c)
+                    state.dirty = True
+                    persist(state, args)
             except Exception as e:  # report the bad control request to the test
                 return self.reply(400, {"error": repr(e)})
             self.reply(200, {"ok": True})
@@ -660,9 +721,17 @@ def main():
     p.add_argument("--root-token", default="")
     p.add_argument("--namespaces", default="")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--ports", default="", help="API ports, one per listener (default: free ports)")
+    p.add_argument("--state-file", default="", help="keep the storage in this file across restarts")
+    p.add_argument("--sealed", action="store_true", help="start sealed, as a restarted Vault does")
     args = p.parse_args()
+    ports = [int(x) for x in args.ports.split(",") if x]
+    if ports and len(ports) != args.listeners:
+        p.error("--ports needs one port per listener")
 
     state = State(args.root_token, [n.strip("/") for n in args.namespaces.split(",") if n])
+    if args.state_file and os.path.exists(args.state_file):
+        state.load(args.state_file)
     api = Api(state, args)
     ssl_ctx = None
     if args.tls_cert:
@@ -674,15 +743,23 @@ def main():
             ssl_ctx.verify_mode = ssl.CERT_OPTIONAL
 
     listeners = []
-    for _ in range(args.listeners):
+    for i in range(args.listeners):
         l = Listener()
+        l.sealed = args.sealed
         l.scheme = "https" if ssl_ctx else "http"
-        l.server = ApiServer(l, make_handler(api, l, args), ssl_ctx)
+        for attempt in range(50):  # a port given back by a killed server may take a moment to be free again
+            try:
+                l.server = ApiServer(l, make_handler(api, l, args), ssl_ctx, ports[i] if ports else 0)
+                break
+            except OSError:
+                if not ports or attempt == 49:
+                    raise
+                time.sleep(0.1)
         l.port = l.server.server_address[1]
         listeners.append(l)
         threading.Thread(target=l.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
-    control = ThreadingHTTPServer(("127.0.0.1", 0), make_control(state, listeners))
+    control = ThreadingHTTPServer(("127.0.0.1", 0), make_control(state, listeners, args))
     control.daemon_threads = True
     threading.Thread(target=control.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 

@@ -365,22 +365,7 @@ absl::StatusOr<core::KeyVersion> VaultKeySource::Rotate(absl::Time deadline) {
   return Current();
 }
 
-absl::StatusOr<std::vector<core::KeyVersion>> VaultKeySource::SetMinDecryptionVersion(
-    uint64_t version, absl::StatusOr<std::vector<core::KeyVersion>> (*select)(const std::vector<core::KeyVersion>&,
-                                                                               uint64_t),
-    uint64_t floor, absl::Time deadline) {
-  // Decided on Vault's metadata as it is now, not on a view up to a poll interval old.
-  if (absl::Status s = Refresh(deadline); !s.ok()) {
-    return s;
-  }
-  auto versions = Versions();
-  if (!versions.ok()) {
-    return versions.status();
-  }
-  auto changed = select(*versions, version);
-  if (!changed.ok() || changed->empty()) {
-    return changed;
-  }
+absl::Status VaultKeySource::PostMinDecryptionVersion(uint64_t floor, absl::Time deadline) {
   auto response = client_->Call("POST", absl::StrCat(KeyPath("keys"), "/config"),
                                 absl::StrCat("{\"min_decryption_version\":", floor, "}"), deadline);
   if (!response.ok()) {
@@ -392,7 +377,23 @@ absl::StatusOr<std::vector<core::KeyVersion>> VaultKeySource::SetMinDecryptionVe
     // 400: the key's own settings forbid it (e.g. min_encryption_version below the new floor).
     return response->status == 400 ? absl::FailedPreconditionError(refused.message()) : refused;
   }
-  if (absl::Status s = Refresh(deadline); !s.ok()) {
+  return Refresh(deadline);
+}
+
+absl::StatusOr<std::vector<core::KeyVersion>> VaultKeySource::SetMinDecryptionVersion(
+    uint64_t version, absl::StatusOr<std::vector<core::KeyVersion>> (*select)(const std::vector<core::KeyVersion>&,
+                                                                               uint64_t),
+    uint64_t floor, absl::Time deadline) {
+  // Decided on Vault's metadata as it is now (the caller refreshed), not on a view up to a poll interval old.
+  auto versions = Versions();
+  if (!versions.ok()) {
+    return versions.status();
+  }
+  auto changed = select(*versions, version);
+  if (!changed.ok() || changed->empty()) {
+    return changed;
+  }
+  if (absl::Status s = PostMinDecryptionVersion(floor, deadline); !s.ok()) {
     return s;
   }
   for (core::KeyVersion& v : *changed) {
@@ -406,11 +407,47 @@ absl::StatusOr<std::vector<core::KeyVersion>> VaultKeySource::SetMinDecryptionVe
 }
 
 absl::StatusOr<std::vector<core::KeyVersion>> VaultKeySource::Retire(uint64_t version, absl::Time deadline) {
+  if (absl::Status s = Refresh(deadline); !s.ok()) {
+    return s;
+  }
   return SetMinDecryptionVersion(version, core::VersionsToRetire, version + 1, deadline);
 }
 
 absl::StatusOr<std::vector<core::KeyVersion>> VaultKeySource::Reinstate(uint64_t version, absl::Time deadline) {
-  return SetMinDecryptionVersion(version, core::VersionsToReinstate, version, deadline);
+  if (absl::Status s = Refresh(deadline); !s.ok()) {
+    return s;
+  }
+  uint64_t floor;
+  bool listed;
+  {
+    absl::MutexLock lock(&mu_);
+    floor = min_decryption_;
+    listed = core::FindVersionNumber(versions_, version).has_value();
+  }
+  if (listed || version == 0 || version >= floor) {
+    return SetMinDecryptionVersion(version, core::VersionsToReinstate, version, deadline);
+  }
+  // Archived by Vault before this process could see it listed (the retire ran in another process: the previous
+  // `kmsplugin retire`, or a daemon before its restart). The floor says it exists and is retired; lowering the
+  // floor to it brings it back, and every archived version above it, listed again by Vault with their creation
+  // times, so their key_ids are the ones their ciphertexts carry. Vault refuses (400) a version it trimmed.
+  if (absl::Status s = PostMinDecryptionVersion(version, deadline); !s.ok()) {
+    return s;
+  }
+  std::vector<core::KeyVersion> back;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const core::KeyVersion& v : versions_) {
+      if (v.version >= version && v.version < floor) {
+        back.push_back(v);
+      }
+    }
+  }
+  if (back.empty() || back.front().version != version) {
+    return absl::NotFoundError(absl::StrCat(Describe(), " does not list version ", version,
+                                            " after its min_decryption_version was lowered to it (trimmed?)"));
+  }
+  return back;
 }
 
 absl::StatusOr<std::vector<core::KeyVersion>> VaultKeySource::DestroyRetired(uint64_t version, absl::Time deadline) {

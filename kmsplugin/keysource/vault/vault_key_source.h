@@ -17,7 +17,9 @@
 //   no creation time to build a key_id from, so it is not listed by Versions() (inventing one would change its
 //   key_id when a reinstate brings it back); Lookup of a key_ref below the floor still answers it as kRetired,
 //   with the number and creation time the key_ref itself carries, and Unwrap refuses it locally with
-//   core::RetiredVersionError ("key version 1 is retired (min_decryption_version is 3) ...").
+//   core::RetiredVersionError ("key version 1 is retired (min_decryption_version is 3) ..."). Reinstate of such
+//   a version (the retire ran in another process) lowers the floor first and answers the versions Vault then
+//   lists again, with their own creation times.
 // - A key deleted and re-created in Vault (same numbers, new creation times) is a refused view: Current() keeps
 //   the old key_id, and Wrap/Unwrap of a version whose creation time no longer matches Vault's are refused
 //   (FAILED_PRECONDITION "re-created"), so nothing is encrypted under an identity Vault no longer has.
@@ -80,6 +82,9 @@ class VaultKeySource : public core::KeySource, public core::KeyAdmin {
  private:
   VaultKeySource(std::unique_ptr<VaultClient> client, core::Clock* clock, core::EventSink* events);
   std::string KeyPath(absl::string_view op) const;
+  // POST .../config {"min_decryption_version": floor}, then Refresh. A 400 is FAILED_PRECONDITION.
+  absl::Status PostMinDecryptionVersion(uint64_t floor, absl::Time deadline);
+  // After a Refresh: `select` on the view, then the floor, then the changed versions as the new view has them.
   absl::StatusOr<std::vector<core::KeyVersion>> SetMinDecryptionVersion(
       uint64_t version,
       absl::StatusOr<std::vector<core::KeyVersion>> (*select)(const std::vector<core::KeyVersion>&, uint64_t),

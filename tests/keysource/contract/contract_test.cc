@@ -560,6 +560,32 @@ CONTRACT_CASE("reinstate brings retired versions back, in this process and in an
   CHECK(CurrentOf(b).key_id == v3.key_id);
 }
 
+// `kmsplugin retire` and `kmsplugin retire --reinstate` are two processes: the second opens the source after the
+// retire and may never have seen the retired version listed (Vault archives versions below min_decryption_version
+// and no longer lists them). It must still bring it back, under its own key_id.
+CONTRACT_CASE("a source opened after the retire reinstates the retired version, with its key_id") {
+  TestType backend;
+  Instance a = backend.Open();
+  const core::KeyVersion v1 = CurrentOf(a);
+  const std::string w1 = WrapOrDie(a, v1);
+  const core::KeyVersion v2 = RotateOrDie(backend, a);
+  REQUIRE_THAT(a.admin->Retire(1, Soon()), IsOk());
+  Instance later = backend.Open();
+  CHECK_THAT(Opens(later, v1, w1), StatusIs(Code::kFailedPrecondition, "key version 1"));
+  auto back = later.admin->Reinstate(1, Soon());
+  REQUIRE_THAT(back, IsOk());
+  REQUIRE(back->size() == 1);
+  CHECK((*back)[0].key_id == v1.key_id);
+  CHECK((*back)[0].state == core::KeyState::kActive);
+  CHECK_THAT(Opens(later, v1, w1), IsOk());
+  REQUIRE_THAT(a->Refresh(Soon()), IsOk());
+  CHECK_THAT(Opens(a, v1, w1), IsOk());
+  Instance fresh = backend.Open();
+  CHECK_THAT(Opens(fresh, v1, w1), IsOk());
+  CHECK(KeyIds(VersionsOf(fresh)) == std::vector<std::string>{v1.key_id, v2.key_id});
+  CHECK(CurrentOf(fresh).key_id == v2.key_id);
+}
+
 CONTRACT_CASE("reinstating only the newer part of a retired floor keeps the older part retired") {
   TestType backend;
   Instance a = backend.Open();

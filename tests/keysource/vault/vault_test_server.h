@@ -3,8 +3,11 @@
 // VaultTestServer: runs tests/vault_server/vault_test_server.py (Python 3 stdlib + python3-cryptography, always
 // /usr/bin/python3) as a child process for one test, with N API listeners sharing one key store, HTTPS with a
 // test CA generated at test time (openssl CLI), optional client-certificate checks, and its control channel.
-// The child exits when its stdin closes, so a crashed test leaves no server behind.
+// The child exits when its stdin closes, so a crashed test leaves no server behind. With Options::persistent the
+// server keeps its storage in a file, so Kill() (SIGKILL) and Restart() play a Vault process that dies and comes
+// back on the same addresses with the same keys and tokens, sealed until unsealed.
 
+#include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/stat.h>
@@ -111,6 +114,12 @@ class VaultTestServer {
     bool tls = true;
     bool client_ca = false;
     std::string namespaces;
+    bool persistent = false;  // storage in a file, so Restart() finds it again
+    static Options Persistent() {
+      Options o;
+      o.persistent = true;
+      return o;
+    }
     static Options Listeners(int n) {
       Options o;
       o.listeners = n;
@@ -131,58 +140,32 @@ class VaultTestServer {
   VaultTestServer() : VaultTestServer(Options{}) {}
   explicit VaultTestServer(Options options) : options_(options) {
     dir_ = MakeTempDir();
-    const TestPki& pki = TestPki::Get();
-    std::vector<std::string> args = {"/usr/bin/python3", std::string(KMS_SOURCE_DIR) +
-                                                             "/tests/vault_server/vault_test_server.py",
-                                     "--ready-file", dir_ + "/ready.json", "--listeners",
-                                     std::to_string(options.listeners), "--root-token", "root-setup-token"};
-    if (options.tls) {
-      args.insert(args.end(), {"--tls-cert", pki.server_cert, "--tls-key", pki.server_key});
-      if (options.client_ca) {
-        args.insert(args.end(), {"--client-ca", pki.ca});
-      }
-    }
-    if (!options.namespaces.empty()) {
-      args.insert(args.end(), {"--namespaces", options.namespaces});
-    }
-    int fds[2];
-    if (pipe(fds) != 0) {
-      throw std::runtime_error("pipe");
-    }
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, fds[0], 0);
-    posix_spawn_file_actions_addclose(&actions, fds[1]);
-    std::vector<char*> argv;
-    for (auto& a : args) {
-      argv.push_back(a.data());
-    }
-    argv.push_back(nullptr);
-    if (posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ) != 0) {
-      throw std::runtime_error("cannot start the Vault test server");
-    }
-    posix_spawn_file_actions_destroy(&actions);
-    close(fds[0]);
-    stdin_ = fds[1];
-    for (int i = 0; i < 200; ++i) {
-      std::ifstream in(dir_ + "/ready.json");
-      if (in) {
-        nlohmann::json j = nlohmann::json::parse(in);
-        for (auto& p : j["api"]) {
-          ports_.push_back(p.get<int>());
-        }
-        control_port_ = j["control"].get<int>();
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    if (ports_.empty()) {
-      Stop();
-      throw std::runtime_error("the Vault test server did not start");
-    }
+    Spawn(/*sealed=*/false);
   }
 
   ~VaultTestServer() { Stop(); }
+
+  // SIGKILL, as a crashed or OOM-killed Vault: every connection is reset, the addresses refuse connections.
+  void Kill() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+      pid_ = -1;
+    }
+    if (stdin_ >= 0) {
+      close(stdin_);
+      stdin_ = -1;
+    }
+  }
+  // Starts the server again on the same ports (needs Options::persistent): same storage, every listener sealed as a
+  // restarted Vault is until unsealed (Control({{"all", true}, {"sealed", false}})).
+  void Restart() {
+    if (!options_.persistent) {
+      throw std::runtime_error("VaultTestServer::Restart needs Options::persistent");
+    }
+    Kill();
+    Spawn(/*sealed=*/true);
+  }
 
   void Stop() {
     if (stdin_ >= 0) {
@@ -228,6 +211,77 @@ class VaultTestServer {
   int Connections(int listener) { return Stats()["listeners"][listener]["connections"].get<int>(); }
 
  private:
+  void Spawn(bool sealed) {
+    const TestPki& pki = TestPki::Get();
+    const std::string ready = dir_ + "/ready.json";
+    unlink(ready.c_str());
+    std::vector<std::string> args = {"/usr/bin/python3", std::string(KMS_SOURCE_DIR) +
+                                                             "/tests/vault_server/vault_test_server.py",
+                                     "--ready-file", ready, "--listeners", std::to_string(options_.listeners),
+                                     "--root-token", "root-setup-token"};
+    if (options_.tls) {
+      args.insert(args.end(), {"--tls-cert", pki.server_cert, "--tls-key", pki.server_key});
+      if (options_.client_ca) {
+        args.insert(args.end(), {"--client-ca", pki.ca});
+      }
+    }
+    if (!options_.namespaces.empty()) {
+      args.insert(args.end(), {"--namespaces", options_.namespaces});
+    }
+    if (options_.persistent) {
+      args.insert(args.end(), {"--state-file", dir_ + "/state.json"});
+    }
+    if (!ports_.empty()) {
+      std::string list;
+      for (int port : ports_) {
+        list += (list.empty() ? "" : ",") + std::to_string(port);
+      }
+      args.insert(args.end(), {"--ports", list});
+    }
+    if (sealed) {
+      args.push_back("--sealed");
+    }
+    int fds[2];
+    // Close-on-exec: a later child (the daemon, a CLI) must not hold the server's stdin open. dup2 onto the
+    // server's stdin clears the flag there.
+    if (pipe2(fds, O_CLOEXEC) != 0) {
+      throw std::runtime_error("pipe");
+    }
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, fds[0], 0);
+    posix_spawn_file_actions_addclose(&actions, fds[1]);
+    std::vector<char*> argv;
+    for (auto& a : args) {
+      argv.push_back(a.data());
+    }
+    argv.push_back(nullptr);
+    if (posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ) != 0) {
+      throw std::runtime_error("cannot start the Vault test server");
+    }
+    posix_spawn_file_actions_destroy(&actions);
+    close(fds[0]);
+    stdin_ = fds[1];
+    std::vector<int> ports;
+    for (int i = 0; i < 200 && ports.empty(); ++i) {
+      std::ifstream in(ready);
+      if (in) {
+        nlohmann::json j = nlohmann::json::parse(in);
+        for (auto& p : j["api"]) {
+          ports.push_back(p.get<int>());
+        }
+        control_port_ = j["control"].get<int>();
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    if (ports.empty()) {
+      Stop();
+      throw std::runtime_error("the Vault test server did not start");
+    }
+    ports_ = ports;
+  }
+
   static size_t Collect(char* data, size_t size, size_t n, void* user) {
     static_cast<std::string*>(user)->append(data, size * n);
     return size * n;
