@@ -499,6 +499,21 @@ void VaultClient::StopBackground() {
   }
 }
 
+void VaultClient::UpkeepOnce() {
+  bool renew_due, verify_due;
+  {
+    absl::MutexLock lock(&mu_);
+    const absl::Time now = clock_->Now();
+    renew_due = now >= renew_at_;
+    verify_due = now >= verify_at_;
+  }
+  if (renew_due) {
+    RenewOnce();
+  } else if (verify_due) {
+    VerifyOnce();
+  }
+}
+
 void VaultClient::BackgroundLoop(std::function<void()> tick, absl::Duration tick_every) {
   absl::Time next_tick = clock_->Now() + tick_every;
   for (;;) {
@@ -510,18 +525,7 @@ void VaultClient::BackgroundLoop(std::function<void()> tick, absl::Duration tick
         return;
       }
     }
-    bool renew_due, verify_due;
-    {
-      absl::MutexLock lock(&mu_);
-      const absl::Time now = clock_->Now();
-      renew_due = now >= renew_at_;
-      verify_due = now >= verify_at_;
-    }
-    if (renew_due) {
-      RenewOnce();
-    } else if (verify_due) {
-      VerifyOnce();
-    }
+    UpkeepOnce();
     if (tick && tick_every > absl::ZeroDuration() && clock_->Now() >= next_tick) {
       tick();
       next_tick = clock_->Now() + tick_every;

@@ -77,7 +77,13 @@ absl::StatusOr<std::shared_ptr<VaultKeySource>> VaultKeySource::Open(VaultOption
   if (!client.ok()) {
     return client.status();
   }
-  std::shared_ptr<VaultKeySource> source(new VaultKeySource(std::move(*client), clock, events));
+  return Open(std::move(*client), clock, background, events);
+}
+
+absl::StatusOr<std::shared_ptr<VaultKeySource>> VaultKeySource::Open(std::unique_ptr<VaultClient> client,
+                                                                     core::Clock* clock, bool background,
+                                                                     core::EventSink* events) {
+  std::shared_ptr<VaultKeySource> source(new VaultKeySource(std::move(client), clock, events));
   const absl::Duration first = std::min(source->options_.request_timeout, absl::Seconds(10));
   auto fatal = [](const absl::Status& s) {
     return s.code() != absl::StatusCode::kUnavailable && s.code() != absl::StatusCode::kDeadlineExceeded;
@@ -101,14 +107,19 @@ absl::StatusOr<std::string> VaultKeySource::CreateKey(const VaultOptions& option
   if (!client.ok()) {
     return client.status();
   }
-  if (absl::Status s = (*client)->Authenticate(deadline); !s.ok()) {
+  return CreateKey(**client, deadline);
+}
+
+absl::StatusOr<std::string> VaultKeySource::CreateKey(VaultClient& client, absl::Time deadline) {
+  const VaultOptions& options = client.options();
+  if (absl::Status s = client.Authenticate(deadline); !s.ok()) {
     return s;
   }
   const std::string path = absl::StrCat(options.transit_mount, "/keys/", options.key_name);
   const std::string where = absl::StrCat("Vault transit key ", path, " at ", options.addresses.front(),
                                          options.vault_namespace.empty() ? "" : " namespace ",
                                          options.vault_namespace);
-  auto read = (*client)->Call("GET", path, "", deadline);
+  auto read = client.Call("GET", path, "", deadline);
   if (!read.ok()) {
     return read.status();
   }
@@ -122,7 +133,7 @@ absl::StatusOr<std::string> VaultKeySource::CreateKey(const VaultOptions& option
   if (read->status != 404) {
     return VaultClient::ErrorStatus(*read, absl::StrCat("reading ", where));
   }
-  auto created = (*client)->Call("POST", path, "{\"type\":\"aes256-gcm96\"}", deadline);
+  auto created = client.Call("POST", path, "{\"type\":\"aes256-gcm96\"}", deadline);
   if (!created.ok()) {
     return created.status();
   }
