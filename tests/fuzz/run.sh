@@ -44,20 +44,22 @@ run_one() {  # target -> logs/<target>.log, artifacts/<target>/, status/<target>
   [[ -f "$fuzz_dir/dict/$t.dict" ]] && args+=(-dict="$fuzz_dir/dict/$t.dict")
   local inputs=("$work/corpus/$t" "$fuzz_dir/corpus/$t")
   [[ -d "$fuzz_dir/regressions/$t" ]] && inputs+=("$fuzz_dir/regressions/$t")
-  local rc=0
-  (cd "$work" && "$build/tests/fuzz/$t" "${args[@]}" "${inputs[@]}") >"$work/logs/$t.log" 2>&1 || rc=$?
+  local rc=0 timer=()
+  # CPU seconds too (GNU time, if there): on a shared machine exec/s says more about the load than the target.
+  [[ -x /usr/bin/time ]] && timer=(/usr/bin/time -f '%U %S' -o "$work/cpu/$t")
+  (cd "$work" && "${timer[@]}" "$build/tests/fuzz/$t" "${args[@]}" "${inputs[@]}") >"$work/logs/$t.log" 2>&1 || rc=$?
   echo "$rc" >"$work/status/$t"
   echo "fuzzed $t: exit $rc"
 }
 export -f run_one
 export work seconds fuzz_dir build
-mkdir -p "$work/logs" "$work/status"
+mkdir -p "$work/logs" "$work/status" "$work/cpu"
 run_start=$SECONDS
 printf '%s\n' "${targets[@]}" | xargs -P "$jobs" -I{} bash -c 'run_one "$@"' _ {}
 echo "fuzzing: $((SECONDS - run_start)) s for ${#targets[@]} targets x ${seconds} s, ${jobs} at a time"
 
 failed=0
-printf '\n%-26s %12s %9s %7s %8s  %s\n' target executions exec/s cov ft result
+printf '\n%-26s %12s %9s %7s %8s %8s  %s\n' target executions exec/s cov ft cpu_s result
 for t in "${targets[@]}"; do
   log="$work/logs/$t.log"
   rc="$(cat "$work/status/$t" 2>/dev/null || echo missing)"
@@ -69,11 +71,12 @@ for t in "${targets[@]}"; do
   [[ -z "$rate" ]] && rate="$(sed -nE 's/.*exec\/s: ([0-9]+).*/\1/p' <<<"$last")"
   cov="$(sed -nE 's/.*cov: ([0-9]+).*/\1/p' <<<"$last")"
   ft="$(sed -nE 's/.*ft: ([0-9]+).*/\1/p' <<<"$last")"
+  cpu="$(awk 'NF == 2 && $1 ~ /^[0-9.]+$/ { printf "%.0f", $1 + $2 }' "$work/cpu/$t" 2>/dev/null || true)"
   result=ok
   if [[ "$rc" != 0 ]]; then
     failed=1
     reproducer="$(ls -1 "$work/artifacts/$t"/* 2>/dev/null | head -n 1 || true)"
-    kind="$(grep -oE 'ERROR: (libFuzzer|AddressSanitizer|LeakSanitizer|UndefinedBehaviorSanitizer): [a-z-]+' "$log" | head -n 1 || true)"
+    kind="$(grep -oE 'ERROR: (libFuzzer|AddressSanitizer|LeakSanitizer|UndefinedBehaviorSanitizer): [a-z -]+' "$log" | head -n 1 || true)"
     [[ -z "$kind" ]] && kind="$(grep -m1 -E 'runtime error|deadly signal|timeout|out-of-memory' "$log" || echo "exit $rc")"
     result="FAILED ($kind)"
     {
@@ -85,7 +88,7 @@ for t in "${targets[@]}"; do
       echo "   then fix the parser and keep the input: cp ${reproducer:-<input>} $fuzz_dir/regressions/$t/"
     } >&2
   fi
-  printf '%-26s %12s %9s %7s %8s  %s\n' "$t" "${runs:--}" "${rate:--}" "${cov:--}" "${ft:--}" "$result"
+  printf '%-26s %12s %9s %7s %8s %8s  %s\n' "$t" "${runs:--}" "${rate:--}" "${cov:--}" "${ft:--}" "${cpu:--}" "$result"
 done
 if ((failed)); then
   echo "fuzzing found problems; inputs and logs kept in $work" >&2

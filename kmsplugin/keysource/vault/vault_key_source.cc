@@ -12,6 +12,7 @@
 #include "absl/strings/str_join.h"
 #include "kmsplugin/core/sv.h"
 #include "kmsplugin/core/version_rules.h"
+#include "kmsplugin/keysource/vault/client_util.h"
 
 namespace kmsplugin::keysource::vault {
 namespace {
@@ -124,9 +125,9 @@ absl::StatusOr<std::string> VaultKeySource::CreateKey(VaultClient& client, absl:
     return read.status();
   }
   if (read->status == 200) {
-    int64_t latest = read->body.is_object() && read->body["data"].is_object()
-                         ? read->body["data"].value("latest_version", int64_t{0})
-                         : 0;
+    const uint64_t latest = read->body.is_object() && read->body["data"].is_object()
+                                ? internal::UintField(read->body["data"], "latest_version", 0).value_or(0)
+                                : 0;
     return absl::AlreadyExistsError(absl::StrCat(where, " already exists (latest version ", latest,
                                                  "); nothing was changed"));
   }
@@ -258,10 +259,16 @@ absl::Status VaultKeySource::Refresh(absl::Time deadline) {
         }
         created[v] = t;
       }
-      latest = data->value("latest_version", uint64_t{0});
-      min_decryption = std::max<uint64_t>(1, data->value("min_decryption_version", uint64_t{1}));
+      // Through internal::UintField/BoolField: a field of another type makes the metadata unusable, where
+      // nlohmann's value() would throw and end the process.
+      const std::optional<uint64_t> latest_field = internal::UintField(*data, "latest_version", 0);
+      const std::optional<uint64_t> floor_field = internal::UintField(*data, "min_decryption_version", 1);
+      const std::optional<bool> encrypts = internal::BoolField(*data, "supports_encryption", true);
+      good = good && latest_field.has_value() && floor_field.has_value() && encrypts.has_value();
+      latest = latest_field.value_or(0);
+      min_decryption = std::max<uint64_t>(1, floor_field.value_or(1));
       good = good && latest > 0 && created.count(latest) == 1;
-      if (data->value("supports_encryption", true) == false) {
+      if (encrypts == false) {
         status = absl::FailedPreconditionError(
             absl::StrCat(Describe(), " does not support encryption; fix: use an aes256-gcm96 key"));
       }
@@ -480,7 +487,9 @@ absl::StatusOr<std::string> VaultKeySource::Wrap(const core::KeyVersion& version
     }
     return s;
   }
-  const nlohmann::json& body_json = response->body;
+  // Not const: nlohmann's const operator[] on a missing key is undefined behaviour (an assert in debug builds), and a
+  // 200 answer without "data" reached it (tests/fuzz/regressions/vault_response_fuzz/encrypt-200-without-data).
+  nlohmann::json& body_json = response->body;
   if (!body_json.is_object() || !body_json["data"].is_object() || !body_json["data"]["ciphertext"].is_string()) {
     return absl::UnavailableError(absl::StrCat("encrypting with ", Describe(), ": Vault at ", response->address,
                                                " returned no data.ciphertext"));
