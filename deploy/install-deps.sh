@@ -15,6 +15,7 @@ test_packages=(
   etcd-server etcd-client time systemd binutils
   passwd util-linux  # useradd/groupadd and setpriv: the non-root socket-group test (tests/integration/nonroot_test.cc)
   faketime  # libfaketime: wall-clock steps and a clock set to 2100 under the real binary (tests/integration/clock_test.cc)
+  clang-14 libclang-rt-14-dev llvm-14  # libFuzzer builds (tests/fuzz/run.sh); FuzzedDataProvider.h for the fuzz targets in every test build
 )
 
 wanted=("${build_packages[@]}")

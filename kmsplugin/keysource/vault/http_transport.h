@@ -45,12 +45,17 @@ struct HttpResponse {
 class HttpTransport {
  public:
   static absl::StatusOr<std::unique_ptr<HttpTransport>> New(TlsOptions tls, size_t max_handles);
-  ~HttpTransport();
+  virtual ~HttpTransport();
   HttpTransport(const HttpTransport&) = delete;
   HttpTransport& operator=(const HttpTransport&) = delete;
 
   // One exchange, bounded by `timeout` (CURLOPT_TIMEOUT_MS) and by `deadline` (the earlier wins).
-  HttpResponse Send(HttpRequest& request, absl::Duration timeout, absl::Time deadline);
+  // Virtual for one reason: the Vault response fuzz target (tests/fuzz) answers from its input instead of a network.
+  virtual HttpResponse Send(HttpRequest& request, absl::Duration timeout, absl::Time deadline);
+
+ protected:
+  // For a transport that overrides Send and never uses curl.
+  HttpTransport() : HttpTransport(TlsOptions{}, 0) {}
 
  private:
   HttpTransport(TlsOptions tls, size_t max_handles) : tls_(std::move(tls)), max_handles_(max_handles) {}

@@ -13,6 +13,8 @@
 
 namespace kmsplugin::keysource::vault {
 
+using internal::BoolField;
+using internal::IntField;
 using internal::JsonString;
 using internal::Uniform;
 
@@ -203,8 +205,14 @@ absl::Status VaultClient::Login(absl::Time deadline) {
   std::string& token = j["auth"]["client_token"].get_ref<std::string&>();
   crypto::SecretBytes secret = crypto::SecretBytes::CopyOf(token);
   WipeString(token);
-  int64_t lease = j["auth"].value("lease_duration", int64_t{0});
-  bool renewable = j["auth"].value("renewable", false);
+  const std::optional<int64_t> lease_field = IntField(j["auth"], "lease_duration", 0);
+  const std::optional<bool> renewable_field = BoolField(j["auth"], "renewable", false);
+  if (!lease_field.has_value() || !renewable_field.has_value()) {
+    return absl::UnavailableError(absl::StrCat("Vault login at ", path,
+                                               " returned an auth.lease_duration or auth.renewable of the wrong type"));
+  }
+  const int64_t lease = *lease_field;
+  const bool renewable = *renewable_field;
   const bool new_secret = secret_stamp.has_value() && secret_stamp_.has_value() && *secret_stamp != *secret_stamp_;
   if (secret_stamp.has_value()) {
     secret_stamp_ = secret_stamp;
@@ -248,9 +256,19 @@ absl::Status VaultClient::LookupSelf(absl::Time deadline) {
     return ErrorStatus(*response, "token lookup-self");
   }
   const nlohmann::json& data = response->body.is_object() ? response->body["data"] : nlohmann::json();
-  int64_t ttl = data.is_object() ? data.value("ttl", int64_t{0}) : 0;
-  int64_t creation_ttl = data.is_object() ? data.value("creation_ttl", int64_t{0}) : 0;
-  bool renewable = data.is_object() ? data.value("renewable", false) : false;
+  const nlohmann::json none = nlohmann::json::object();
+  const nlohmann::json& fields = data.is_object() ? data : none;
+  const std::optional<int64_t> ttl_field = IntField(fields, "ttl", 0);
+  const std::optional<int64_t> creation_ttl_field = IntField(fields, "creation_ttl", 0);
+  const std::optional<bool> renewable_field = BoolField(fields, "renewable", false);
+  if (!ttl_field.has_value() || !creation_ttl_field.has_value() || !renewable_field.has_value()) {
+    return absl::UnavailableError(absl::StrCat("token lookup-self: Vault at ", response->address,
+                                               " returned a data.ttl, data.creation_ttl or data.renewable of the "
+                                               "wrong type"));
+  }
+  const int64_t ttl = *ttl_field;
+  const int64_t creation_ttl = *creation_ttl_field;
+  const bool renewable = *renewable_field;
   absl::MutexLock lock(&mu_);
   if (generation == generation_) {
     absl::Duration lease = std::max(absl::Seconds(creation_ttl), lease_);
@@ -423,14 +441,22 @@ void VaultClient::RenewOnce() {
   if (renewable && !capped) {
     std::string body = absl::StrCat("{\"increment\":\"", absl::ToInt64Seconds(lease), "s\"}");
     auto response = Send("POST", "auth/token/renew-self", body, &token, deadline);
+    bool malformed = false;
     if (response.ok() && response->status == 200 && response->body.is_object() &&
         response->body["auth"].is_object()) {
       nlohmann::json& auth = response->body["auth"];
       if (auth.contains("client_token") && auth["client_token"].is_string()) {
         WipeString(auth["client_token"].get_ref<std::string&>());
       }
-      absl::Duration new_lease = absl::Seconds(auth.value("lease_duration", int64_t{0}));
-      bool still_renewable = auth.value("renewable", false);
+      const std::optional<int64_t> lease_field = IntField(auth, "lease_duration", 0);
+      const std::optional<bool> renewable_field = BoolField(auth, "renewable", false);
+      malformed = !lease_field.has_value() || !renewable_field.has_value();
+    }
+    if (!malformed && response.ok() && response->status == 200 && response->body.is_object() &&
+        response->body["auth"].is_object()) {
+      const nlohmann::json& auth = response->body["auth"];
+      absl::Duration new_lease = absl::Seconds(*IntField(auth, "lease_duration", 0));
+      bool still_renewable = *BoolField(auth, "renewable", false);
       {
         absl::MutexLock lock(&mu_);
         if (generation != generation_) {
@@ -450,7 +476,11 @@ void VaultClient::RenewOnce() {
       TokenDead(generation, deadline);  // Vault says the token is gone: do not wait for the next call to find out
       return;
     }
-    result = response.ok() ? ErrorStatus(*response, "token renew-self") : response.status();
+    result = malformed     ? absl::UnavailableError(absl::StrCat("token renew-self: Vault at ", response->address,
+                                                                 " returned an auth.lease_duration or auth.renewable "
+                                                                 "of the wrong type"))
+             : response.ok() ? ErrorStatus(*response, "token renew-self")
+                             : response.status();
   } else if (can_login) {
     result = login(deadline);  // non-renewable or at its max TTL: time to log in again
     if (result.ok()) {
@@ -499,6 +529,21 @@ void VaultClient::StopBackground() {
   }
 }
 
+void VaultClient::UpkeepOnce() {
+  bool renew_due, verify_due;
+  {
+    absl::MutexLock lock(&mu_);
+    const absl::Time now = clock_->Now();
+    renew_due = now >= renew_at_;
+    verify_due = now >= verify_at_;
+  }
+  if (renew_due) {
+    RenewOnce();
+  } else if (verify_due) {
+    VerifyOnce();
+  }
+}
+
 void VaultClient::BackgroundLoop(std::function<void()> tick, absl::Duration tick_every) {
   absl::Time next_tick = clock_->Now() + tick_every;
   for (;;) {
@@ -510,18 +555,7 @@ void VaultClient::BackgroundLoop(std::function<void()> tick, absl::Duration tick
         return;
       }
     }
-    bool renew_due, verify_due;
-    {
-      absl::MutexLock lock(&mu_);
-      const absl::Time now = clock_->Now();
-      renew_due = now >= renew_at_;
-      verify_due = now >= verify_at_;
-    }
-    if (renew_due) {
-      RenewOnce();
-    } else if (verify_due) {
-      VerifyOnce();
-    }
+    UpkeepOnce();
     if (tick && tick_every > absl::ZeroDuration() && clock_->Now() >= next_tick) {
       tick();
       next_tick = clock_->Now() + tick_every;

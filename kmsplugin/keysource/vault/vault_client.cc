@@ -102,6 +102,15 @@ absl::StatusOr<std::unique_ptr<VaultClient>> VaultClient::New(VaultOptions optio
       new VaultClient(std::move(options), clock, std::move(*transport), events));
 }
 
+absl::StatusOr<std::unique_ptr<VaultClient>> VaultClient::New(VaultOptions options, core::Clock* clock,
+                                                              std::unique_ptr<HttpTransport> transport,
+                                                              core::EventSink* events) {
+  if (options.addresses.empty()) {
+    return absl::InvalidArgumentError("no Vault address given");
+  }
+  return std::unique_ptr<VaultClient>(new VaultClient(std::move(options), clock, std::move(transport), events));
+}
+
 VaultClient::VaultClient(VaultOptions options, core::Clock* clock, std::unique_ptr<HttpTransport> transport,
                          core::EventSink* events)
     : options_(std::move(options)),

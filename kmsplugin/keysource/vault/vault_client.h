@@ -66,6 +66,10 @@ class VaultClient {
   // `events` may be null (NullEventSink); it must outlive the client.
   static absl::StatusOr<std::unique_ptr<VaultClient>> New(VaultOptions options, core::Clock* clock,
                                                           size_t max_concurrency, core::EventSink* events = nullptr);
+  // The same over a given transport (the Vault response fuzz target's, which answers from its input).
+  static absl::StatusOr<std::unique_ptr<VaultClient>> New(VaultOptions options, core::Clock* clock,
+                                                          std::unique_ptr<HttpTransport> transport,
+                                                          core::EventSink* events = nullptr);
   ~VaultClient();
 
   // Sends `method path` (path below /v1/, e.g. "transit/encrypt/k") with a JSON `body` (may be empty), with the
@@ -80,6 +84,10 @@ class VaultClient {
   // Starts the renewal thread. `tick` runs on it every `tick_every` (0 = never), e.g. for metadata polling.
   void StartBackground(std::function<void()> tick, absl::Duration tick_every);
   void StopBackground();
+  // What the background thread does on each wake-up: renews the token (or logs in again) when the renewal is
+  // due, else re-reads its TTL when that is due, else nothing. Public so that a caller on a fake clock (the Vault
+  // response fuzz target) can drive it without the thread.
+  void UpkeepOnce();
 
   // Maps a non-2xx answer to a status: 400 INVALID_ARGUMENT, 403 PERMISSION_DENIED, 404 FAILED_PRECONDITION,
   // 429/5xx UNAVAILABLE. The message names `what`, the address, the status and Vault's errors.

@@ -12,6 +12,7 @@
 #include "absl/strings/str_join.h"
 #include "kmsplugin/core/sv.h"
 #include "kmsplugin/core/version_rules.h"
+#include "kmsplugin/keysource/vault/client_util.h"
 
 namespace kmsplugin::keysource::vault {
 namespace {
@@ -77,7 +78,13 @@ absl::StatusOr<std::shared_ptr<VaultKeySource>> VaultKeySource::Open(VaultOption
   if (!client.ok()) {
     return client.status();
   }
-  std::shared_ptr<VaultKeySource> source(new VaultKeySource(std::move(*client), clock, events));
+  return Open(std::move(*client), clock, background, events);
+}
+
+absl::StatusOr<std::shared_ptr<VaultKeySource>> VaultKeySource::Open(std::unique_ptr<VaultClient> client,
+                                                                     core::Clock* clock, bool background,
+                                                                     core::EventSink* events) {
+  std::shared_ptr<VaultKeySource> source(new VaultKeySource(std::move(client), clock, events));
   const absl::Duration first = std::min(source->options_.request_timeout, absl::Seconds(10));
   auto fatal = [](const absl::Status& s) {
     return s.code() != absl::StatusCode::kUnavailable && s.code() != absl::StatusCode::kDeadlineExceeded;
@@ -101,28 +108,33 @@ absl::StatusOr<std::string> VaultKeySource::CreateKey(const VaultOptions& option
   if (!client.ok()) {
     return client.status();
   }
-  if (absl::Status s = (*client)->Authenticate(deadline); !s.ok()) {
+  return CreateKey(**client, deadline);
+}
+
+absl::StatusOr<std::string> VaultKeySource::CreateKey(VaultClient& client, absl::Time deadline) {
+  const VaultOptions& options = client.options();
+  if (absl::Status s = client.Authenticate(deadline); !s.ok()) {
     return s;
   }
   const std::string path = absl::StrCat(options.transit_mount, "/keys/", options.key_name);
   const std::string where = absl::StrCat("Vault transit key ", path, " at ", options.addresses.front(),
                                          options.vault_namespace.empty() ? "" : " namespace ",
                                          options.vault_namespace);
-  auto read = (*client)->Call("GET", path, "", deadline);
+  auto read = client.Call("GET", path, "", deadline);
   if (!read.ok()) {
     return read.status();
   }
   if (read->status == 200) {
-    int64_t latest = read->body.is_object() && read->body["data"].is_object()
-                         ? read->body["data"].value("latest_version", int64_t{0})
-                         : 0;
+    const uint64_t latest = read->body.is_object() && read->body["data"].is_object()
+                                ? internal::UintField(read->body["data"], "latest_version", 0).value_or(0)
+                                : 0;
     return absl::AlreadyExistsError(absl::StrCat(where, " already exists (latest version ", latest,
                                                  "); nothing was changed"));
   }
   if (read->status != 404) {
     return VaultClient::ErrorStatus(*read, absl::StrCat("reading ", where));
   }
-  auto created = (*client)->Call("POST", path, "{\"type\":\"aes256-gcm96\"}", deadline);
+  auto created = client.Call("POST", path, "{\"type\":\"aes256-gcm96\"}", deadline);
   if (!created.ok()) {
     return created.status();
   }
@@ -247,10 +259,16 @@ absl::Status VaultKeySource::Refresh(absl::Time deadline) {
         }
         created[v] = t;
       }
-      latest = data->value("latest_version", uint64_t{0});
-      min_decryption = std::max<uint64_t>(1, data->value("min_decryption_version", uint64_t{1}));
+      // Through internal::UintField/BoolField: a field of another type makes the metadata unusable, where
+      // nlohmann's value() would throw and end the process.
+      const std::optional<uint64_t> latest_field = internal::UintField(*data, "latest_version", 0);
+      const std::optional<uint64_t> floor_field = internal::UintField(*data, "min_decryption_version", 1);
+      const std::optional<bool> encrypts = internal::BoolField(*data, "supports_encryption", true);
+      good = good && latest_field.has_value() && floor_field.has_value() && encrypts.has_value();
+      latest = latest_field.value_or(0);
+      min_decryption = std::max<uint64_t>(1, floor_field.value_or(1));
       good = good && latest > 0 && created.count(latest) == 1;
-      if (data->value("supports_encryption", true) == false) {
+      if (encrypts == false) {
         status = absl::FailedPreconditionError(
             absl::StrCat(Describe(), " does not support encryption; fix: use an aes256-gcm96 key"));
       }
@@ -506,7 +524,9 @@ absl::StatusOr<std::string> VaultKeySource::Wrap(const core::KeyVersion& version
     }
     return s;
   }
-  const nlohmann::json& body_json = response->body;
+  // Not const: nlohmann's const operator[] on a missing key is undefined behaviour (an assert in debug builds), and a
+  // 200 answer without "data" reached it (tests/fuzz/regressions/vault_response_fuzz/encrypt-200-without-data).
+  nlohmann::json& body_json = response->body;
   if (!body_json.is_object() || !body_json["data"].is_object() || !body_json["data"]["ciphertext"].is_string()) {
     return absl::UnavailableError(absl::StrCat("encrypting with ", Describe(), ": Vault at ", response->address,
                                                " returned no data.ciphertext"));

@@ -52,9 +52,15 @@ class VaultKeySource : public core::KeySource, public core::KeyAdmin {
   static absl::StatusOr<std::shared_ptr<VaultKeySource>> Open(VaultOptions options, core::Clock* clock,
                                                               int worker_threads, bool background = true,
                                                               core::EventSink* events = nullptr);
+  // The same over a client made already (the Vault response fuzz target's, whose transport answers from its input).
+  static absl::StatusOr<std::shared_ptr<VaultKeySource>> Open(std::unique_ptr<VaultClient> client, core::Clock* clock,
+                                                              bool background = true,
+                                                              core::EventSink* events = nullptr);
 
   // `kmsplugin init`: creates the Transit key (aes256-gcm96) if it does not exist; ALREADY_EXISTS otherwise.
   static absl::StatusOr<std::string> CreateKey(const VaultOptions& options, core::Clock* clock, absl::Time deadline);
+  // The same through `client` (the options are the client's).
+  static absl::StatusOr<std::string> CreateKey(VaultClient& client, absl::Time deadline);
 
   ~VaultKeySource() override;
 
