@@ -1,26 +1,52 @@
 #!/usr/bin/env bash
 # Installs what is missing, builds, and runs the whole test suite under CTest (ends with CTest's summary line).
-# With CI=true (as .ci/run runs it) the suite runs a second time under AddressSanitizer and
-# UndefinedBehaviorSanitizer, in a second build directory; both runs must be clean.
+#
+# With CI=true (as .ci/run runs it), or KMSPLUGIN_FULL_RUN=1, it first runs the assurance parts of issue 12, each
+# of which must be clean:
+#   1. the suite under AddressSanitizer + UndefinedBehaviorSanitizer (build/asan), without the long crash, soak and
+#      flood tests (labels `long`, `soak`), which run in the Release suite;
+#   2. every fuzz target for a bounded time (build/fuzz, tests/fuzz/run.sh; KMSPLUGIN_FUZZ_SECONDS, default 60);
+# then, always, the whole suite in Release (build/test), the crash-safety, limits and soak tests included.
+# Each part says how long it took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash deploy/install-deps.sh test
 jobs=$(nproc)
 
-run_suite() {  # build-dir, extra cmake args...
+part_start=$SECONDS
+part_done() {  # name
+  echo "== $1: $((SECONDS - part_start)) s"
+  part_start=$SECONDS
+}
+
+build_suite() {  # build-dir, extra cmake args...
   local dir=$1
   shift
   cmake -S . -B "$dir" -DKMSPLUGIN_TESTS=ON -DKMSPLUGIN_BENCH=ON "$@" >/dev/null
   cmake --build "$dir" -j"$jobs"
-  ctest --test-dir "$dir" --output-on-failure -j"$jobs" --timeout 600
+}
+run_tests() {  # build-dir, extra ctest args...
+  local dir=$1
+  shift
+  ctest --test-dir "$dir" --output-on-failure -j"$jobs" --timeout 600 "$@"
 }
 
-if [[ "${CI:-}" == "true" || "${KMSPLUGIN_SANITIZE_RUN:-}" == "1" ]]; then
+part_done "install"
+if [[ "${CI:-}" == "true" || "${KMSPLUGIN_FULL_RUN:-}" == "1" || "${KMSPLUGIN_SANITIZE_RUN:-}" == "1" ]]; then
   echo "== AddressSanitizer + UndefinedBehaviorSanitizer run =="
+  build_suite build/asan -DCMAKE_BUILD_TYPE=Debug -DKMSPLUGIN_SANITIZE=ON
+  part_done "ASan+UBSan build"
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1 \
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    run_suite build/asan -DCMAKE_BUILD_TYPE=Debug -DKMSPLUGIN_SANITIZE=ON
+    run_tests build/asan -LE 'long|soak'
+  part_done "ASan+UBSan suite"
+
+  echo "== Fuzzing =="
+  bash tests/fuzz/run.sh "${KMSPLUGIN_FUZZ_SECONDS:-60}"
+  part_done "fuzzing"
   echo "== Release run =="
 fi
-run_suite build/test -DCMAKE_BUILD_TYPE=Release
+build_suite build/test -DCMAKE_BUILD_TYPE=Release
+part_done "Release build"
+run_tests build/test
