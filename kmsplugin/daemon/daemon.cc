@@ -21,6 +21,7 @@
 #include "kmsplugin/observe/http_endpoint.h"
 #include "kmsplugin/observe/log.h"
 #include "kmsplugin/observe/metrics.h"
+#include "kmsplugin/observe/process_metrics.h"
 #include "kmsplugin/server/server_runner.h"
 
 namespace kmsplugin::daemon {
@@ -70,6 +71,7 @@ absl::Status RunDaemon(const DaemonOptions& options) {
     }
   }
   observe::Registry registry;
+  registry.AddCollectable(std::make_shared<observe::ProcessCollector>());
   // Before any key source puts a secret in memory.
   if (auto locked = CheckLockedMemory(config.server.allow_unlocked_memory, registry); !locked.ok()) {
     return locked;
