@@ -9,6 +9,7 @@ build_packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   libssl-dev libsodium-dev libcurl4-openssl-dev libsystemd-dev
   nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libspdlog-dev libcpp-httplib-dev libp11-kit-dev
+  prometheus-cpp-dev  # the metric registry and text exposition (libprometheus-cpp-core; /metrics)
 )
 test_packages=(
   catch2 softhsm2 opensc openssl python3 python3-cryptography python3-yaml procps prometheus

@@ -72,9 +72,66 @@ absl::Status ParseServer(const YAML::Node& node, const FieldContext& context, Se
   return absl::OkStatus();
 }
 
-absl::Status ParseHttp(const YAML::Node& node, const FieldContext& context, HttpConfig& http) {
-  if (auto status = context.RejectUnknownKeys(node, {"listen", "enabled"}); !status.ok()) {
+absl::Status CheckListen(const std::string& value, const FieldContext& context, std::string_view example) {
+  const size_t colon = value.rfind(':');
+  int64_t port = -1;
+  if (colon == std::string::npos || colon == 0 || !absl::SimpleAtoi(value.substr(colon + 1), &port) || port < 0 ||
+      port > 65535) {
+    return context.Error(absl::StrCat("\"", value, "\" is not HOST:PORT"), example);
+  }
+  return absl::OkStatus();
+}
+
+// http.tls: a listener for an in-cluster Prometheus (TLS 1.2+, client certificate required).
+absl::Status ParseHttpTls(const YAML::Node& node, const FieldContext& context, HttpTlsConfig& tls) {
+  if (!node.IsMap()) {
+    return context.Error("is not a map", "write listen, certFile, keyFile and clientCAFile under http.tls");
+  }
+  if (auto status = context.RejectUnknownKeys(node, {"listen", "certFile", "keyFile", "clientCAFile"});
+      !status.ok()) {
     return status;
+  }
+  auto listen = context.RequiredString(node, "listen", "set it to HOST:PORT, e.g. 0.0.0.0:9881");
+  if (!listen.ok()) {
+    return listen.status();
+  }
+  if (auto status = CheckListen(*listen, context.Child("listen"), "write an address such as 0.0.0.0:9881");
+      !status.ok()) {
+    return status;
+  }
+  auto cert = context.RequiredString(node, "certFile", "set it to the server certificate (PEM) Prometheus verifies");
+  if (!cert.ok()) {
+    return cert.status();
+  }
+  auto key = context.RequiredString(node, "keyFile", "set it to the certificate's private key (PEM, mode 0600)");
+  if (!key.ok()) {
+    return key.status();
+  }
+  auto ca = context.RequiredString(node, "clientCAFile",
+                                   "set it to the CA (PEM) that issued Prometheus' client certificate");
+  if (!ca.ok()) {
+    return ca.status();
+  }
+  for (const auto& [field, value] : {std::pair{"certFile", &*cert}, {"keyFile", &*key}, {"clientCAFile", &*ca}}) {
+    if (value->empty() || value->front() != '/') {
+      return context.Child(field).Error(absl::StrCat("\"", *value, "\" is not an absolute path"),
+                                        "write the file's absolute path");
+    }
+  }
+  tls = HttpTlsConfig{*listen, *cert, *key, *ca};
+  return absl::OkStatus();
+}
+
+absl::Status ParseHttp(const YAML::Node& node, const FieldContext& context, HttpConfig& http) {
+  if (auto status = context.RejectUnknownKeys(node, {"listen", "enabled", "tls"}); !status.ok()) {
+    return status;
+  }
+  if (node["tls"]) {
+    HttpTlsConfig tls;
+    if (auto status = ParseHttpTls(node["tls"], context.Child("tls"), tls); !status.ok()) {
+      return status;
+    }
+    http.tls = std::move(tls);
   }
   auto enabled = context.OptionalBool(node, "enabled");
   if (!enabled.ok()) {

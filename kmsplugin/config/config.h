@@ -5,6 +5,12 @@
 //   http:                        # optional: /metrics, /healthz, /readyz
 //     listen: 127.0.0.1:9880     # HOST:PORT, loopback by default; port 0 picks a free one
 //     enabled: true
+//     tls:                       # optional second listener: the same paths over TLS with client certificates
+//       listen: 0.0.0.0:9881     # HOST:PORT
+//       certFile: /etc/kmsplugin/metrics-tls/tls.crt     # server certificate (PEM; chain after it)
+//       keyFile: /etc/kmsplugin/metrics-tls/tls.key      # its private key: mode 0600, owned by the plugin's user
+//       clientCAFile: /etc/kmsplugin/metrics-tls/ca.crt  # only clients with a certificate from this CA are served
+//                                # (the three files are read again at SIGHUP)
 //   server:                      # optional
 //     pollInterval: 10s          # how often each key source is refreshed and health-probed (SIGHUP: at once)
 //     shutdownGracePeriod: 10s   # SIGTERM drains in-flight calls for at most this long
@@ -53,9 +59,17 @@ struct ServerConfig {
   int max_queued_calls = 128;
 };
 
+struct HttpTlsConfig {
+  std::string listen;
+  std::string cert_file;
+  std::string key_file;
+  std::string client_ca_file;
+};
+
 struct HttpConfig {
   bool enabled = true;
   std::string listen = "127.0.0.1:9880";
+  std::optional<HttpTlsConfig> tls;
 };
 
 struct Config {

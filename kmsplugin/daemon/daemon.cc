@@ -12,6 +12,7 @@
 
 #include "kmsplugin/core/exit_codes.h"
 #include "kmsplugin/daemon/config_reloader.h"
+#include "kmsplugin/daemon/http_tls.h"
 #include "kmsplugin/daemon/memory_lock.h"
 #include "kmsplugin/daemon/reload_plan.h"
 #include "kmsplugin/daemon/source_opener.h"
@@ -21,6 +22,7 @@
 #include "kmsplugin/observe/http_endpoint.h"
 #include "kmsplugin/observe/log.h"
 #include "kmsplugin/observe/metrics.h"
+#include "kmsplugin/observe/process_metrics.h"
 #include "kmsplugin/server/server_runner.h"
 
 namespace kmsplugin::daemon {
@@ -53,6 +55,20 @@ void RaiseFileLimit() {
   }
 }
 
+// SIGHUP: the TLS listener's files again (a renewed certificate). A failure keeps the context in use.
+void ReloadHttpTls(const std::string& config_path, const config::HttpTlsConfig& tls, observe::HttpEndpoint& endpoint) {
+  auto context = LoadHttpTls(config_path, tls);
+  if (!context.ok()) {
+    observe::Log(spdlog::level::err, "http tls reload rejected",
+                 {{"event", "reload"},
+                  {"error", std::string(context.status().message())},
+                  {"serving", "the previous certificate and key, unchanged"}});
+    return;
+  }
+  endpoint.SetTls(std::move(*context));
+  observe::Log(spdlog::level::info, "http tls reloaded", {{"event", "reload"}, {"certFile", tls.cert_file}});
+}
+
 }  // namespace
 
 absl::Status RunDaemon(const DaemonOptions& options) {
@@ -70,6 +86,7 @@ absl::Status RunDaemon(const DaemonOptions& options) {
     }
   }
   observe::Registry registry;
+  registry.AddCollectable(std::make_shared<observe::ProcessCollector>());
   // Before any key source puts a secret in memory.
   if (auto locked = CheckLockedMemory(config.server.allow_unlocked_memory, registry); !locked.ok()) {
     return locked;
@@ -104,31 +121,57 @@ absl::Status RunDaemon(const DaemonOptions& options) {
   ConfigReloader reloader(options.config_path, std::move(*loaded), registry, runner, opener);
   SystemdNotifier notifier;
   const auto serving_line = [&runner] { return absl::StrCat("serving ", runner.Services().size(), " environment(s)"); };
-  runner.SetReloadHandler([&reloader, &notifier, &serving_line] {
+  // The TLS metrics listener (http.tls), if configured: its files are read again at each SIGHUP.
+  std::unique_ptr<observe::HttpEndpoint> tls_http;
+  runner.SetReloadHandler([&reloader, &notifier, &serving_line, &tls_http, &http_config, &options] {
     notifier.Reloading("reloading the configuration (SIGHUP)");
     reloader.Reload();
+    if (tls_http != nullptr) {
+      ReloadHttpTls(options.config_path, *http_config.tls, *tls_http);
+    }
     notifier.Ready(serving_line());
   });
   runner.SetStopHandler([&notifier] { notifier.Stopping("draining in-flight calls"); });
   std::unique_ptr<observe::HttpEndpoint> http;
+  const auto readiness = [&runner] {
+    std::vector<observe::Readiness> report;
+    for (const auto& service : runner.Services()) {
+      const core::StatusResult status = service->Status();
+      report.push_back({service->environment(), status.healthz == "ok", status.healthz});
+    }
+    return report;
+  };
+  const auto liveness = [&runner] {
+    // /healthz: a socket that no longer answers makes the process not alive, so a liveness probe restarts it
+    // if the runner cannot bind it again by itself.
+    std::vector<observe::Readiness> report;
+    for (const server::SocketHealth& socket : runner.Sockets()) {
+      report.push_back({socket.environment, socket.answering,
+                        absl::StrCat("socket ", socket.socket, " does not answer: ", socket.reason)});
+    }
+    return report;
+  };
+  if (http_config.enabled && http_config.tls.has_value()) {
+    auto context = LoadHttpTls(options.config_path, *http_config.tls);
+    if (!context.ok()) {
+      runner.Shutdown();
+      return core::AsUsageError(context.status());
+    }
+    auto endpoint = observe::HttpEndpoint::Start(http_config.tls->listen, registry, readiness, liveness, {},
+                                                 std::move(*context));
+    if (!endpoint.ok()) {
+      runner.Shutdown();
+      return endpoint.status();
+    }
+    tls_http = std::move(*endpoint);
+    observe::Log(spdlog::level::info, "https listening",
+                 {{"address", http_config.tls->listen},
+                  {"port", tls_http->port()},
+                  {"paths", "/metrics /healthz /readyz"},
+                  {"client_certificates", "required"}});
+  }
   if (http_config.enabled) {
-    auto endpoint = observe::HttpEndpoint::Start(http_config.listen, registry, [&runner] {
-      std::vector<observe::Readiness> report;
-      for (const auto& service : runner.Services()) {
-        const core::StatusResult status = service->Status();
-        report.push_back({service->environment(), status.healthz == "ok", status.healthz});
-      }
-      return report;
-    }, [&runner] {
-      // /healthz: a socket that no longer answers makes the process not alive, so a liveness probe restarts it
-      // if the runner cannot bind it again by itself.
-      std::vector<observe::Readiness> report;
-      for (const server::SocketHealth& socket : runner.Sockets()) {
-        report.push_back({socket.environment, socket.answering,
-                          absl::StrCat("socket ", socket.socket, " does not answer: ", socket.reason)});
-      }
-      return report;
-    });
+    auto endpoint = observe::HttpEndpoint::Start(http_config.listen, registry, readiness, liveness);
     if (!endpoint.ok()) {
       runner.Shutdown();
       return endpoint.status();
@@ -154,6 +197,7 @@ absl::Status RunDaemon(const DaemonOptions& options) {
   });
   const absl::Status stopped = runner.RunUntilSignalled();
   http.reset();
+  tls_http.reset();
   return stopped;
 }
 

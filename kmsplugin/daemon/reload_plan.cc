@@ -94,6 +94,19 @@ std::vector<std::string> ReloadPlan::Changed() const {
   return changed;
 }
 
+namespace {
+
+// http.tls as one value: its listener and files are set at start (the files' contents are read again at SIGHUP).
+std::string TlsText(const std::optional<config::HttpTlsConfig>& tls) {
+  if (!tls.has_value()) {
+    return "none";
+  }
+  return absl::StrCat("{listen: ", tls->listen, ", certFile: ", tls->cert_file, ", keyFile: ", tls->key_file,
+                      ", clientCAFile: ", tls->client_ca_file, "}");
+}
+
+}  // namespace
+
 absl::StatusOr<ReloadPlan> PlanReload(const LoadedConfig& running, const LoadedConfig& next) {
   const std::string& file = next.config.file;
   const config::ServerConfig& server_before = running.config.server;
@@ -117,6 +130,7 @@ absl::StatusOr<ReloadPlan> PlanReload(const LoadedConfig& running, const LoadedC
            RestartOnly(file, "http", "enabled", http_before.enabled ? "true" : "false",
                        http_after.enabled ? "true" : "false"),
            RestartOnly(file, "http", "listen", Quoted(http_before.listen), Quoted(http_after.listen)),
+           RestartOnly(file, "http", "tls", TlsText(http_before.tls), TlsText(http_after.tls)),
        }) {
     if (!status.ok()) {
       return status;

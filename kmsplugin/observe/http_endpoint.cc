@@ -1,8 +1,13 @@
 #include "kmsplugin/observe/http_endpoint.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -30,21 +35,38 @@ void CloseConnection(int sock) {
 }
 
 // httplib's own SocketStream applies its read timeout to each read, so a client that trickles a byte before each
-// timeout holds a worker for ever; this Stream has one deadline for the whole exchange and a byte budget.
+// timeout holds a worker for ever; this Stream has one deadline for the whole exchange and a byte budget. With
+// `ssl` (a non-blocking socket), the TLS handshake, every read and every write run against that same deadline.
 class DeadlineStream final : public httplib::Stream {
  public:
-  DeadlineStream(int sock, absl::Time deadline, size_t max_read)
-      : sock_(sock), deadline_(deadline), max_read_(max_read) {}
+  DeadlineStream(int sock, absl::Time deadline, size_t max_read, SSL* ssl = nullptr)
+      : sock_(sock), deadline_(deadline), max_read_(max_read), ssl_(ssl) {}
 
-  bool is_readable() const override { return begin_ < end_ || Wait(POLLIN); }
+  // The server side of the TLS handshake (client certificate verified), within the deadline.
+  bool Handshake() {
+    while (true) {
+      const int result = SSL_accept(ssl_);
+      if (result == 1) {
+        return true;
+      }
+      if (!WaitFor(SSL_get_error(ssl_, result))) {
+        ERR_clear_error();
+        return false;
+      }
+    }
+  }
+
+  bool is_readable() const override {
+    return begin_ < end_ || (ssl_ != nullptr && SSL_pending(ssl_) > 0) || Wait(POLLIN);
+  }
   bool is_writable() const override { return Wait(POLLOUT); }
 
   ssize_t read(char* ptr, size_t size) override {
     if (begin_ == end_) {
-      if (read_ >= max_read_ || !Wait(POLLIN)) {
+      if (read_ >= max_read_ || (ssl_ == nullptr && !Wait(POLLIN))) {
         return -1;
       }
-      const ssize_t n = recv(sock_, buffer_, std::min(sizeof(buffer_), max_read_ - read_), 0);
+      const ssize_t n = Receive(std::min(sizeof(buffer_), max_read_ - read_));
       if (n <= 0) {
         return n;
       }
@@ -59,6 +81,19 @@ class DeadlineStream final : public httplib::Stream {
   }
 
   ssize_t write(const char* ptr, size_t size) override {
+    if (ssl_ != nullptr) {
+      while (true) {
+        size_t written = 0;
+        const int result = SSL_write_ex(ssl_, ptr, size, &written);
+        if (result == 1) {
+          return static_cast<ssize_t>(written);
+        }
+        if (!WaitFor(SSL_get_error(ssl_, result))) {
+          ERR_clear_error();
+          return -1;
+        }
+      }
+    }
     if (!Wait(POLLOUT)) {
       return -1;
     }
@@ -70,6 +105,39 @@ class DeadlineStream final : public httplib::Stream {
   socket_t socket() const override { return sock_; }
 
  private:
+  // One read into buffer_: after poll for a plain socket; through OpenSSL (which may need to write, too) for TLS.
+  ssize_t Receive(size_t size) {
+    if (ssl_ == nullptr) {
+      return recv(sock_, buffer_, size, 0);
+    }
+    while (true) {
+      size_t got = 0;
+      const int result = SSL_read_ex(ssl_, buffer_, size, &got);
+      if (result == 1) {
+        return static_cast<ssize_t>(got);
+      }
+      const int error = SSL_get_error(ssl_, result);
+      if (error == SSL_ERROR_ZERO_RETURN) {
+        return 0;
+      }
+      if (!WaitFor(error)) {
+        ERR_clear_error();
+        return -1;
+      }
+    }
+  }
+
+  // After an OpenSSL call that did not complete: waits (until the deadline) for what it wants; false otherwise.
+  bool WaitFor(int ssl_error) const {
+    if (ssl_error == SSL_ERROR_WANT_READ) {
+      return Wait(POLLIN);
+    }
+    if (ssl_error == SSL_ERROR_WANT_WRITE) {
+      return Wait(POLLOUT);
+    }
+    return false;
+  }
+
   // Waits for `events` until the deadline (EINTR is retried against the same deadline).
   bool Wait(short events) const {
     while (true) {
@@ -111,6 +179,7 @@ class DeadlineStream final : public httplib::Stream {
   const int sock_;
   const absl::Time deadline_;
   const size_t max_read_;
+  SSL* const ssl_;
   size_t read_ = 0;
   char buffer_[4096];
   size_t begin_ = 0;
@@ -196,6 +265,12 @@ class HttpEndpoint::Server final : public httplib::Server {
   explicit Server(HttpLimits limits) : limits(limits) {}
   const HttpLimits limits;
   std::atomic<uint64_t> refused{0};
+  std::atomic<uint64_t> tls_failures{0};
+
+  void SetTls(std::shared_ptr<const TlsServerContext> tls) {
+    std::lock_guard<std::mutex> lock(mu_);
+    tls_ = std::move(tls);
+  }
 
   // Closes every connection being served (their reads and writes fail at once) and every later one.
   void CloseConnections() {
@@ -213,14 +288,63 @@ class HttpEndpoint::Server final : public httplib::Server {
       CloseConnection(sock);
       return false;
     }
-    DeadlineStream stream(sock, absl::Now() + limits.request_deadline, limits.max_request_bytes);
-    bool closed = false;
-    const bool ok = process_request(stream, /*close_connection=*/true, closed, [](httplib::Request&) {});
+    const absl::Time deadline = absl::Now() + limits.request_deadline;
+    std::shared_ptr<const TlsServerContext> tls;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      tls = tls_;  // this connection keeps the context it started with, even if a reload replaces it
+    }
+    bool ok = false;
+    if (tls == nullptr) {
+      DeadlineStream stream(sock, deadline, limits.max_request_bytes);
+      bool closed = false;
+      ok = process_request(stream, /*close_connection=*/true, closed, [](httplib::Request&) {});
+    } else {
+      ok = ServeTls(sock, *tls, deadline);
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       active_.erase(sock);
     }
     CloseConnection(sock);
+    return ok;
+  }
+
+  // The handshake is inside the exchange's deadline: a client that never finishes it is cut off like a silent
+  // one, and holds a worker no longer. A client without a certificate from the client CA fails the handshake.
+  bool ServeTls(int sock, const TlsServerContext& tls, absl::Time deadline) {
+    // OpenSSL writes with write(), not send(MSG_NOSIGNAL): a client gone mid-answer would raise SIGPIPE, whose
+    // default kills the process. Blocked on this worker (ours alone), and a pending one is taken back after.
+    sigset_t pipe;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe, nullptr);
+    struct ConsumePipe {
+      const sigset_t& set;
+      ~ConsumePipe() {
+        const timespec now{};
+        while (sigtimedwait(&set, nullptr, &now) == SIGPIPE) {
+        }
+      }
+    } consume{pipe};
+    const int flags = fcntl(sock, F_GETFL);
+    if (flags < 0 || fcntl(sock, F_SETFL, flags | O_NONBLOCK) != 0) {
+      return false;
+    }
+    std::unique_ptr<SSL, void (*)(SSL*)> ssl(SSL_new(tls.get()), SSL_free);
+    if (ssl == nullptr || SSL_set_fd(ssl.get(), sock) != 1) {
+      ERR_clear_error();
+      return false;
+    }
+    DeadlineStream stream(sock, deadline, limits.max_request_bytes, ssl.get());
+    if (!stream.Handshake()) {
+      tls_failures.fetch_add(1);
+      return false;
+    }
+    bool closed = false;
+    const bool ok = process_request(stream, /*close_connection=*/true, closed, [](httplib::Request&) {});
+    SSL_shutdown(ssl.get());  // one close_notify, not waited for (the socket is non-blocking)
+    ERR_clear_error();
     return ok;
   }
 
@@ -233,6 +357,8 @@ class HttpEndpoint::Server final : public httplib::Server {
     return true;
   }
 
+  std::shared_ptr<const TlsServerContext> tls_;  // under mu_; null for plain HTTP
+
   std::mutex mu_;
   std::set<int> active_;
   bool stopping_ = false;
@@ -241,7 +367,8 @@ class HttpEndpoint::Server final : public httplib::Server {
 absl::StatusOr<std::unique_ptr<HttpEndpoint>> HttpEndpoint::Start(const std::string& listen, const Registry& registry,
                                                                   std::function<std::vector<Readiness>()> readiness,
                                                                   std::function<std::vector<Readiness>()> liveness,
-                                                                  HttpLimits limits) {
+                                                                  HttpLimits limits,
+                                                                  std::shared_ptr<const TlsServerContext> tls) {
   const size_t colon = listen.rfind(':');
   int port = -1;
   if (colon == std::string::npos || colon == 0 || !absl::SimpleAtoi(listen.substr(colon + 1), &port) || port < 0 ||
@@ -256,6 +383,8 @@ absl::StatusOr<std::unique_ptr<HttpEndpoint>> HttpEndpoint::Start(const std::str
   std::unique_ptr<HttpEndpoint> endpoint(new HttpEndpoint());
   endpoint->server_ = std::make_unique<Server>(limits);
   Server& server = *endpoint->server_;
+  endpoint->tls_ = tls != nullptr;
+  server.SetTls(std::move(tls));
   server.new_task_queue = [&server] {
     return new BoundedQueue(server.limits.workers, server.limits.max_connections, &server.refused);
   };
@@ -315,6 +444,14 @@ absl::StatusOr<std::unique_ptr<HttpEndpoint>> HttpEndpoint::Start(const std::str
 }
 
 uint64_t HttpEndpoint::refused() const { return server_->refused.load(); }
+
+uint64_t HttpEndpoint::tls_handshake_failures() const { return server_->tls_failures.load(); }
+
+void HttpEndpoint::SetTls(std::shared_ptr<const TlsServerContext> tls) {
+  if (tls_ && tls != nullptr) {
+    server_->SetTls(std::move(tls));
+  }
+}
 
 HttpEndpoint::~HttpEndpoint() {
   if (server_ != nullptr) {

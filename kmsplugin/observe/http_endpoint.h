@@ -12,6 +12,11 @@
 // - a few worker threads serve connections; a bounded number are held (served or waiting); one more is closed at
 //   once, never queued (HttpLimits: the values);
 // - shutdown closes every connection still held, so no client delays the exit.
+//
+// With a TlsServerContext the endpoint speaks only TLS (1.2 or newer) and serves only clients that present a
+// certificate from the context's client CA (http.tls: an in-cluster Prometheus scraping a hostNetwork pod). The
+// handshake runs on the worker inside the exchange's one deadline, so a client that stalls it holds a worker no
+// longer than a silent plain-HTTP client; plain HTTP sent to it fails the handshake and is closed at once.
 
 #include <atomic>
 #include <cstddef>
@@ -25,6 +30,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "kmsplugin/observe/metrics.h"
+#include "kmsplugin/observe/tls_context.h"
 
 namespace kmsplugin::observe {
 
@@ -49,7 +55,8 @@ class HttpEndpoint {
   static absl::StatusOr<std::unique_ptr<HttpEndpoint>> Start(const std::string& listen, const Registry& registry,
                                                              std::function<std::vector<Readiness>()> readiness,
                                                              std::function<std::vector<Readiness>()> liveness = {},
-                                                             HttpLimits limits = {});
+                                                             HttpLimits limits = {},
+                                                             std::shared_ptr<const TlsServerContext> tls = nullptr);
   ~HttpEndpoint();
   HttpEndpoint(const HttpEndpoint&) = delete;
   HttpEndpoint& operator=(const HttpEndpoint&) = delete;
@@ -57,6 +64,11 @@ class HttpEndpoint {
   int port() const { return port_; }
   // Connections closed at once because max_connections were held.
   uint64_t refused() const;
+  // TLS connections closed because the handshake failed or did not finish within the deadline.
+  uint64_t tls_handshake_failures() const;
+  // A TLS endpoint: the context for connections accepted from now on (a SIGHUP reload of the files). Ignored on a
+  // plain endpoint, and for null.
+  void SetTls(std::shared_ptr<const TlsServerContext> tls);
 
   class Server;  // http_endpoint.cc
 
@@ -65,6 +77,7 @@ class HttpEndpoint {
   std::unique_ptr<Server> server_;
   std::thread thread_;
   int port_ = 0;
+  bool tls_ = false;
 };
 
 }  // namespace kmsplugin::observe

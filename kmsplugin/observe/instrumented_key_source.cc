@@ -22,27 +22,19 @@ InstrumentedKeySource::InstrumentedKeySource(std::shared_ptr<core::KeySource> in
       unwrap_(MakeOperation("unwrap")),
       refresh_(MakeOperation("refresh")) {}
 
+InstrumentedKeySource::Operation::Operation(Registry& registry, const Labels& labels)
+    : outcomes(registry.CounterFamily(kRequests, kRequestsHelp), labels, "outcome", "ok"),
+      latency(registry.GetHistogram(kLatency, kLatencyHelp, labels)) {
+  outcomes.Get(absl::StatusCode::kOk);  // the ok series shows (as 0) before the first call
+}
+
 InstrumentedKeySource::Operation InstrumentedKeySource::MakeOperation(const std::string& name) {
-  const Labels labels{{"environment", environment_}, {"key_source", kind_}, {"operation", name}};
-  Labels ok = labels;
-  ok.emplace_back("outcome", "ok");
-  return Operation{&registry_.GetCounter(kRequests, kRequestsHelp, ok),
-                   &registry_.GetHistogram(kLatency, kLatencyHelp, labels), name};
+  return Operation(registry_, {{"environment", environment_}, {"key_source", kind_}, {"operation", name}});
 }
 
 void InstrumentedKeySource::Record(Operation& operation, const absl::Status& status, absl::Time start) {
-  operation.latency->Observe(absl::Now() - start);
-  if (status.ok()) {
-    operation.ok->Increment();
-    return;
-  }
-  registry_
-      .GetCounter(kRequests, kRequestsHelp,
-                  {{"environment", environment_},
-                   {"key_source", kind_},
-                   {"operation", operation.name},
-                   {"outcome", absl::StatusCodeToString(status.code())}})
-      .Increment();
+  operation.latency.Observe(absl::ToDoubleSeconds(absl::Now() - start));
+  operation.outcomes.Get(status.code()).Increment();
 }
 
 absl::StatusOr<std::string> InstrumentedKeySource::Wrap(const core::KeyVersion& version, std::string_view plaintext,

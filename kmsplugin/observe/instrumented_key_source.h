@@ -4,7 +4,9 @@
 // get the same backend metrics without knowing about metrics:
 //   kmsplugin_backend_requests_total{environment,key_source,operation,outcome}
 //   kmsplugin_backend_request_duration_seconds{environment,key_source,operation}
-// `outcome` is "ok" or the status code name. Thread-safe; adds two atomic updates per call.
+// `outcome` is "ok" or the status code name. Thread-safe. Each series is resolved once (the constructor, or the
+// first call with a given outcome) and kept, so a call costs one counter add and one histogram observation
+// (metrics.h: what that locks).
 
 #include <memory>
 #include <string>
@@ -31,12 +33,12 @@ class InstrumentedKeySource final : public core::KeySource {
 
  private:
   struct Operation {
-    Counter* ok = nullptr;
-    Histogram* latency = nullptr;
-    std::string name;
+    Operation(Registry& registry, const Labels& labels);
+    CodeCounters outcomes;
+    Histogram& latency;
   };
   Operation MakeOperation(const std::string& name);
-  void Record(Operation& operation, const absl::Status& status, absl::Time start);
+  static void Record(Operation& operation, const absl::Status& status, absl::Time start);
 
   const std::shared_ptr<core::KeySource> inner_;
   const std::string environment_;

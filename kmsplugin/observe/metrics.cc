@@ -1,22 +1,24 @@
 #include "kmsplugin/observe/metrics.h"
 
-#include <algorithm>
-#include <cmath>
+#include <prometheus/metric_family.h>
+#include <prometheus/text_serializer.h>
 
-#include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
+#include <algorithm>
+#include <sstream>
 
 namespace kmsplugin::observe {
 namespace {
 
-std::string EscapeLabelValue(const std::string& value) {
+prometheus::Labels ToMap(const Labels& labels) { return prometheus::Labels(labels.begin(), labels.end()); }
+
+// prometheus-cpp 1.0.1's TextSerializer escapes label values but writes HELP text as given, and a backslash or a
+// newline there breaks the exposition (promtool: "invalid escape sequence"). Escaped once, at registration.
+std::string EscapeHelp(const std::string& help) {
   std::string out;
-  out.reserve(value.size());
-  for (char c : value) {
+  out.reserve(help.size());
+  for (char c : help) {
     if (c == '\\') {
       out += "\\\\";
-    } else if (c == '"') {
-      out += "\\\"";
     } else if (c == '\n') {
       out += "\\n";
     } else {
@@ -26,137 +28,99 @@ std::string EscapeLabelValue(const std::string& value) {
   return out;
 }
 
-std::string FormatLabels(const Labels& labels, const std::string& extra_name = "", const std::string& extra = "") {
-  if (labels.empty() && extra_name.empty()) {
-    return "";
-  }
-  std::string out = "{";
-  bool first = true;
-  for (const auto& [name, value] : labels) {
-    absl::StrAppend(&out, first ? "" : ",", name, "=\"", EscapeLabelValue(value), "\"");
-    first = false;
-  }
-  if (!extra_name.empty()) {
-    absl::StrAppend(&out, first ? "" : ",", extra_name, "=\"", extra, "\"");
-  }
-  out += "}";
-  return out;
-}
+// A gauge family read from state at scrape time.
+class GaugeCollector final : public prometheus::Collectable {
+ public:
+  GaugeCollector(std::string name, std::string help, std::function<std::vector<Sample>()> collect)
+      : name_(std::move(name)), help_(EscapeHelp(help)), collect_(std::move(collect)) {}
 
-std::string FormatValue(double value) {
-  if (std::isinf(value)) {
-    return value > 0 ? "+Inf" : "-Inf";
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    prometheus::MetricFamily family{name_, help_, prometheus::MetricType::Gauge, {}};
+    for (const Sample& sample : collect_()) {
+      prometheus::ClientMetric metric;
+      for (const auto& [name, value] : sample.labels) {
+        metric.label.push_back({name, value});
+      }
+      metric.gauge.value = sample.value;
+      family.metric.push_back(std::move(metric));
+    }
+    return {std::move(family)};
   }
-  if (value == std::floor(value) && std::fabs(value) < 1e15) {
-    return absl::StrFormat("%.0f", value);
-  }
-  return absl::StrFormat("%.9g", value);
-}
 
-std::string EscapeHelp(const std::string& help) {
-  std::string out;
-  for (char c : help) {
-    out += c == '\n' ? std::string("\\n") : c == '\\' ? std::string("\\\\") : std::string(1, c);
-  }
-  return out;
-}
+ private:
+  const std::string name_;
+  const std::string help_;
+  const std::function<std::vector<Sample>()> collect_;
+};
 
 }  // namespace
 
-Histogram::Histogram(std::vector<double> upper_bounds)
-    : upper_bounds_(std::move(upper_bounds)), buckets_(new std::atomic<uint64_t>[upper_bounds_.size() + 1]) {
-  for (size_t i = 0; i <= upper_bounds_.size(); ++i) {
-    buckets_[i].store(0, std::memory_order_relaxed);
-  }
-}
-
-void Histogram::Observe(double value) {
-  const size_t bucket =
-      std::lower_bound(upper_bounds_.begin(), upper_bounds_.end(), value) - upper_bounds_.begin();
-  buckets_[bucket].fetch_add(1, std::memory_order_relaxed);
-  sum_micros_.fetch_add(static_cast<uint64_t>(std::max(0.0, value) * 1e6), std::memory_order_relaxed);
-  count_.fetch_add(1, std::memory_order_relaxed);
-}
-
-void Histogram::Snapshot(std::vector<uint64_t>& cumulative, double& sum, uint64_t& count) const {
-  cumulative.assign(upper_bounds_.size() + 1, 0);
-  uint64_t running = 0;
-  for (size_t i = 0; i <= upper_bounds_.size(); ++i) {
-    running += buckets_[i].load(std::memory_order_relaxed);
-    cumulative[i] = running;
-  }
-  count = running;
-  sum = static_cast<double>(sum_micros_.load(std::memory_order_relaxed)) / 1e6;
-}
+Registry::Registry() : registry_(std::make_shared<prometheus::Registry>()) {}
+Registry::~Registry() = default;
 
 std::vector<double> Registry::LatencyBuckets() {
   return {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
 }
 
+prometheus::Family<Counter>& Registry::CounterFamily(const std::string& name, const std::string& help) {
+  return prometheus::BuildCounter().Name(name).Help(EscapeHelp(help)).Register(*registry_);
+}
+
+prometheus::Family<Histogram>& Registry::HistogramFamily(const std::string& name, const std::string& help) {
+  return prometheus::BuildHistogram().Name(name).Help(EscapeHelp(help)).Register(*registry_);
+}
+
 Counter& Registry::GetCounter(const std::string& name, const std::string& help, const Labels& labels) {
-  absl::MutexLock lock(&mu_);
-  Family<Counter>& family = counters_[name];
-  family.help = help;
-  family.type = "counter";
-  std::unique_ptr<Counter>& series = family.series[labels];
-  if (series == nullptr) {
-    series = std::make_unique<Counter>();
-  }
-  return *series;
+  return CounterFamily(name, help).Add(ToMap(labels));
 }
 
 Histogram& Registry::GetHistogram(const std::string& name, const std::string& help, const Labels& labels,
                                   const std::vector<double>& upper_bounds) {
-  absl::MutexLock lock(&mu_);
-  Family<Histogram>& family = histograms_[name];
-  family.help = help;
-  family.type = "histogram";
-  std::unique_ptr<Histogram>& series = family.series[labels];
-  if (series == nullptr) {
-    series = std::make_unique<Histogram>(upper_bounds);
-  }
-  return *series;
+  return HistogramFamily(name, help).Add(ToMap(labels), upper_bounds);
 }
 
 void Registry::AddGaugeCollector(const std::string& name, const std::string& help,
                                  std::function<std::vector<Sample>()> collect) {
+  AddCollectable(std::make_shared<GaugeCollector>(name, help, std::move(collect)));
+}
+
+void Registry::AddCollectable(std::shared_ptr<prometheus::Collectable> collectable) {
   absl::MutexLock lock(&mu_);
-  gauges_[name] = GaugeFamily{help, std::move(collect)};
+  collectables_.push_back(std::move(collectable));
 }
 
 std::string Registry::Render() const {
-  std::string out;
-  absl::MutexLock lock(&mu_);
-  for (const auto& [name, family] : counters_) {
-    absl::StrAppend(&out, "# HELP ", name, " ", EscapeHelp(family.help), "\n# TYPE ", name, " counter\n");
-    for (const auto& [labels, counter] : family.series) {
-      absl::StrAppend(&out, name, FormatLabels(labels), " ", counter->Value(), "\n");
-    }
-  }
-  for (const auto& [name, family] : histograms_) {
-    absl::StrAppend(&out, "# HELP ", name, " ", EscapeHelp(family.help), "\n# TYPE ", name, " histogram\n");
-    for (const auto& [labels, histogram] : family.series) {
-      std::vector<uint64_t> cumulative;
-      double sum = 0;
-      uint64_t count = 0;
-      histogram->Snapshot(cumulative, sum, count);
-      const std::vector<double>& bounds = histogram->upper_bounds();
-      for (size_t i = 0; i < bounds.size(); ++i) {
-        absl::StrAppend(&out, name, "_bucket", FormatLabels(labels, "le", FormatValue(bounds[i])), " ",
-                        cumulative[i], "\n");
+  std::vector<prometheus::MetricFamily> families = registry_->Collect();
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& collectable : collectables_) {
+      for (prometheus::MetricFamily& family : collectable->Collect()) {
+        families.push_back(std::move(family));
       }
-      absl::StrAppend(&out, name, "_bucket", FormatLabels(labels, "le", "+Inf"), " ", cumulative.back(), "\n");
-      absl::StrAppend(&out, name, "_sum", FormatLabels(labels), " ", FormatValue(sum), "\n");
-      absl::StrAppend(&out, name, "_count", FormatLabels(labels), " ", count, "\n");
     }
   }
-  for (const auto& [name, family] : gauges_) {
-    absl::StrAppend(&out, "# HELP ", name, " ", EscapeHelp(family.help), "\n# TYPE ", name, " gauge\n");
-    for (const Sample& sample : family.collect()) {
-      absl::StrAppend(&out, name, FormatLabels(sample.labels), " ", FormatValue(sample.value), "\n");
-    }
+  std::ostringstream out;
+  prometheus::TextSerializer().Serialize(out, families);
+  return out.str();
+}
+
+CodeCounters::CodeCounters(prometheus::Family<Counter>& family, Labels base, std::string code_label,
+                           std::string ok_value)
+    : family_(&family), base_(std::move(base)), code_label_(std::move(code_label)), ok_value_(std::move(ok_value)) {}
+
+Counter& CodeCounters::Get(absl::StatusCode code) const {
+  const size_t index = std::min(static_cast<size_t>(code), kCodes);
+  std::atomic<Counter*>& slot = series_[index];
+  if (Counter* counter = slot.load(std::memory_order_acquire); counter != nullptr) {
+    return *counter;
   }
-  return out;
+  // First call with this code: the family's mutex, once. Two threads racing here get the same series (Family::Add
+  // returns the existing one), so either store is right.
+  prometheus::Labels labels = ToMap(base_);
+  labels[code_label_] = code == absl::StatusCode::kOk ? ok_value_ : absl::StatusCodeToString(code);
+  Counter* counter = &family_->Add(labels);
+  slot.store(counter, std::memory_order_release);
+  return *counter;
 }
 
 }  // namespace kmsplugin::observe

@@ -1,52 +1,46 @@
 #pragma once
 
-// Metrics: a small Prometheus registry with text exposition (format 0.0.4).
+// Metrics: the process's Prometheus registry (prometheus-cpp core) and its text exposition (format 0.0.4).
 //
-// Counters and histograms are created once per label set and then updated lock-free on the hot path. Values that
-// are read from state at scrape time (current key_id, health, token TTL) come from collectors, so a series that
-// no longer exists (an old key_id) disappears instead of lingering. Names follow Prometheus conventions: units in
-// the name, `_total` on counters. No label value is ever a secret. Thread-safe.
+// What is locked, and when:
+// - Registering a family or a series (GetCounter, GetHistogram, CounterFamily, AddGaugeCollector) takes
+//   prometheus-cpp's registry mutex and the family's mutex. That happens at start, at a reload, or once per new
+//   label set: never once per RPC. Hot paths resolve each series once and keep the pointer (CodeCounters below
+//   for the one label, a status code, that is known only when a call ends).
+// - Updating a series takes no registry-wide or family-wide lock: prometheus::Counter and Gauge are a
+//   std::atomic<double> (a compare-and-swap loop); prometheus::Histogram takes its own per-series mutex for the
+//   bucket add and the sum (the same series from two threads contend; different series never do).
+// - A scrape (Render) takes the registry mutex, each family's mutex and each histogram's mutex in turn, and
+//   calls the collectors, which read state at that moment (so a series that no longer exists, such as an old
+//   key_id, disappears instead of lingering).
+// Names follow Prometheus conventions: units in the name, `_total` on counters. No label value is ever a secret.
+// prometheus::Labels is a sorted map, so series of registered families expose their labels in name order;
+// collectors expose them in the order they give. Thread-safe.
 
+#include <prometheus/collectable.h>
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <array>
 #include <atomic>
-#include <cstdint>
 #include <functional>
-#include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
-#include "absl/time/time.h"
 
 namespace kmsplugin::observe {
 
 using Labels = std::vector<std::pair<std::string, std::string>>;
-
-class Counter {
- public:
-  void Increment(uint64_t by = 1) { value_.fetch_add(by, std::memory_order_relaxed); }
-  uint64_t Value() const { return value_.load(std::memory_order_relaxed); }
-
- private:
-  std::atomic<uint64_t> value_{0};
-};
-
-class Histogram {
- public:
-  explicit Histogram(std::vector<double> upper_bounds);
-  void Observe(double value);
-  void Observe(absl::Duration duration) { Observe(absl::ToDoubleSeconds(duration)); }
-  const std::vector<double>& upper_bounds() const { return upper_bounds_; }
-  // Cumulative counts per bucket (the last is +Inf), sum and count.
-  void Snapshot(std::vector<uint64_t>& cumulative, double& sum, uint64_t& count) const;
-
- private:
-  const std::vector<double> upper_bounds_;
-  std::unique_ptr<std::atomic<uint64_t>[]> buckets_;  // upper_bounds_.size() + 1
-  std::atomic<uint64_t> sum_micros_{0};
-  std::atomic<uint64_t> count_{0};
-};
+using Counter = prometheus::Counter;
+using Histogram = prometheus::Histogram;
 
 // What a collector writes at scrape time.
 struct Sample {
@@ -56,34 +50,51 @@ struct Sample {
 
 class Registry {
  public:
+  Registry();
+  ~Registry();
+  Registry(const Registry&) = delete;
+  Registry& operator=(const Registry&) = delete;
+
   // Latency buckets from 100 µs to 10 s.
   static std::vector<double> LatencyBuckets();
 
+  // The family `name`, created on first use. The series of a family live as long as the registry.
+  prometheus::Family<Counter>& CounterFamily(const std::string& name, const std::string& help);
+  prometheus::Family<Histogram>& HistogramFamily(const std::string& name, const std::string& help);
+  // One series; the same object for the same name and labels. Takes locks: keep the reference.
   Counter& GetCounter(const std::string& name, const std::string& help, const Labels& labels);
   Histogram& GetHistogram(const std::string& name, const std::string& help, const Labels& labels,
                           const std::vector<double>& upper_bounds = LatencyBuckets());
   // A gauge family whose samples `collect` produces at each scrape.
   void AddGaugeCollector(const std::string& name, const std::string& help,
                          std::function<std::vector<Sample>()> collect);
+  // Any other collector (prometheus::Collectable) called at each scrape; its families follow the registry's.
+  void AddCollectable(std::shared_ptr<prometheus::Collectable> collectable);
 
   std::string Render() const;
 
  private:
-  template <typename T>
-  struct Family {
-    std::string help;
-    std::string type;
-    std::map<Labels, std::unique_ptr<T>> series;
-  };
-  struct GaugeFamily {
-    std::string help;
-    std::function<std::vector<Sample>()> collect;
-  };
-
+  const std::shared_ptr<prometheus::Registry> registry_;
   mutable absl::Mutex mu_;
-  std::map<std::string, Family<Counter>> counters_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, Family<Histogram>> histograms_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, GaugeFamily> gauges_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::shared_ptr<prometheus::Collectable>> collectables_ ABSL_GUARDED_BY(mu_);
+};
+
+// The series of one counter family that differ only in a status-code label, each resolved on first use and then
+// kept: Get() is a relaxed atomic load once a code has been seen, and never takes a lock after that.
+class CodeCounters {
+ public:
+  // `base`: the labels every series shares; `code_label`: the name of the code label; `ok_value`: its value for
+  // OK (the others are absl::StatusCodeToString names, as gRPC names them).
+  CodeCounters(prometheus::Family<Counter>& family, Labels base, std::string code_label, std::string ok_value);
+  Counter& Get(absl::StatusCode code) const;
+
+ private:
+  static constexpr size_t kCodes = 17;  // OK .. UNAUTHENTICATED
+  prometheus::Family<Counter>* const family_;
+  const Labels base_;
+  const std::string code_label_;
+  const std::string ok_value_;
+  mutable std::array<std::atomic<Counter*>, kCodes + 1> series_{};  // the last: any code beyond the known ones
 };
 
 }  // namespace kmsplugin::observe

@@ -7,10 +7,13 @@
 // with no call in flight (an idle kube-apiserver channel, a `kmsplugin status` that hung, a bare connect) stays
 // until the deadline, so SIGTERM took the whole grace period (issue 11, item 13). The runner drains while calls
 // are in flight and closes the connections as soon as none is (grpc_server_cancel_all_calls: there is nothing
-// left to cancel but idle connections). Thread-safe.
+// left to cancel but idle connections). The same count, split by KMS method, is the in-flight gauge
+// kmsplugin_grpc_requests_in_flight (ServerRunner exposes it). Thread-safe; lock-free.
 
+#include <array>
 #include <atomic>
 #include <memory>
+#include <vector>
 
 #include <grpcpp/support/server_interceptor.h>
 
@@ -23,8 +26,29 @@ class CallCounter {
   std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> Factory();
   int InFlight() const { return in_flight_.load(); }
 
+  // The KMS methods counted one by one; a call of any other method counts only in InFlight().
+  struct Method {
+    const char* path;  // as gRPC names it: "/v2.KeyManagementService/Encrypt"
+    const char* api;
+    const char* rpc;
+  };
+  static constexpr std::array<Method, 6> kMethods{{
+      {"/v2.KeyManagementService/Status", "v2", "Status"},
+      {"/v2.KeyManagementService/Encrypt", "v2", "Encrypt"},
+      {"/v2.KeyManagementService/Decrypt", "v2", "Decrypt"},
+      {"/v1beta1.KeyManagementService/Version", "v1beta1", "Version"},
+      {"/v1beta1.KeyManagementService/Encrypt", "v1beta1", "Encrypt"},
+      {"/v1beta1.KeyManagementService/Decrypt", "v1beta1", "Decrypt"},
+  }};
+  // Calls in flight per entry of kMethods (same order).
+  std::array<int, kMethods.size()> InFlightByMethod() const;
+
+  // Internal to the interceptor: the counter of `method` (a gRPC method path), or null for another method.
+  std::atomic<int>* CounterOf(const char* method);
+
  private:
   std::atomic<int> in_flight_{0};
+  std::array<std::atomic<int>, kMethods.size()> by_method_{};
 };
 
 }  // namespace kmsplugin::server

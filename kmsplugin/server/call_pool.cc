@@ -43,6 +43,11 @@ bool CallPool::TrySubmit(Job& job) {
   return true;
 }
 
+CallPool::Load CallPool::CurrentLoad() const {
+  absl::MutexLock lock(&mu_);
+  return Load{static_cast<int>(queue_.size()), running_};
+}
+
 void CallPool::Work() {
   while (true) {
     Job job;

@@ -62,11 +62,18 @@ class CallPool {
   int workers() const { return options_.workers; }
   int queue_limit() const { return options_.queue_limit; }
 
+  // What the pool holds now (for the gauges kmsplugin_call_pool_*; takes the pool's mutex briefly).
+  struct Load {
+    int queued = 0;        // waiting for a worker
+    int busy_workers = 0;  // running a job
+  };
+  Load CurrentLoad() const;
+
  private:
   void Work();
 
   const Options options_;
-  absl::Mutex mu_;
+  mutable absl::Mutex mu_;
   // Signalled once per job queued (wakes one idle worker) and on stop (wakes all). A CondVar rather than
   // Mutex::Await: with every worker waiting on a Condition, each unlock would evaluate them all.
   absl::CondVar work_;

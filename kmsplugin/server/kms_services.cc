@@ -1,5 +1,7 @@
 #include "kmsplugin/server/kms_services.h"
 
+#include <cstring>
+
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "crypto/secret_bytes.h"
@@ -49,19 +51,45 @@ grpc::ServerUnaryReactor* FinishInline(grpc::CallbackServerContext* context, grp
 
 }  // namespace
 
+RpcRecorder::RpcSeries::RpcSeries(const std::string& environment, const std::string& api, const char* rpc,
+                                  observe::Registry& registry)
+    : rpc(rpc),
+      requests(registry.CounterFamily("kmsplugin_grpc_requests_total",
+                                      "KMS gRPC calls by environment, API, RPC and status code."),
+               {{"environment", environment}, {"api", api}, {"rpc", rpc}}, "code", "OK"),
+      suppressed(registry.CounterFamily("kmsplugin_log_lines_suppressed_total",
+                                        "Failure log lines not written because their kind exceeded its rate limit."),
+                 {{"environment", environment}, {"api", api}, {"rpc", rpc}}, "code", "OK"),
+      latency(registry.GetHistogram("kmsplugin_grpc_request_duration_seconds", "KMS gRPC call latency in the plugin.",
+                                    {{"environment", environment}, {"api", api}, {"rpc", rpc}})) {}
+
+RpcRecorder::RpcRecorder(std::string environment, std::string api, std::vector<const char*> rpcs,
+                         observe::Registry* registry)
+    : environment_(std::move(environment)), api_(std::move(api)) {
+  if (registry != nullptr) {
+    for (const char* rpc : rpcs) {
+      series_.push_back(std::make_unique<RpcSeries>(environment_, api_, rpc, *registry));
+    }
+  }
+}
+
+const RpcRecorder::RpcSeries* RpcRecorder::SeriesOf(const char* rpc) const {
+  for (const auto& series : series_) {
+    if (series->rpc == rpc || std::strcmp(series->rpc, rpc) == 0) {
+      return series.get();
+    }
+  }
+  return nullptr;
+}
+
 grpc::Status RpcRecorder::Finish(const absl::Status& status, const char* rpc, const std::string& uid,
                                  const std::string& key_id, absl::Time start) const {
   const absl::Duration latency = absl::Now() - start;
   const std::string code = status.ok() ? "OK" : absl::StatusCodeToString(status.code());
-  if (registry_ != nullptr) {
-    registry_
-        ->GetCounter("kmsplugin_grpc_requests_total", "KMS gRPC calls by environment, API, RPC and status code.",
-                     {{"environment", environment_}, {"api", api_}, {"rpc", rpc}, {"code", code}})
-        .Increment();
-    registry_
-        ->GetHistogram("kmsplugin_grpc_request_duration_seconds", "KMS gRPC call latency in the plugin.",
-                       {{"environment", environment_}, {"api", api_}, {"rpc", rpc}})
-        .Observe(latency);
+  const RpcSeries* series = SeriesOf(rpc);
+  if (series != nullptr) {
+    series->requests.Get(status.code()).Increment();
+    series->latency.Observe(absl::ToDoubleSeconds(latency));
   }
   const auto level = status.ok() ? spdlog::level::debug : spdlog::level::warn;
   if (spdlog::should_log(level)) {
@@ -70,12 +98,8 @@ grpc::Status RpcRecorder::Finish(const absl::Status& status, const char* rpc, co
       // A flood of failing calls (a hostile or broken client) must not become a flood of log lines.
       const observe::LineLimiter::Decision decision = failure_lines_.Admit(absl::StrCat(rpc, "/", code), absl::Now());
       if (!decision.write) {
-        if (registry_ != nullptr) {
-          registry_
-              ->GetCounter("kmsplugin_log_lines_suppressed_total",
-                           "Failure log lines not written because their kind exceeded its rate limit.",
-                           {{"environment", environment_}, {"api", api_}, {"rpc", rpc}, {"code", code}})
-              .Increment();
+        if (series != nullptr) {
+          series->suppressed.Get(status.code()).Increment();
         }
         return ToGrpcStatus(status);
       }

@@ -32,6 +32,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "kms_v1beta1.grpc.pb.h"
 #include "kms_v2.grpc.pb.h"
@@ -49,18 +50,30 @@ inline constexpr int kFailureLinesPerSecond = 10;
 
 // Logs each call (uid, environment, rpc, key_id, code, latency) and records
 // kmsplugin_grpc_requests_total{environment,api,rpc,code} and kmsplugin_grpc_request_duration_seconds.
+// Every series is resolved when the recorder is made (or, for a status code, at its first call) and kept, so
+// Finish takes no registry lock (observe/metrics.h: what a counter add and a histogram observation lock).
 class RpcRecorder {
  public:
-  RpcRecorder(std::string environment, std::string api, observe::Registry* registry)
-      : environment_(std::move(environment)), api_(std::move(api)), registry_(registry) {}
+  // `rpcs`: the RPC names this API serves (the names Finish is called with).
+  RpcRecorder(std::string environment, std::string api, std::vector<const char*> rpcs, observe::Registry* registry);
   grpc::Status Finish(const absl::Status& status, const char* rpc, const std::string& uid, const std::string& key_id,
                       absl::Time start) const;
   const std::string& environment() const { return environment_; }
 
  private:
+  struct RpcSeries {
+    RpcSeries(const std::string& environment, const std::string& api, const char* rpc, observe::Registry& registry);
+    const char* const rpc;
+    const observe::CodeCounters requests;
+    const observe::CodeCounters suppressed;
+    observe::Histogram& latency;
+  };
+  // The series of `rpc`, or null when there is no registry.
+  const RpcSeries* SeriesOf(const char* rpc) const;
+
   const std::string environment_;
   const std::string api_;
-  observe::Registry* const registry_;
+  std::vector<std::unique_ptr<RpcSeries>> series_;  // fixed after construction
   mutable observe::LineLimiter failure_lines_{kFailureLinesPerSecond};
 };
 
@@ -71,7 +84,7 @@ class KmsV2Service final
  public:
   // `pool` runs this socket's Encrypt and Decrypt calls and must outlive the gRPC server.
   KmsV2Service(core::EnvelopeService& service, CallPool& pool, observe::Registry* registry)
-      : service_(service), pool_(pool), recorder_(service.environment(), "v2", registry) {}
+      : service_(service), pool_(pool), recorder_(service.environment(), "v2", {"Status", "Encrypt", "Decrypt"}, registry) {}
 
   grpc::ServerUnaryReactor* Status(grpc::CallbackServerContext* context, const v2::StatusRequest* request,
                                    v2::StatusResponse* response) override;
@@ -96,7 +109,9 @@ class KmsV1beta1Service final
               v1beta1::KeyManagementService::WithCallbackMethod_Version<v1beta1::KeyManagementService::Service>>> {
  public:
   KmsV1beta1Service(core::EnvelopeService& service, CallPool& pool, observe::Registry* registry)
-      : service_(service), pool_(pool), recorder_(service.environment(), "v1beta1", registry) {}
+      : service_(service),
+        pool_(pool),
+        recorder_(service.environment(), "v1beta1", {"Version", "Encrypt", "Decrypt"}, registry) {}
 
   grpc::ServerUnaryReactor* Version(grpc::CallbackServerContext* context, const v1beta1::VersionRequest* request,
                                     v1beta1::VersionResponse* response) override;

@@ -48,12 +48,84 @@ void BlockServerSignals() {
 
 ServerRunner::ServerRunner(RunnerOptions options, std::vector<ServedEnvironment> environments)
     : options_(std::move(options)) {
-  absl::MutexLock lock(&mu_);
-  for (ServedEnvironment& environment : environments) {
-    auto listener = std::make_unique<Listener>();
-    listener->environment = std::move(environment);
-    listeners_.push_back(std::move(listener));
+  {
+    absl::MutexLock lock(&mu_);
+    for (ServedEnvironment& environment : environments) {
+      auto listener = std::make_unique<Listener>();
+      listener->environment = std::move(environment);
+      listeners_.push_back(std::move(listener));
+    }
   }
+  if (options_.registry != nullptr) {
+    RegisterLoadMetrics(*options_.registry);
+  }
+}
+
+void ServerRunner::RegisterLoadMetrics(observe::Registry& registry) {
+  struct Load {
+    std::string environment;
+    std::shared_ptr<CallCounter> calls;
+    std::shared_ptr<CallPool> pool;
+  };
+  // Copies the pointers under mu_ (a listener may be replaced meanwhile); the counts are read without it.
+  const auto loads = [this] {
+    std::vector<Load> loads;
+    absl::ReaderMutexLock lock(&mu_);
+    for (const auto& listener : listeners_) {
+      loads.push_back({listener->environment.service->environment(), listener->calls, listener->pool});
+    }
+    return loads;
+  };
+  registry.AddGaugeCollector(
+      "kmsplugin_grpc_requests_in_flight",
+      "KMS gRPC calls being handled now (received, not yet answered), by environment, API and RPC.", [loads] {
+        std::vector<observe::Sample> samples;
+        for (const Load& load : loads()) {
+          if (load.calls == nullptr) {
+            continue;
+          }
+          const auto counts = load.calls->InFlightByMethod();
+          for (size_t i = 0; i < CallCounter::kMethods.size(); ++i) {
+            const CallCounter::Method& method = CallCounter::kMethods[i];
+            samples.push_back(
+                {{{"environment", load.environment}, {"api", method.api}, {"rpc", method.rpc}}, double(counts[i])});
+          }
+        }
+        return samples;
+      });
+  registry.AddGaugeCollector(
+      "kmsplugin_call_pool_queued_calls",
+      "Encrypt and Decrypt calls waiting for a worker of the environment's socket (server.maxQueuedCalls at most).",
+      [loads] {
+        std::vector<observe::Sample> samples;
+        for (const Load& load : loads()) {
+          if (load.pool != nullptr) {
+            samples.push_back({{{"environment", load.environment}}, double(load.pool->CurrentLoad().queued)});
+          }
+        }
+        return samples;
+      });
+  registry.AddGaugeCollector(
+      "kmsplugin_call_pool_busy_workers",
+      "Workers of the environment's socket running a call now (server.workers at most).", [loads] {
+        std::vector<observe::Sample> samples;
+        for (const Load& load : loads()) {
+          if (load.pool != nullptr) {
+            samples.push_back({{{"environment", load.environment}}, double(load.pool->CurrentLoad().busy_workers)});
+          }
+        }
+        return samples;
+      });
+  registry.AddGaugeCollector("kmsplugin_call_pool_workers", "Workers of the environment's socket (server.workers).",
+                             [loads] {
+                               std::vector<observe::Sample> samples;
+                               for (const Load& load : loads()) {
+                                 if (load.pool != nullptr) {
+                                   samples.push_back({{{"environment", load.environment}}, double(load.pool->workers())});
+                                 }
+                               }
+                               return samples;
+                             });
 }
 
 ServerRunner::~ServerRunner() { Shutdown(); }
@@ -88,13 +160,16 @@ absl::Status ServerRunner::StartListener(Listener& listener) {
     return status;
   }
   listener.server.reset();  // a pool is replaced only once its server is gone
-  listener.pool = std::make_unique<CallPool>(
-      CallPool::Options{options_.tuning.workers, options_.tuning.max_queued_calls});
+  {
+    absl::MutexLock lock(&mu_);
+    listener.pool = std::make_shared<CallPool>(
+        CallPool::Options{options_.tuning.workers, options_.tuning.max_queued_calls});
+    listener.calls = std::make_shared<CallCounter>();
+  }
   listener.v2 = std::make_unique<KmsV2Service>(*env.service, *listener.pool, options_.registry);
   listener.v1beta1 = std::make_unique<KmsV1beta1Service>(*env.service, *listener.pool, options_.registry);
   grpc::ServerBuilder builder;
   ApplyServerTuning(options_.tuning, builder);
-  listener.calls = std::make_unique<CallCounter>();
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(listener.calls->Factory());
   builder.experimental().SetInterceptorCreators(std::move(interceptors));

@@ -136,10 +136,11 @@ class ServerRunner {
   struct Listener {
     ServedEnvironment environment;
     // Runs this socket's Encrypt/Decrypt calls; outlives `server` (it is reset first when stopping).
-    std::unique_ptr<CallPool> pool;
+    // `pool` and `calls` are replaced under mu_ (a scrape reads them: RegisterLoadMetrics).
+    std::shared_ptr<CallPool> pool;
     std::unique_ptr<KmsV2Service> v2;
     std::unique_ptr<KmsV1beta1Service> v1beta1;
-    std::unique_ptr<CallCounter> calls;  // outlives `server`
+    std::shared_ptr<CallCounter> calls;  // outlives `server`
     std::unique_ptr<grpc::Server> server;
     std::unique_ptr<SocketListener> socket;
     ino_t inode = 0;
@@ -158,6 +159,9 @@ class ServerRunner {
   // Shutdown() runs (they hold change_mu_).
   void CheckSockets();
   absl::Status Rebind(Listener& listener);
+  // kmsplugin_grpc_requests_in_flight and kmsplugin_call_pool_*: read from the served listeners at scrape time,
+  // so a removed environment's series disappear. The registry must not be scraped once the runner is gone.
+  void RegisterLoadMetrics(observe::Registry& registry);
   absl::StatusOr<std::unique_ptr<SocketListener>> Listen(const Listener& listener);
   void MaintenanceLoop();
 

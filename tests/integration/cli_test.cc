@@ -112,7 +112,7 @@ TEST_CASE("CLI: serve exposes /metrics, /healthz and /readyz and logs JSON lines
   const std::string& body = metrics->body;
   CHECK(Has(body, "kmsplugin_key_info{environment=\"dev\",key_source=\"local\",key_id=\"" + encrypted.key_id() +
                       "\"} 1"));
-  CHECK(Has(body, "kmsplugin_grpc_requests_total{environment=\"dev\",api=\"v2\",rpc=\"Encrypt\",code=\"OK\"} 1"));
+  CHECK(Has(body, "kmsplugin_grpc_requests_total{api=\"v2\",code=\"OK\",environment=\"dev\",rpc=\"Encrypt\"} 1"));
   CHECK(Has(body, "rpc=\"Decrypt\",code=\"INVALID_ARGUMENT\"} 1"));
   CHECK(Has(body, "kmsplugin_backend_requests_total{environment=\"dev\",key_source=\"local\",operation=\"wrap\""));
   CHECK(Has(body, "kmsplugin_environment_healthy{environment=\"dev\"} 1"));

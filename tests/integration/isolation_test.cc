@@ -96,7 +96,7 @@ TEST_CASE("Isolation: a revoked Vault token leaves the local environment serving
   CHECK(Has(server->Stderr(), "\"event\":\"started\""));
   CHECK(Has(server->Stderr(), "\"event\":\"unavailable\""));
   CHECK(Has(DaemonDriver::HttpGet(port, "/metrics"),
-            "kmsplugin_key_source_events_total{environment=\"prod\",key_source=\"vault\",event=\"started\"} 1"));
+            "kmsplugin_key_source_events_total{environment=\"prod\",event=\"started\",key_source=\"vault\"} 1"));
   CHECK(!Has(server->Stderr(), kToken));
   CHECK(!Has(server->Stderr(), kRevoked));
   server->Signal(SIGTERM);

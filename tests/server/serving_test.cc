@@ -143,6 +143,69 @@ TEST_CASE("Serving: Encrypts beyond workers and queue are refused at once and co
   CHECK(s.Count("Encrypt", "OK") == 4);
 }
 
+// The value of the sample line that starts with `series`, or -1 when absent.
+double Scraped(const observe::Registry& registry, const std::string& series) {
+  std::istringstream text(registry.Render());
+  for (std::string line; std::getline(text, line);) {
+    if (line.rfind(series + " ", 0) == 0) {
+      return std::stod(line.substr(series.size() + 1));
+    }
+  }
+  return -1;
+}
+
+// Waits (up to `timeout`) until every series in `want` scrapes as its value; true when they all do.
+bool AwaitScraped(const observe::Registry& registry, const std::vector<std::pair<std::string, double>>& want,
+                  absl::Duration timeout) {
+  const absl::Time end = absl::Now() + timeout;
+  while (true) {
+    bool all = true;
+    for (const auto& [series, value] : want) {
+      all = all && Scraped(registry, series) == value;
+    }
+    if (all) {
+      return true;
+    }
+    if (absl::Now() > end) {
+      for (const auto& [series, value] : want) {
+        UNSCOPED_INFO(series << " = " << Scraped(registry, series) << ", want " << value);
+      }
+      return false;
+    }
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+}
+
+TEST_CASE("Serving: the in-flight and call-pool gauges show calls running, queued and done", "[server][serving]") {
+  GatedServer s(Tuned(/*workers=*/2, /*queued=*/3));
+  const std::string encrypt_in_flight =
+      "kmsplugin_grpc_requests_in_flight{environment=\"dev\",api=\"v2\",rpc=\"Encrypt\"}";
+  const std::string queued = "kmsplugin_call_pool_queued_calls{environment=\"dev\"}";
+  const std::string busy = "kmsplugin_call_pool_busy_workers{environment=\"dev\"}";
+  CHECK(Scraped(s.registry, encrypt_in_flight) == 0);
+  CHECK(Scraped(s.registry, "kmsplugin_grpc_requests_in_flight{environment=\"dev\",api=\"v1beta1\",rpc=\"Decrypt\"}") == 0);
+  CHECK(Scraped(s.registry, "kmsplugin_call_pool_workers{environment=\"dev\"}") == 2);
+  s.gate->Close();
+  std::atomic<int> ok{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 5; ++i) {
+    threads.emplace_back([&] {
+      KmsClient client(s.socket);
+      v2::EncryptResponse response;
+      ok += client.Encrypt(std::string(32, 's'), response, std::chrono::seconds(60)).ok() ? 1 : 0;
+    });
+  }
+  // Two run (held at the gate), three wait for a worker: all five are in flight.
+  CHECK(s.gate->AwaitBlocked(2, absl::Seconds(20)));
+  CHECK(AwaitScraped(s.registry, {{encrypt_in_flight, 5}, {queued, 3}, {busy, 2}}, absl::Seconds(20)));
+  s.gate->Open();
+  for (std::thread& thread : threads) {
+    thread.join();
+  }
+  CHECK(ok == 5);
+  CHECK(AwaitScraped(s.registry, {{encrypt_in_flight, 0}, {queued, 0}, {busy, 0}}, absl::Seconds(20)));
+}
+
 TEST_CASE("Serving: a call whose deadline passes in the queue never reaches the key source", "[server][serving]") {
   GatedServer s(Tuned(/*workers=*/1, /*queued=*/4));
   const int calls_before = s.gate->Calls();
