@@ -66,7 +66,7 @@ void ReloadHttpTls(const std::string& config_path, const config::HttpTlsConfig& 
     return;
   }
   endpoint.SetTls(std::move(*context));
-  observe::Log(spdlog::level::info, "http tls reloaded", {{"event", "reload"}, {"certFile", tls.cert_file}});
+  observe::Log(spdlog::level::info, "http tls reloaded", {{"event", "reload"}, {"file", tls.cert_file}});
 }
 
 }  // namespace
@@ -164,11 +164,10 @@ absl::Status RunDaemon(const DaemonOptions& options) {
       return endpoint.status();
     }
     tls_http = std::move(*endpoint);
-    observe::Log(spdlog::level::info, "https listening",
+    observe::Log(spdlog::level::info, "https listening, client certificates required",
                  {{"address", http_config.tls->listen},
                   {"port", tls_http->port()},
-                  {"paths", "/metrics /healthz /readyz"},
-                  {"client_certificates", "required"}});
+                  {"paths", "/metrics /healthz /readyz"}});
   }
   if (http_config.enabled) {
     auto endpoint = observe::HttpEndpoint::Start(http_config.listen, registry, readiness, liveness);
