@@ -100,7 +100,7 @@ TEST_CASE("VersionsToPromote: the result passes CheckAdvance", "[core][staged]")
   CHECK_THAT(CheckAdvance(versions, after, "test"), IsOk());
 }
 
-TEST_CASE("CheckStage / CheckRotate: stage needs a current version; rotate is refused while one is staged",
+TEST_CASE("CheckStage / CheckRotate: stage needs a current version, rotate is refused while one is staged",
           "[core][staged]") {
   CHECK_THAT(CheckStage(Make({A, C})), IsOk());
   CHECK_THAT(CheckStage(Make({A, R})), StatusIs(Code::kFailedPrecondition, "no current key version"));
@@ -116,7 +116,7 @@ TEST_CASE("VersionsToRetire: a staged version (newer than current) cannot be ret
   CHECK_THAT(VersionsToRetire(Make({A, C, S}), 3), StatusIs(Code::kFailedPrecondition));
 }
 
-TEST_CASE("KeySetFingerprint: same set same print; any version, key_id, key_ref or state changes it",
+TEST_CASE("KeySetFingerprint: same set same print, and any version, key_id, key_ref or state changes it",
           "[core][fingerprint]") {
   const std::vector<KeyVersion> base = Make({A, C, S});
   const std::string print = KeySetFingerprint(base);

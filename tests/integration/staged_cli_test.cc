@@ -58,7 +58,7 @@ std::string StateOf(const nlohmann::json& keys, int version) {
   return "";
 }
 
-TEST_CASE("CLI staged: --stage lists a staged version Status never reports; --promote makes it current",
+TEST_CASE("CLI staged: --stage lists a staged version Status never reports, --promote makes it current",
           "[cli][staged]") {
   Setup s;
   REQUIRE(s.Cli({"init", "--config", s.config, "--env", "dev"}).exit_code == 0);

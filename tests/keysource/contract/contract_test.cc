@@ -1061,7 +1061,7 @@ TEST_CASE("Contract vault: a short-lived token is renewed by the lease Vault rep
 // node that stages and promotes; `b` is another process on the same backend that has not refreshed, as a second
 // control-plane node whose copy of the keys has arrived but whose poll has not run.
 
-CONTRACT_CASE("stage adds a version that decrypts, is listed staged and never encrypts; promote makes it current") {
+CONTRACT_CASE("stage adds a version that decrypts, is listed staged and never encrypts, and promote makes it current") {
   TestType backend;
   Messages seen;
   Instance a = backend.Open();
