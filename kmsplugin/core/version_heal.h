@@ -44,7 +44,7 @@ class UnknownVersionHeal {
  private:
   Clock& clock_;
   const absl::Duration min_interval_;
-  absl::Mutex mu_ ABSL_ACQUIRED_BEFORE(seen_mu_);               // held across a re-read
+  absl::Mutex mu_ ABSL_ACQUIRED_BEFORE(seen_mu_);            // held across a re-read
   std::optional<absl::Duration> last_ ABSL_GUARDED_BY(mu_);  // clock_.Elapsed() of the last re-read
   mutable absl::Mutex seen_mu_;
   uint64_t rereads_ ABSL_GUARDED_BY(seen_mu_) = 0;  // re-reads finished

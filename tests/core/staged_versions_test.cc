@@ -77,8 +77,7 @@ TEST_CASE("CheckAdvance: a staged version is not dropped (it decrypts)", "[core]
 
 TEST_CASE("VersionsToPromote: the newest staged becomes current, the old current and older staged active",
           "[core][staged]") {
-  CHECK(Changes(VersionsToPromote(Make({R, A, C, S}))) ==
-        std::vector<std::pair<uint64_t, KeyState>>{{3, A}, {4, C}});
+  CHECK(Changes(VersionsToPromote(Make({R, A, C, S}))) == std::vector<std::pair<uint64_t, KeyState>>{{3, A}, {4, C}});
   CHECK(Changes(VersionsToPromote(Make({A, C, S, S}))) ==
         std::vector<std::pair<uint64_t, KeyState>>{{2, A}, {3, A}, {4, C}});
 }
@@ -105,8 +104,7 @@ TEST_CASE("CheckStage / CheckRotate: stage needs a current version, rotate is re
   CHECK_THAT(CheckStage(Make({A, C})), IsOk());
   CHECK_THAT(CheckStage(Make({A, R})), StatusIs(Code::kFailedPrecondition, "no current key version"));
   CHECK_THAT(CheckRotate(Make({A, C})), IsOk());
-  CHECK_THAT(CheckRotate(Make({A, C, S})),
-             StatusIs(Code::kFailedPrecondition, "key version 3 is staged"));
+  CHECK_THAT(CheckRotate(Make({A, C, S})), StatusIs(Code::kFailedPrecondition, "key version 3 is staged"));
   CHECK_THAT(CheckRotate(Make({A, C, S})), StatusIs(Code::kFailedPrecondition, "--promote"));
   CHECK(NextVersionNumber(Make({A, C, S})) == 4);
   CHECK(NextVersionNumber({}) == 1);
@@ -129,13 +127,19 @@ TEST_CASE("KeySetFingerprint: same set same print, and any version, key_id, key_
     edit(copy);
     return KeySetFingerprint(copy);
   };
-  CHECK(changed([](auto& v) { v[2].state = KeyState::kCurrent; v[1].state = KeyState::kActive; }) != print);
+  CHECK(changed([](auto& v) {
+          v[2].state = KeyState::kCurrent;
+          v[1].state = KeyState::kActive;
+        }) != print);
   CHECK(changed([](auto& v) { v.pop_back(); }) != print);
   CHECK(changed([](auto& v) { v[0].key_id += "x"; }) != print);
   CHECK(changed([](auto& v) { v[0].key_ref += "x"; }) != print);
   CHECK(changed([](auto& v) { v[0].version = 7; }) != print);
   // Field boundaries are unambiguous: moving a character from key_id to key_ref changes it.
-  CHECK(changed([](auto& v) { v[0].key_id = "id"; v[0].key_ref = "1ref1"; }) != print);
+  CHECK(changed([](auto& v) {
+          v[0].key_id = "id";
+          v[0].key_ref = "1ref1";
+        }) != print);
   CHECK(KeySetFingerprint({}) != print);
 }
 

@@ -13,8 +13,8 @@
 //
 // "Copy" is an atomic replacement of each file (temp file + rename), as `install`/`rsync` do: the keyring file for
 // the local source; for PKCS#11 every *.object file of the token directory and its `generation` counter last
-// (SoftHSM2's file store re-reads an object whose file changed, and re-indexes the token when the counter changed). RUNBOOK "Several
-// control-plane nodes" describes the same steps for operators.
+// (SoftHSM2's file store re-reads an object whose file changed, and re-indexes the token when the counter changed).
+// RUNBOOK "Several control-plane nodes" describes the same steps for operators.
 
 #include <dirent.h>
 #include <signal.h>
@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <catch2/catch.hpp>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -31,8 +32,6 @@
 #include <set>
 #include <thread>
 #include <vector>
-
-#include <catch2/catch.hpp>
 
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -76,8 +75,8 @@ struct Node {
   std::string dir;
   std::string config;
   std::string socket;
-  std::string keyring;     // local
-  std::string token_dir;   // pkcs11: the token's own directory (tokendir/<uuid>)
+  std::string keyring;    // local
+  std::string token_dir;  // pkcs11: the token's own directory (tokendir/<uuid>)
   std::vector<std::string> env;
   std::unique_ptr<Subprocess> server;
   int http_port = -1;
@@ -185,8 +184,8 @@ struct Cluster {
       }
       n.env = {"SOFTHSM2_CONF=" + conf};
       n.config = root.Write("node" + std::to_string(i) + ".yaml",
-                            Header() + n.socket + "\n    keySource:\n      pkcs11:\n        module: " +
-                                kSoftHsmModule + "\n        tokenLabel: kms\n        pinFile: " + pin_file +
+                            Header() + n.socket + "\n    keySource:\n      pkcs11:\n        module: " + kSoftHsmModule +
+                                "\n        tokenLabel: kms\n        pinFile: " + pin_file +
                                 "\n        keyLabel: kmsplugin-dev\n");
     }
     const RunResult init = nodes[0].Cli({"init"});
@@ -365,10 +364,11 @@ class CrossLoad {
 };
 
 void Report(const char* what, const char* kind, const CrossLoad::Figures& f) {
-  std::printf("rehearsal %s %s: ciphertexts=%d cross_node_decrypts=%d failed_decrypts=%d failed_encrypts=%d "
-              "window_ms=%lld key_ids=%zu\n",
-              what, kind, f.ciphertexts, f.cross_decrypts, f.failed_decrypts, f.failed_encrypts,
-              static_cast<long long>(f.window_ms), f.key_ids.size());
+  std::printf(
+      "rehearsal %s %s: ciphertexts=%d cross_node_decrypts=%d failed_decrypts=%d failed_encrypts=%d "
+      "window_ms=%lld key_ids=%zu\n",
+      what, kind, f.ciphertexts, f.cross_decrypts, f.failed_decrypts, f.failed_encrypts,
+      static_cast<long long>(f.window_ms), f.key_ids.size());
   std::fflush(stdout);
 }
 
@@ -455,8 +455,7 @@ TEST_CASE("Multinode PKCS#11: stage, copy, promote, copy with per-node SoftHSM2 
   StagedRehearsal(Cluster::Kind::kPkcs11, "pkcs11");
 }
 
-TEST_CASE("Multinode PKCS#11: a plain rotate leaves a window of failed cross-node decrypts (counted)",
-          "[multinode]") {
+TEST_CASE("Multinode PKCS#11: a plain rotate leaves a window of failed cross-node decrypts (counted)", "[multinode]") {
   PlainRehearsal(Cluster::Kind::kPkcs11, "pkcs11");
 }
 

@@ -4,10 +4,9 @@
 #include <signal.h>
 
 #include <algorithm>
-#include <regex>
-
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
+#include <regex>
 
 #include "absl/time/clock.h"
 #include "tests/support/daemon.h"
@@ -24,16 +23,19 @@ struct Setup : DaemonDriver {
   Setup() {
     socket = dir.File("run/dev.sock");
     keyring = dir.File("state/dev.keyring");
-    config = dir.Write("config.yaml", "http:\n  listen: 127.0.0.1:0\nserver:\n  pollInterval: 1h\n"
-                                      "environments:\n  - name: dev\n    socket: " + socket +
-                                          "\n    keySource:\n      local:\n        keyring: " + keyring +
-                                          "\n        rootKeyFile: " + dir.File("state/dev.rootkey") + "\n"
-                                          "  - name: vlt\n    socket: " + dir.File("run/vlt.sock") +
-                                          "\n    keySource:\n      vault:\n        addresses: [http://127.0.0.1:1]\n"
-                                          "        keyName: kms\n        requestTimeout: 1s\n"
-                                          "        retryMinWait: 10ms\n        retryMaxWait: 50ms\n"
-                                          "        auth:\n          token: {file: " +
-                                          dir.Write("vault.token", "hvs.CLI-token-0000\n") + "}\n");
+    config = dir.Write("config.yaml",
+                       "http:\n  listen: 127.0.0.1:0\nserver:\n  pollInterval: 1h\n"
+                       "environments:\n  - name: dev\n    socket: " +
+                           socket + "\n    keySource:\n      local:\n        keyring: " + keyring +
+                           "\n        rootKeyFile: " + dir.File("state/dev.rootkey") +
+                           "\n"
+                           "  - name: vlt\n    socket: " +
+                           dir.File("run/vlt.sock") +
+                           "\n    keySource:\n      vault:\n        addresses: [http://127.0.0.1:1]\n"
+                           "        keyName: kms\n        requestTimeout: 1s\n"
+                           "        retryMinWait: 10ms\n        retryMaxWait: 50ms\n"
+                           "        auth:\n          token: {file: " +
+                           dir.Write("vault.token", "hvs.CLI-token-0000\n") + "}\n");
   }
   RunResult Rotate(std::vector<std::string> extra) const {
     std::vector<std::string> args = {"rotate", "--config", config, "--env", "dev"};
