@@ -17,6 +17,7 @@ KeyStatus StatusOf(core::KeyState state) {
     case core::KeyState::kCurrent:
       return KeyStatus::kCurrent;
     case core::KeyState::kActive:
+    case core::KeyState::kStaged:  // decrypts; objects under it were written by a node where it is promoted
       return KeyStatus::kActive;
     case core::KeyState::kRetired:
       return KeyStatus::kRetired;

@@ -87,7 +87,9 @@ void PrintFutureCreationWarnings(const core::KeySource& source, const std::strin
   }
 }
 
-int Rotate(const std::string& config_path, const std::string& env_name) {
+enum class RotateStep { kRotate, kStage, kPromote };
+
+int Rotate(const std::string& config_path, const std::string& env_name, RotateStep step) {
   HardenProcess();
   auto opened = OpenEnvironment(config_path, env_name);
   if (!opened.ok()) {
@@ -96,7 +98,40 @@ int Rotate(const std::string& config_path, const std::string& env_name) {
   const config::Config& config = opened->config;
   const std::shared_ptr<core::KeySource>& source = opened->source;
   auto before = source->Current();
-  auto created = opened->admin->Rotate(absl::Now() + kCommandDeadline);
+  const absl::Time deadline = absl::Now() + kCommandDeadline;
+  if (step != RotateStep::kRotate) {
+    const bool stage = step == RotateStep::kStage;
+    auto changed = stage ? opened->admin->Stage(deadline) : opened->admin->Promote(deadline);
+    if (!changed.ok()) {
+      return Fail(changed.status());
+    }
+    auto versions = source->Versions();
+    const std::string fingerprint = versions.ok() ? core::KeySetFingerprint(*versions) : std::string("unknown");
+    observe::Log(spdlog::level::info, stage ? "key version staged" : "key version promoted",
+                 {{"event", stage ? "stage" : "promote"},
+                  {"environment", env_name},
+                  {"old_key_id", before.ok() ? before->key_id : std::string()},
+                  {"key_id", changed->key_id},
+                  {"version", changed->version},
+                  {"fingerprint", fingerprint}});
+    if (stage) {
+      std::cout << "environment " << env_name << ": staged version " << changed->version << " ("
+                << changed->key_id << "); version " << (before.ok() ? absl::StrCat(before->version) : "(none)")
+                << " stays current\n";
+    } else {
+      std::cout << "environment " << env_name << ": promoted version " << changed->version << " ("
+                << changed->key_id << ") to current, from "
+                << (before.ok() ? before->key_id : std::string("(none)")) << "\n";
+    }
+    std::cout << "key set fingerprint: " << fingerprint << "\n"
+              << (stage ? "Next: copy the keys to every other node, check that `kmsplugin keys` (or "
+                          "kmsplugin_key_set_info) shows this fingerprint on each, then run kmsplugin rotate "
+                          "--promote on this node.\n"
+                        : "Next: copy the keys to every other node; until a node has the copy it keeps encrypting "
+                          "under the previous version, which every node decrypts.\n");
+    return 0;
+  }
+  auto created = opened->admin->Rotate(deadline);
   if (!created.ok()) {
     return Fail(created.status());
   }
@@ -344,7 +379,8 @@ int Keys(const std::string& config_path, const std::string& env_name, bool as_js
                      {"state", std::string(core::KeyStateName(v.state))},
                      {"createdInFuture", admin::CreatedInFuture(v, now)}});
     }
-    nlohmann::json doc{{"environment", env_name}, {"versions", out}};
+    nlohmann::json doc{{"environment", env_name}, {"fingerprint", core::KeySetFingerprint(*versions)},
+                       {"versions", out}};
     if (!warnings.empty()) {
       doc["warnings"] = warnings;
     }
@@ -364,6 +400,8 @@ int Keys(const std::string& config_path, const std::string& env_name, bool as_js
     std::cout << v.version << state << " "
               << absl::FormatTime(absl::RFC3339_sec, v.created, absl::UTCTimeZone()) << "  " << v.key_id << "\n";
   }
+  std::cout << "key set fingerprint: " << core::KeySetFingerprint(*versions)
+            << " (compare across control-plane nodes; no key material)\n";
   for (const std::string& warning : warnings) {
     std::cout << "warning: " << warning << "\n";
   }
@@ -430,9 +468,16 @@ int Main(int argc, char** argv) {
   init->add_option("--config", config_path, "config file")->capture_default_str();
   init->add_option("--env", env_name, "only this environment");
 
-  CLI::App* rotate = app.add_subcommand("rotate", "Create a new key version and make it current");
+  CLI::App* rotate = app.add_subcommand(
+      "rotate", "Create a new key version and make it current; on several nodes: --stage, copy, --promote");
   rotate->add_option("--config", config_path, "config file")->capture_default_str();
   rotate->add_option("--env", env_name, "environment")->required();
+  bool stage = false;
+  bool promote = false;
+  CLI::Option* stage_flag = rotate->add_flag(
+      "--stage", stage,
+      "add the new version as staged: it decrypts but is not used to encrypt until --promote (local, pkcs11)");
+  rotate->add_flag("--promote", promote, "make the newest staged version current")->excludes(stage_flag);
 
   CLI::App* keys = app.add_subcommand("keys", "List key versions with creation time and state");
   keys->add_option("--config", config_path, "config file")->capture_default_str();
@@ -577,7 +622,8 @@ int Main(int argc, char** argv) {
     return Init(config_path, env_name);
   }
   if (*rotate) {
-    return Rotate(config_path, env_name);
+    return Rotate(config_path, env_name,
+                  stage ? RotateStep::kStage : promote ? RotateStep::kPromote : RotateStep::kRotate);
   }
   if (*keys) {
     return Keys(config_path, env_name, as_json, keys_etcd.endpoints.empty() ? nullptr : &keys_etcd);

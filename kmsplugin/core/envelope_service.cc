@@ -134,6 +134,9 @@ absl::StatusOr<crypto::SecretBytes> EnvelopeService::DecryptWith(KeySource& sour
     }
   }
   absl::StatusOr<KeyVersion> version = source.Lookup(header.key_ref);
+  if (absl::IsNotFound(version.status()) && source.HealUnknown(header.key_ref, deadline)) {
+    version = source.Lookup(header.key_ref);  // another node's newer version, whose copy just arrived here
+  }
   if (!version.ok()) {
     // A source that is away (or has not started) says so with its own code: UNAVAILABLE is not "unknown version".
     if (!absl::IsNotFound(version.status())) {

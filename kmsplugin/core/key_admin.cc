@@ -9,4 +9,12 @@ absl::StatusOr<std::vector<KeyVersion>> KeyAdmin::DestroyRetired(uint64_t /*vers
       "this key source has no destroy step: a retired version stays recoverable with `kmsplugin retire --reinstate`"));
 }
 
+absl::StatusOr<KeyVersion> KeyAdmin::Stage(absl::Time /*deadline*/) {
+  return absl::UnimplementedError("this key source cannot stage a key version; use `kmsplugin rotate`");
+}
+
+absl::StatusOr<KeyVersion> KeyAdmin::Promote(absl::Time /*deadline*/) {
+  return absl::UnimplementedError("this key source has no staged key versions to promote");
+}
+
 }  // namespace kmsplugin::core

@@ -21,8 +21,17 @@ class KeyAdmin {
  public:
   virtual ~KeyAdmin() = default;
 
-  // Creates a new version and makes it current. Returns it.
+  // Creates a new version and makes it current. Returns it. Refused while a version is staged (CheckRotate).
   virtual absl::StatusOr<KeyVersion> Rotate(absl::Time deadline) = 0;
+
+  // The two-step rotation for several nodes that each hold a copy of the versions (version_rules.h, "Staged
+  // versions"): Stage creates version max+1 as kStaged (it decrypts, it is listed, it never encrypts and Status
+  // never reports it); once every node has the copy, Promote makes the newest staged version current
+  // (VersionsToPromote). Both return the version they created or promoted. A source whose nodes share one backend
+  // key (Vault) has nothing to copy and refuses both with FAILED_PRECONDITION saying so; the default answers
+  // UNIMPLEMENTED.
+  virtual absl::StatusOr<KeyVersion> Stage(absl::Time deadline);
+  virtual absl::StatusOr<KeyVersion> Promote(absl::Time deadline);
 
   // Retires `version` and every older version not retired yet (VersionsToRetire): from then on Unwrap refuses them
   // (FAILED_PRECONDITION) and Versions() reports them kRetired, in this process and in every other one after its

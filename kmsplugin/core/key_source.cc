@@ -12,6 +12,8 @@ std::string_view KeyStateName(KeyState state) {
       return "active";
     case KeyState::kRetired:
       return "retired";
+    case KeyState::kStaged:
+      return "staged";
   }
   return "unknown";
 }

@@ -36,6 +36,7 @@ enum class KeyState {
   kCurrent,  // encrypts and decrypts
   kActive,   // decrypts only (an older version)
   kRetired,  // an operator retired it: decrypt refused
+  kStaged,   // decrypts only, newer than the current version, waiting to be promoted (version_rules.h)
 };
 
 std::string_view KeyStateName(KeyState state);
@@ -89,6 +90,12 @@ class KeySource {
 
   // Every version, oldest first.
   virtual absl::StatusOr<std::vector<KeyVersion>> Versions() const = 0;
+
+  // A ciphertext names `key_ref`, which Lookup does not know. A source whose versions reach this node as a copy
+  // (a keyring file, a cloned token) re-reads its backend when the rule of version_heal.h says so (a version newer
+  // than any it knows, at most once per second) and returns true when it did; the caller then looks again. The
+  // default (a source that shares one backend between nodes) never re-reads.
+  virtual bool HealUnknown(std::string_view /*key_ref*/, absl::Time /*deadline*/) { return false; }
 
   // Backend numbers for /metrics. A source with nothing of its own to report (the local keyring) keeps this.
   virtual std::vector<BackendGauge> BackendGauges() const { return {}; }

@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <map>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "crypto/digest.h"
 #include "kmsplugin/core/sv.h"
 
 namespace kmsplugin::core {
@@ -97,6 +99,90 @@ absl::StatusOr<std::vector<KeyVersion>> VersionsToDestroy(const std::vector<KeyV
     changed.push_back(v);
   }
   return changed;
+}
+
+absl::StatusOr<std::vector<KeyVersion>> VersionsToPromote(const std::vector<KeyVersion>& versions) {
+  const std::optional<KeyVersion> current = CurrentOf(versions);
+  const KeyVersion* newest_staged = nullptr;
+  for (const KeyVersion& v : versions) {
+    if (v.state == KeyState::kStaged && (newest_staged == nullptr || v.version > newest_staged->version)) {
+      newest_staged = &v;
+    }
+  }
+  if (newest_staged == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "no key version is staged", current ? absl::StrCat(" (version ", current->version, " is current)") : "",
+        "; fix: stage one first (kmsplugin rotate --stage), copy it to every node, then promote"));
+  }
+  if (!current.has_value()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "there is no current key version to promote staged version ", newest_staged->version,
+        " over; fix: reinstate the newest version first"));
+  }
+  std::vector<KeyVersion> changed;
+  for (const KeyVersion& v : versions) {
+    if (v.version == newest_staged->version) {
+      changed.push_back(v);
+      changed.back().state = KeyState::kCurrent;
+    } else if (v.state == KeyState::kCurrent || v.state == KeyState::kStaged) {
+      changed.push_back(v);
+      changed.back().state = KeyState::kActive;
+    }
+  }
+  return changed;
+}
+
+absl::Status CheckStage(const std::vector<KeyVersion>& versions) {
+  if (!CurrentOf(versions).has_value()) {
+    return absl::FailedPreconditionError(
+        "there is no current key version to stage a new one after; fix: run `kmsplugin init` (an empty backend) or "
+        "reinstate the newest version");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckRotate(const std::vector<KeyVersion>& versions) {
+  std::vector<uint64_t> staged;
+  for (const KeyVersion& v : versions) {
+    if (v.state == KeyState::kStaged) {
+      staged.push_back(v.version);
+    }
+  }
+  if (staged.empty()) {
+    return absl::OkStatus();
+  }
+  return absl::FailedPreconditionError(absl::StrCat(
+      "key version", staged.size() > 1 ? "s " : " ", Numbers(staged),
+      staged.size() > 1 ? " are" : " is",
+      " staged: a plain rotate would make a newer version current before the nodes have it; fix: finish the staged "
+      "rotation (copy the keys to every node, then kmsplugin rotate --promote)"));
+}
+
+uint64_t NextVersionNumber(const std::vector<KeyVersion>& versions) {
+  uint64_t highest = 0;
+  for (const KeyVersion& v : versions) {
+    highest = std::max(highest, v.version);
+  }
+  return highest + 1;
+}
+
+std::string KeySetFingerprint(const std::vector<KeyVersion>& versions) {
+  std::vector<const KeyVersion*> sorted;
+  for (const KeyVersion& v : versions) {
+    sorted.push_back(&v);
+  }
+  std::sort(sorted.begin(), sorted.end(),
+            [](const KeyVersion* a, const KeyVersion* b) { return a->version < b->version; });
+  // Length-prefixed fields, so that no two different sets serialise alike.
+  std::string text = "kmsplugin/key-set/v1";
+  auto field = [&text](std::string_view value) { absl::StrAppend(&text, "\n", value.size(), ":", Sv(value)); };
+  for (const KeyVersion* v : sorted) {
+    field(absl::StrCat(v->version));
+    field(v->key_id);
+    field(v->key_ref);
+    field(KeyStateName(v->state));
+  }
+  return absl::StrCat("ks1-", absl::BytesToHexString(crypto::Sha256(text).substr(0, 8)));
 }
 
 std::string VersionChange::Summary() const {
@@ -208,6 +294,15 @@ absl::StatusOr<Advanced> CheckAdvance(const std::vector<KeyVersion>& old, const 
           Sv(what), " moves the current version back from ", current_before->version, " to ",
           current_after->version, " (a lagging replica or an older copy); refusing the new view, the key_id "
           "never moves back"));
+    }
+  }
+  for (const KeyVersion& v : fresh) {  // rule 5
+    if (v.state == KeyState::kStaged && (!current_after.has_value() || v.version < current_after->version)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          Sv(what), " lists version ", v.version, " as staged although ",
+          current_after ? absl::StrCat("version ", current_after->version, " is current")
+                        : std::string("no version is current"),
+          " (a staged version is newer than the current one); refusing the new view"));
     }
   }
   for (const auto& [number, now] : after) {

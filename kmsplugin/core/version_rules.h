@@ -15,7 +15,17 @@
 //      versions below min_decryption_version, another process destroyed a PKCS#11 object) stays in the view as
 //      retired, so `kmsplugin keys` and every refusal still name it; it becomes active again only when the
 //      backend lists it as active again, which only a reinstate does.
+//   5. A staged version is newer than the current version: it decrypts and never encrypts, so Status never reports
+//      it. Promoting it (staged -> current) moves the current version forward, which rule 3 allows; a version that
+//      was current or active never becomes staged again (it would be older than the current version).
 // A refused view leaves the old one in force; the status (FAILED_PRECONDITION) names the rule and the versions.
+//
+// Staged versions: the two-step rotation for several control-plane nodes that each hold a copy of the versions
+// (local keyring, per-node HSM token). `rotate --stage` adds version max+1 as staged on one node; the copy goes to
+// every node, which can then decrypt under it; `rotate --promote` makes it current (VersionsToPromote), and that
+// copy goes out too. A node that has not got the promoted copy yet still encrypts under the previous version, which
+// every node decrypts, so no node ever meets a ciphertext it cannot read. KeySetFingerprint is what operators (and
+// the kmsplugin_key_set_info metric) compare across nodes before promoting.
 
 #include <cstdint>
 #include <optional>
@@ -66,6 +76,25 @@ absl::StatusOr<std::vector<KeyVersion>> VersionsToReinstate(const std::vector<Ke
 // The versions DestroyRetired(version) destroys: `version` and every older one, all of which must be retired
 // (FAILED_PRECONDITION naming the first that is not). NOT_FOUND when `version` is not there.
 absl::StatusOr<std::vector<KeyVersion>> VersionsToDestroy(const std::vector<KeyVersion>& versions, uint64_t version);
+
+// The versions Promote changes, in their new state: the newest staged version becomes current, the former current
+// version and every older staged version become active. FAILED_PRECONDITION when nothing is staged or no version is
+// current (the fix names `rotate --stage`).
+absl::StatusOr<std::vector<KeyVersion>> VersionsToPromote(const std::vector<KeyVersion>& versions);
+// May a version be staged on top of `versions`? A current version must exist (it is what the others keep
+// encrypting under until the promote). OK, or FAILED_PRECONDITION naming the fix.
+absl::Status CheckStage(const std::vector<KeyVersion>& versions);
+// May a plain rotate make a new version current on top of `versions`? Not while a version is staged: the new
+// current version would be newer than it, and the staged version was copied to the nodes to become current next.
+absl::Status CheckRotate(const std::vector<KeyVersion>& versions);
+// The number a new version (staged or current) gets: one more than the highest listed.
+uint64_t NextVersionNumber(const std::vector<KeyVersion>& versions);
+
+// A fingerprint of the key set: "ks1-" and 16 hex digits of SHA-256 over each version's number, key_id, key_ref and
+// state (never key material), in version order. Two nodes that hold the same versions in the same states show the
+// same fingerprint (`kmsplugin keys`, metric kmsplugin_key_set_info); any difference (a version missing, a
+// promote not copied yet, a retire done on one node only) changes it.
+std::string KeySetFingerprint(const std::vector<KeyVersion>& versions);
 
 // "version 3 (current)", "version 1 (retired)": how every message names a version.
 std::string DescribeVersion(const KeyVersion& version);

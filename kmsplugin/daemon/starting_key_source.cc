@@ -174,6 +174,13 @@ absl::StatusOr<core::KeyVersion> StartingKeySource::Lookup(std::string_view key_
   return NotStarted();
 }
 
+bool StartingKeySource::HealUnknown(std::string_view key_ref, absl::Time deadline) {
+  if (auto source = Started()) {
+    return source->HealUnknown(key_ref, deadline);
+  }
+  return false;
+}
+
 absl::StatusOr<std::vector<core::KeyVersion>> StartingKeySource::Versions() const {
   if (auto source = Started()) {
     return source->Versions();

@@ -62,6 +62,7 @@ class StartingKeySource final : public core::KeySource {
   absl::StatusOr<core::KeyVersion> Lookup(std::string_view key_ref) const override;
   absl::Status Refresh(absl::Time deadline) override;
   absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override;
+  bool HealUnknown(std::string_view key_ref, absl::Time deadline) override;
   std::vector<core::BackendGauge> BackendGauges() const override;
 
   // The opened source, or nullptr while it has not started.

@@ -4,6 +4,7 @@
 
 #include "absl/time/time.h"
 #include "crypto/envelope_format.h"
+#include "kmsplugin/core/version_rules.h"
 
 namespace kmsplugin::daemon {
 
@@ -53,7 +54,7 @@ void RegisterStateMetrics(observe::Registry& registry, ServicesFn services, cons
       if (!versions.ok()) {
         continue;
       }
-      std::map<std::string, double> by_state{{"current", 0}, {"active", 0}, {"retired", 0}};
+      std::map<std::string, double> by_state{{"current", 0}, {"active", 0}, {"staged", 0}, {"retired", 0}};
       for (const core::KeyVersion& v : *versions) {
         by_state[std::string(core::KeyStateName(v.state))] += 1;
       }
@@ -63,6 +64,21 @@ void RegisterStateMetrics(observe::Registry& registry, ServicesFn services, cons
     }
     return samples;
   });
+  registry.AddGaugeCollector(
+      "kmsplugin_key_set_info",
+      "Always 1; the fingerprint label names each environment's key set (versions, key_ids, states; no key "
+      "material). Control-plane nodes that differ do not hold the same versions (RUNBOOK \"Several control-plane "
+      "nodes\").",
+      [services] {
+        std::vector<observe::Sample> samples;
+        for (const auto& service : services()) {
+          if (auto versions = service->key_source()->Versions(); versions.ok()) {
+            samples.push_back(
+                {{{"environment", service->environment()}, {"fingerprint", core::KeySetFingerprint(*versions)}}, 1});
+          }
+        }
+        return samples;
+      });
 }
 
 // Backend numbers (Vault token TTL, HSM session pool): one family per name any key source reports. Called at

@@ -20,7 +20,7 @@ using Services = std::vector<std::shared_ptr<core::EnvelopeService>>;
 using ServicesFn = std::function<Services()>;
 
 // kmsplugin_build_info, kmsplugin_key_info, kmsplugin_environment_healthy,
-// kmsplugin_key_last_rotation_timestamp_seconds, kmsplugin_key_versions.
+// kmsplugin_key_last_rotation_timestamp_seconds, kmsplugin_key_versions, kmsplugin_key_set_info.
 void RegisterStateMetrics(observe::Registry& registry, ServicesFn services, const std::string& version);
 
 // One family per backend gauge name any served key source reports; `registered` remembers the names already

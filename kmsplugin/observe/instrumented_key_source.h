@@ -29,6 +29,9 @@ class InstrumentedKeySource final : public core::KeySource {
   absl::StatusOr<core::KeyVersion> Lookup(std::string_view key_ref) const override { return inner_->Lookup(key_ref); }
   absl::Status Refresh(absl::Time deadline) override;
   absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override { return inner_->Versions(); }
+  bool HealUnknown(std::string_view key_ref, absl::Time deadline) override {
+    return inner_->HealUnknown(key_ref, deadline);
+  }
   std::vector<core::BackendGauge> BackendGauges() const override { return inner_->BackendGauges(); }
 
  private:

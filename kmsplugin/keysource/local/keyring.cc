@@ -59,6 +59,9 @@ absl::StatusOr<core::KeyState> ParseState(const std::string& name) {
   if (name == "retired") {
     return core::KeyState::kRetired;
   }
+  if (name == "staged") {
+    return core::KeyState::kStaged;
+  }
   return absl::InvalidArgumentError(absl::StrCat("unknown key state \"", name, "\""));
 }
 
@@ -393,11 +396,11 @@ Keyring NewKeyring(const RootKeyParams& params, absl::Time now, crypto::Random& 
   return keyring;
 }
 
-const KeyringVersion& AppendVersion(Keyring& keyring, absl::Time now, crypto::Random& random) {
+const KeyringVersion& AppendVersion(Keyring& keyring, absl::Time now, crypto::Random& random, core::KeyState state) {
   uint64_t next = 1;
   absl::Time created = absl::FromUnixSeconds(absl::ToUnixSeconds(now));
   for (KeyringVersion& v : keyring.versions) {
-    if (v.info.state == core::KeyState::kCurrent) {
+    if (state == core::KeyState::kCurrent && v.info.state == core::KeyState::kCurrent) {
       v.info.state = core::KeyState::kActive;
     }
     next = std::max(next, v.info.version + 1);
@@ -410,7 +413,7 @@ const KeyringVersion& AppendVersion(Keyring& keyring, absl::Time now, crypto::Ra
   v.info.created = created;
   v.info.key_id = MakeKeyId(keyring.keyring_id, next, created);
   v.info.key_ref = MakeKeyRef(keyring.keyring_id, next);
-  v.info.state = core::KeyState::kCurrent;
+  v.info.state = state;
   v.kek = random.NewSecret(kKekSize);
   keyring.versions.push_back(std::move(v));
   return keyring.versions.back();

@@ -10,7 +10,7 @@
 //                                                     "salt": b64, "opsLimit": n, "memLimit": n}
 //     "rootKeyCheck": b64(16 bytes),              HKDF(root, keyringId, "kmsplugin/local/check/v1"):
 //                                                 tells a wrong root key apart from a corrupt file
-//     "versions": [{"version": 1, "created": unix seconds, "keyId": "...", "state": "current|active|retired",
+//     "versions": [{"version": 1, "created": unix seconds, "keyId": "...", "state": "current|active|staged|retired",
 //                   "sealed": b64(XChaCha20-Poly1305 nonce ‖ ct ‖ tag of the 32-byte KEK)}],
 //     "mac": b64(HMAC-SHA256 over the canonical JSON of everything else)
 //   }
@@ -90,8 +90,10 @@ absl::StatusOr<std::string> SealKeyring(const Keyring& keyring, const crypto::Se
 
 // A new keyring with version 1 current.
 Keyring NewKeyring(const RootKeyParams& params, absl::Time now, crypto::Random& random);
-// Appends version max+1 as current; the former current becomes active. Returns the new version.
-const KeyringVersion& AppendVersion(Keyring& keyring, absl::Time now, crypto::Random& random);
+// Appends version max+1 as current (the former current becomes active) or, with `state` kStaged, as staged (the
+// current version stays). Returns the new version.
+const KeyringVersion& AppendVersion(Keyring& keyring, absl::Time now, crypto::Random& random,
+                                    core::KeyState state = core::KeyState::kCurrent);
 
 // Files are read and written through keysource/common/atomic_file.h (ReadFile, WriteFileAtomically).
 

@@ -129,7 +129,8 @@ LocalKeySource::LocalKeySource(LocalOptions options, std::string environment, cr
       root_key_(std::move(root_key)),
       clock_(clock),
       random_(random),
-      events_(events) {}
+      events_(events),
+      heal_(clock) {}
 
 absl::StatusOr<std::shared_ptr<LocalKeySource>> LocalKeySource::Open(const LocalOptions& options,
                                                                      std::string environment, core::Clock& clock,
@@ -212,6 +213,10 @@ absl::StatusOr<std::string> LocalKeySource::Wrap(const core::KeyVersion& version
   if (entry->info.state == core::KeyState::kRetired) {
     return absl::FailedPreconditionError(absl::StrCat("key version ", version.version, " is retired"));
   }
+  if (entry->info.state == core::KeyState::kStaged) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "key version ", version.version, " is staged: it decrypts but never encrypts until it is promoted"));
+  }
   return entry->wrap->Encrypt(plaintext, associated_data);
 }
 
@@ -221,8 +226,12 @@ absl::StatusOr<crypto::SecretBytes> LocalKeySource::Unwrap(std::string_view key_
   if (auto input = core::CheckUnwrapInput(wrapped, associated_data); !input.ok()) {
     return input;
   }
-  const std::shared_ptr<const View> view = Snapshot();
+  std::shared_ptr<const View> view = Snapshot();
   const Entry* entry = view->Find(key_ref);
+  if (entry == nullptr && HealUnknown(key_ref, absl::InfiniteFuture())) {
+    view = Snapshot();
+    entry = view->Find(key_ref);
+  }
   if (entry == nullptr) {
     return absl::FailedPreconditionError(absl::StrCat("key reference ", absl::BytesToHexString(Sv(key_ref)),
                                                       " names no version in keyring ", options_.keyring));
@@ -367,11 +376,42 @@ absl::Status LocalKeySource::EditKeyring(const std::function<absl::Status(Keyrin
   return Refresh(deadline);
 }
 
-absl::StatusOr<core::KeyVersion> LocalKeySource::Rotate(absl::Time deadline) {
+namespace {
+
+std::vector<core::KeyVersion> InfosOf(const Keyring& keyring) {
+  std::vector<core::KeyVersion> infos;
+  for (const KeyringVersion& v : keyring.versions) {
+    infos.push_back(v.info);
+  }
+  return infos;
+}
+
+}  // namespace
+
+bool LocalKeySource::HealUnknown(std::string_view key_ref, absl::Time deadline) {
+  const std::shared_ptr<const View> view = Snapshot();
+  // Only a reference of this keyring names a version a re-read could bring (MakeKeyRef: keyring id, version).
+  if (key_ref.size() != kKeyringIdSize + 4 || key_ref.substr(0, kKeyringIdSize) != view->keyring_id) {
+    return false;
+  }
+  uint64_t wanted = 0;
+  for (char c : key_ref.substr(kKeyringIdSize)) {
+    wanted = (wanted << 8) | static_cast<uint8_t>(c);
+  }
+  return heal_.MaybeReread(wanted, view->Infos(), [&] { return Refresh(deadline); });
+}
+
+absl::StatusOr<core::KeyVersion> LocalKeySource::Append(core::KeyState state,
+                                                        absl::Status (*check)(const std::vector<core::KeyVersion>&),
+                                                        absl::Time deadline) {
   core::KeyVersion created;
   auto status = EditKeyring(
-      [&](Keyring& keyring) {
-        created = AppendVersion(keyring, clock_.Now(), random_).info;
+      [&](Keyring& keyring) -> absl::Status {
+        // Decided on the file as it is under the lock, not on this process's view, which may lag behind.
+        if (auto checked = check(InfosOf(keyring)); !checked.ok()) {
+          return checked;
+        }
+        created = AppendVersion(keyring, clock_.Now(), random_, state).info;
         return absl::OkStatus();
       },
       deadline);
@@ -379,6 +419,41 @@ absl::StatusOr<core::KeyVersion> LocalKeySource::Rotate(absl::Time deadline) {
     return status;
   }
   return created;
+}
+
+absl::StatusOr<core::KeyVersion> LocalKeySource::Rotate(absl::Time deadline) {
+  return Append(core::KeyState::kCurrent, core::CheckRotate, deadline);
+}
+
+absl::StatusOr<core::KeyVersion> LocalKeySource::Stage(absl::Time deadline) {
+  return Append(core::KeyState::kStaged, core::CheckStage, deadline);
+}
+
+absl::StatusOr<core::KeyVersion> LocalKeySource::Promote(absl::Time deadline) {
+  core::KeyVersion promoted;
+  auto status = EditKeyring(
+      [&](Keyring& keyring) -> absl::Status {
+        auto changed = core::VersionsToPromote(InfosOf(keyring));
+        if (!changed.ok()) {
+          return changed.status();
+        }
+        for (const core::KeyVersion& pick : *changed) {
+          for (KeyringVersion& v : keyring.versions) {
+            if (v.info.version == pick.version) {
+              v.info.state = pick.state;
+              if (pick.state == core::KeyState::kCurrent) {
+                promoted = v.info;
+              }
+            }
+          }
+        }
+        return absl::OkStatus();
+      },
+      deadline);
+  if (!status.ok()) {
+    return status;
+  }
+  return promoted;
 }
 
 absl::StatusOr<std::vector<core::KeyVersion>> LocalKeySource::SetStates(
@@ -389,11 +464,7 @@ absl::StatusOr<std::vector<core::KeyVersion>> LocalKeySource::SetStates(
   auto status = EditKeyring(
       [&](Keyring& keyring) -> absl::Status {
         // Decided on the file as it is under the lock, not on this process's view, which may lag behind.
-        std::vector<core::KeyVersion> infos;
-        for (const KeyringVersion& v : keyring.versions) {
-          infos.push_back(v.info);
-        }
-        auto selected = select(infos, version);
+        auto selected = select(InfosOf(keyring), version);
         if (!selected.ok()) {
           return selected.status();
         }

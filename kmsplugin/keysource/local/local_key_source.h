@@ -11,6 +11,11 @@
 //   backwards is refused and the old view stays in force: key_ids never flip-flop and nothing that decrypted stops
 //   decrypting). A keyring that vanishes or cannot be read keeps the loaded versions serving. Changes and refusals
 //   are reported to the EventSink, once per transition.
+// - A ciphertext naming a version newer than any loaded one makes Unwrap (and HealUnknown, which the core calls on
+//   an unknown key_ref) re-read the keyring once before refusing, at most once per second (core/version_heal.h):
+//   a node that already received another node's keyring copy answers without waiting for SIGHUP or its poll.
+// - Stage() appends version max+1 as staged, Promote() makes the newest staged version current
+//   (core::VersionsToPromote), both in the keyring file, so the copy an operator distributes carries the states.
 // - Rotate(), Retire() and Reinstate() change the keyring under an exclusive lock (keyring path + ".lock") and
 //   write it atomically; a retired version keeps its sealed KEK, so Reinstate() can bring it back.
 // The root key stays in locked memory for the life of the object; KEKs are never copied out. Thread-safe.
@@ -30,6 +35,7 @@
 #include "kmsplugin/core/events.h"
 #include "kmsplugin/core/key_admin.h"
 #include "kmsplugin/core/key_source.h"
+#include "kmsplugin/core/version_heal.h"
 #include "kmsplugin/keysource/common/secret_file.h"
 #include "kmsplugin/keysource/local/keyring.h"
 
@@ -65,6 +71,9 @@ class LocalKeySource final : public core::KeySource, public core::KeyAdmin {
   absl::StatusOr<core::KeyVersion> Lookup(std::string_view key_ref) const override;
   absl::Status Refresh(absl::Time deadline) override;
   absl::StatusOr<core::KeyVersion> Rotate(absl::Time deadline) override;
+  absl::StatusOr<core::KeyVersion> Stage(absl::Time deadline) override;
+  absl::StatusOr<core::KeyVersion> Promote(absl::Time deadline) override;
+  bool HealUnknown(std::string_view key_ref, absl::Time deadline) override;
   absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override;
   // Mark versions retired (or active again) in the keyring file, under the rotation lock.
   absl::StatusOr<std::vector<core::KeyVersion>> Retire(uint64_t version, absl::Time deadline) override;
@@ -96,6 +105,10 @@ class LocalKeySource final : public core::KeySource, public core::KeyAdmin {
       absl::StatusOr<std::vector<core::KeyVersion>> (*select)(const std::vector<core::KeyVersion>&, uint64_t),
       absl::Time deadline);
   std::shared_ptr<const View> Snapshot() const;
+  // Appends a version in `state` (current: Rotate; staged: Stage) after `check` accepts the file's versions.
+  absl::StatusOr<core::KeyVersion> Append(core::KeyState state,
+                                          absl::Status (*check)(const std::vector<core::KeyVersion>&),
+                                          absl::Time deadline);
 
   const LocalOptions options_;
   const std::string environment_;
@@ -104,6 +117,7 @@ class LocalKeySource final : public core::KeySource, public core::KeyAdmin {
   crypto::Random& random_;
   core::EventSink& events_;
   std::string last_refresh_error_ ABSL_GUARDED_BY(refresh_mu_);
+  core::UnknownVersionHeal heal_;
 
   // Refresh (poll, SIGHUP, Rotate) runs one at a time, so a slow reload of an older file can never replace a
   // newer view another reload installed.

@@ -12,6 +12,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "kmsplugin/core/sv.h"
+#include "kmsplugin/core/version_heal.h"
 #include "kmsplugin/core/version_rules.h"
 #include "kmsplugin/keysource/pkcs11/version_view.h"
 // Last: these include cryptoki.h.
@@ -39,6 +40,7 @@ class Pkcs11KeySource::Impl {
         clock_(options_.clock != nullptr ? options_.clock : &core::SystemClock()),
         random_(options_.random != nullptr ? options_.random : &crypto::SystemRandom()),
         events_(options_.events != nullptr ? options_.events : &core::NullEventSink()),
+        heal_(*clock_),
         token_name_(TokenName(options_)),
         pool_(PoolConfig{options_.token_label, options_.token_serial, token_name_, options_.pin_file,
                          options_.session_pool_size, options_.reinit_backoff_initial, options_.reinit_backoff_max,
@@ -117,6 +119,11 @@ class Pkcs11KeySource::Impl {
       known->state = core::KeyState::kRetired;
       return Prefixed("pkcs11 wrap refused: ", core::RetiredVersionError(*known, RetiredDetail(*known)));
     }
+    if (known->state == core::KeyState::kStaged) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "pkcs11 wrap refused: key version ", version.version,
+          " is staged (CKA_ENCRYPT is false on the token): it decrypts but never encrypts until it is promoted"));
+    }
     std::string out(kGcmIvSize + plaintext.size() + kGcmTagSize, '\0');
     // A fresh IV from our CSPRNG every call: the token never chooses it (SoftHSM would accept an empty one).
     random_->Fill(absl::Span<uint8_t>(reinterpret_cast<uint8_t*>(out.data()), kGcmIvSize));
@@ -168,6 +175,9 @@ class Pkcs11KeySource::Impl {
       return absl::InvalidArgumentError(decoded.status().message());
     }
     auto known = Lookup(key_ref);
+    if (!known.ok() && HealUnknown(key_ref, deadline)) {
+      known = Lookup(key_ref);
+    }
     if (!known.ok()) {
       return absl::FailedPreconditionError(absl::StrCat(
           "pkcs11 key version ", decoded->version, " named by the ciphertext is not on the ", token_name_,
@@ -221,10 +231,77 @@ class Pkcs11KeySource::Impl {
     return reloaded.status();
   }
 
+  // The ciphertext names a version this view does not have: the core rule (version_heal.h) decides whether the
+  // token is listed again (another node's newer version, whose object just reached this node's token).
+  bool HealUnknown(std::string_view key_ref, absl::Time deadline) {
+    auto decoded = DecodeKeyRef(key_ref);
+    if (!decoded.ok()) {
+      return false;
+    }
+    std::vector<core::KeyVersion> known;
+    {
+      absl::MutexLock lock(&mu_);
+      known = VersionsLocked();
+    }
+    return heal_.MaybeReread(decoded->version, known, [&] { return RefreshVersions(deadline, /*emit=*/true); });
+  }
+
   absl::StatusOr<core::KeyVersion> Rotate(absl::Time deadline) {
+    return MakeVersion(/*staged=*/false, deadline);
+  }
+
+  absl::StatusOr<core::KeyVersion> Stage(absl::Time deadline) { return MakeVersion(/*staged=*/true, deadline); }
+
+  // Promote: CKA_ENCRYPT set again on the newest staged version, then on any older staged one, newest first (a
+  // promote that stops halfway leaves the newest current and the others active: FinishEntries).
+  absl::StatusOr<core::KeyVersion> Promote(absl::Time deadline) {
     absl::MutexLock admin_lock(&admin_mu_);
-    if (auto token = RefreshForAdmin(deadline); !token.ok()) {
+    auto token = RefreshForAdmin(deadline);
+    if (!token.ok()) {
       return token.status();
+    }
+    auto changed = core::VersionsToPromote(*token);
+    if (!changed.ok()) {
+      return changed.status();
+    }
+    std::vector<core::KeyVersion> targets;
+    std::optional<core::KeyVersion> promoted;
+    for (const core::KeyVersion& v : *changed) {
+      if (v.state == core::KeyState::kCurrent) {
+        promoted = v;
+      }
+      if (auto was = core::FindVersionNumber(*token, v.version); was && was->state == core::KeyState::kStaged) {
+        targets.push_back(*was);
+      }
+    }
+    std::sort(targets.begin(), targets.end(),
+              [](const core::KeyVersion& a, const core::KeyVersion& b) { return a.version > b.version; });
+    for (const core::KeyVersion& target : targets) {
+      if (auto entry = EntryOf(target.key_ref); entry.has_value() && !entry->modifiable) {
+        return absl::FailedPreconditionError(NotModifiableMessage(*entry, options_.module_path, token_name_, ""));
+      }
+    }
+    auto done = ChangeUsage(*token, targets, /*usable=*/true, "promoted", deadline);
+    if (!done.ok()) {
+      return done.status();
+    }
+    auto current = Current();
+    if (!current.ok() || current->version != promoted->version) {
+      return absl::InternalError(absl::StrCat("promoted key version ", promoted->version,
+                                              " on the token, but it is not the current version of the view"));
+    }
+    return *current;
+  }
+
+ private:
+  absl::StatusOr<core::KeyVersion> MakeVersion(bool staged, absl::Time deadline) {
+    absl::MutexLock admin_lock(&admin_mu_);
+    auto token = RefreshForAdmin(deadline);
+    if (!token.ok()) {
+      return token.status();
+    }
+    if (auto checked = staged ? core::CheckStage(*token) : core::CheckRotate(*token); !checked.ok()) {
+      return checked;
     }
     uint64_t next = 1;
     {
@@ -236,7 +313,9 @@ class Pkcs11KeySource::Impl {
     const std::string id = EncodeKeyRef(next, created);
     CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
     auto status = pool_.Run(deadline, "C_GenerateKey",
-                            [&](CK_SESSION_HANDLE session) { return GenerateKey(f_, session, label, id, &key); });
+                            [&](CK_SESSION_HANDLE session) {
+                              return GenerateKey(f_, session, label, id, /*encrypt=*/!staged, &key);
+                            });
     if (!status.ok()) {
       return status;
     }
@@ -249,6 +328,8 @@ class Pkcs11KeySource::Impl {
     }
     return absl::InternalError(absl::StrCat("created key ", label, " but it is not listed on the token"));
   }
+
+ public:
 
   // Retire: CKA_ENCRYPT and CKA_DECRYPT cleared on each chosen object, oldest first, so that the retired set
   // stays a floor even when a call fails halfway.
@@ -268,7 +349,7 @@ class Pkcs11KeySource::Impl {
         return absl::FailedPreconditionError(NotModifiableMessage(*entry, options_.module_path, token_name_, ""));
       }
     }
-    return ChangeUsage(*token, *targets, /*usable=*/false, deadline);
+    return ChangeUsage(*token, *targets, /*usable=*/false, "retired", deadline);
   }
 
   // Reinstate: CKA_ENCRYPT and CKA_DECRYPT set again, newest first (the retired set stays a floor).
@@ -283,7 +364,7 @@ class Pkcs11KeySource::Impl {
       return targets.status();
     }
     std::reverse(targets->begin(), targets->end());
-    auto done = ChangeUsage(*token, *targets, /*usable=*/true, deadline);
+    auto done = ChangeUsage(*token, *targets, /*usable=*/true, "reinstated", deadline);
     if (done.ok()) {
       std::reverse(done->begin(), done->end());
     }
@@ -426,7 +507,9 @@ class Pkcs11KeySource::Impl {
       entry.version.version = key.version;
       entry.version.key_ref = std::move(key.key_ref);
       entry.version.created = key.created;
-      entry.version.state = key.decrypt ? core::KeyState::kActive : core::KeyState::kRetired;
+      entry.version.state = !key.decrypt   ? core::KeyState::kRetired
+                            : !key.encrypt ? core::KeyState::kStaged
+                                           : core::KeyState::kActive;
       fresh.push_back(std::move(entry));
     }
     std::optional<core::SourceEvent> refused;
@@ -491,7 +574,8 @@ class Pkcs11KeySource::Impl {
   // for the whole call. Returns the targets in their new state.
   absl::StatusOr<std::vector<core::KeyVersion>> ChangeUsage(const std::vector<core::KeyVersion>& before,
                                                             const std::vector<core::KeyVersion>& targets,
-                                                            bool usable, absl::Time deadline) {
+                                                            bool usable, std::string_view verb,
+                                                            absl::Time deadline) {
     std::vector<core::KeyVersion> done;
     absl::Status failure;
     for (const core::KeyVersion& target : targets) {
@@ -510,7 +594,7 @@ class Pkcs11KeySource::Impl {
         status = absl::NotFoundError(absl::StrCat("pkcs11 key version ", target.version, " ", status.message()));
       }
       if (!status.ok()) {
-        failure = PartialFailure(status, usable ? "reinstated" : "retired", done);
+        failure = PartialFailure(status, verb, done);
         break;
       }
       absl::MutexLock lock(&mu_);
@@ -553,6 +637,7 @@ class Pkcs11KeySource::Impl {
   core::Clock* const clock_;
   crypto::Random* const random_;
   core::EventSink* const events_;
+  core::UnknownVersionHeal heal_;
   const std::string token_name_;
   SessionPool pool_;
   CK_FUNCTION_LIST_PTR const f_;
@@ -610,6 +695,11 @@ absl::StatusOr<core::KeyVersion> Pkcs11KeySource::Lookup(std::string_view key_re
 }
 absl::Status Pkcs11KeySource::Refresh(absl::Time deadline) { return impl_->Refresh(deadline); }
 absl::StatusOr<core::KeyVersion> Pkcs11KeySource::Rotate(absl::Time deadline) { return impl_->Rotate(deadline); }
+absl::StatusOr<core::KeyVersion> Pkcs11KeySource::Stage(absl::Time deadline) { return impl_->Stage(deadline); }
+absl::StatusOr<core::KeyVersion> Pkcs11KeySource::Promote(absl::Time deadline) { return impl_->Promote(deadline); }
+bool Pkcs11KeySource::HealUnknown(std::string_view key_ref, absl::Time deadline) {
+  return impl_->HealUnknown(key_ref, deadline);
+}
 absl::StatusOr<std::vector<core::KeyVersion>> Pkcs11KeySource::Versions() const { return impl_->Versions(); }
 std::string Pkcs11KeySource::TokenSerial() const { return impl_->TokenSerial(); }
 SessionPoolStats Pkcs11KeySource::PoolStats() const { return impl_->PoolStats(); }

@@ -20,8 +20,14 @@
 //   this process removes what it destroyed from the view.
 // - State model, read back from the token by every Open/Refresh, so every process (daemons, CLI) agrees:
 //     CKA_DECRYPT false                 -> kRetired (Unwrap and Wrap refused with FAILED_PRECONDITION)
+//     CKA_ENCRYPT false, newer than the current version -> kStaged (decrypts; the token refuses to encrypt)
 //     otherwise, the highest version    -> kCurrent
 //     otherwise                         -> kActive
+//   Stage() generates version max+1 with CKA_ENCRYPT false; Promote() sets CKA_ENCRYPT on the newest staged
+//   version (and on older staged ones), which makes it the highest encrypting version, so current. Per-node tokens
+//   (one token per control-plane node, clones of one token) receive a staged or promoted version as a copy of the
+//   token's object files (RUNBOOK "Several control-plane nodes"); a ciphertext naming a version newer than the
+//   view makes Unwrap list the token again once (core/version_heal.h) before refusing.
 //   Retire(N) clears CKA_ENCRYPT and CKA_DECRYPT (one C_SetAttributeValue) on N and every older active version,
 //   oldest first, after refusing (changing nothing) if any of them is not modifiable; Reinstate(N) sets them
 //   again, newest first. A failure halfway says which versions were changed; the same call again finishes.
@@ -118,6 +124,9 @@ class Pkcs11KeySource : public core::KeySource, public core::KeyAdmin {
   absl::StatusOr<core::KeyVersion> Lookup(std::string_view key_ref) const override;
   absl::Status Refresh(absl::Time deadline) override;
   absl::StatusOr<core::KeyVersion> Rotate(absl::Time deadline) override;
+  absl::StatusOr<core::KeyVersion> Stage(absl::Time deadline) override;
+  absl::StatusOr<core::KeyVersion> Promote(absl::Time deadline) override;
+  bool HealUnknown(std::string_view key_ref, absl::Time deadline) override;
   absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override;
   absl::StatusOr<std::vector<core::KeyVersion>> Retire(uint64_t version, absl::Time deadline) override;
   absl::StatusOr<std::vector<core::KeyVersion>> Reinstate(uint64_t version, absl::Time deadline) override;

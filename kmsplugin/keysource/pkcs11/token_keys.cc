@@ -54,12 +54,14 @@ CK_RV ListKeys(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session, std::string_vi
     std::string label(sizes[0].ulValueLen, '\0');
     std::string id(sizes[1].ulValueLen, '\0');
     CK_BBOOL decrypt = CK_FALSE;
+    CK_BBOOL encrypt = CK_FALSE;
     CK_BBOOL modifiable = CK_FALSE;
     CK_ATTRIBUTE values[] = {{CKA_LABEL, label.data(), label.size()},
                              {CKA_ID, id.data(), id.size()},
                              {CKA_DECRYPT, &decrypt, sizeof(decrypt)},
-                             {CKA_MODIFIABLE, &modifiable, sizeof(modifiable)}};
-    rv = f->C_GetAttributeValue(session, handle, values, 4);
+                             {CKA_MODIFIABLE, &modifiable, sizeof(modifiable)},
+                             {CKA_ENCRYPT, &encrypt, sizeof(encrypt)}};
+    rv = f->C_GetAttributeValue(session, handle, values, 5);
     if (rv != CKR_OK) {
       if (IsSessionGone(rv) || IsDeviceGone(rv)) {
         return rv;
@@ -78,6 +80,7 @@ CK_RV ListKeys(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session, std::string_vi
     key.created = decoded->created;
     key.handle = handle;
     key.decrypt = decrypt == CK_TRUE;
+    key.encrypt = encrypt == CK_TRUE;
     key.modifiable = modifiable == CK_TRUE;
     out->push_back(std::move(key));
   }
@@ -130,12 +133,13 @@ bool AnyPrivateAesKeyVisible(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session) 
 }
 
 CK_RV GenerateKey(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session, const std::string& label,
-                  const std::string& key_ref, CK_OBJECT_HANDLE* key) {
+                  const std::string& key_ref, bool encrypt, CK_OBJECT_HANDLE* key) {
   CK_OBJECT_CLASS klass = CKO_SECRET_KEY;
   CK_KEY_TYPE key_type = CKK_AES;
   CK_ULONG value_len = 32;
   CK_BBOOL yes = CK_TRUE;
   CK_BBOOL no = CK_FALSE;
+  CK_BBOOL may_encrypt = encrypt ? CK_TRUE : CK_FALSE;
   CK_MECHANISM_TYPE allowed[] = {CKM_AES_GCM};
   CK_ATTRIBUTE attributes[] = {
       {CKA_CLASS, &klass, sizeof(klass)},
@@ -145,7 +149,7 @@ CK_RV GenerateKey(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session, const std::
       {CKA_PRIVATE, &yes, sizeof(yes)},
       {CKA_SENSITIVE, &yes, sizeof(yes)},
       {CKA_EXTRACTABLE, &no, sizeof(no)},
-      {CKA_ENCRYPT, &yes, sizeof(yes)},
+      {CKA_ENCRYPT, &may_encrypt, sizeof(may_encrypt)},
       {CKA_DECRYPT, &yes, sizeof(yes)},
       {CKA_WRAP, &no, sizeof(no)},
       {CKA_UNWRAP, &no, sizeof(no)},

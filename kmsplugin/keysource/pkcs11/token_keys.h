@@ -26,6 +26,7 @@ struct TokenKey {
   absl::Time created;
   CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
   bool decrypt = true;      // CKA_DECRYPT: false means retired
+  bool encrypt = true;      // CKA_ENCRYPT: false with CKA_DECRYPT true means staged
   bool modifiable = false;  // CKA_MODIFIABLE: false for versions made before retirement existed
 };
 
@@ -41,9 +42,10 @@ CK_RV FindKey(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session, std::string_vie
 // Whether at least one private AES secret key is visible: after a logout or with the token gone, none is.
 bool AnyPrivateAesKeyVisible(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session);
 
-// C_GenerateKey of a version with the template above.
+// C_GenerateKey of a version with the template above; `encrypt` false makes a staged version (CKA_ENCRYPT false:
+// the token itself refuses to encrypt under it until Promote sets it).
 CK_RV GenerateKey(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session, const std::string& label,
-                  const std::string& key_ref, CK_OBJECT_HANDLE* key);
+                  const std::string& key_ref, bool encrypt, CK_OBJECT_HANDLE* key);
 
 // Sets CKA_ENCRYPT and CKA_DECRYPT of `key` to `usable` in one C_SetAttributeValue.
 CK_RV SetUsage(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE session, CK_OBJECT_HANDLE key, bool usable);

@@ -16,13 +16,25 @@ void FinishEntries(std::vector<ViewEntry>& entries, std::string_view token_seria
   std::sort(entries.begin(), entries.end(), [](const ViewEntry& a, const ViewEntry& b) {
     return std::tie(a.version.version, a.version.created) < std::tie(b.version.version, b.version.created);
   });
+  // The newest version that may encrypt (not marked staged); staged versions below it are active (a promote that
+  // stopped before it set CKA_ENCRYPT on every older staged version).
+  size_t newest_encrypting = entries.size();
+  for (size_t i = 0; i < entries.size(); ++i) {
+    if (entries[i].version.state != core::KeyState::kStaged) {
+      newest_encrypting = i;
+    }
+  }
   for (size_t i = 0; i < entries.size(); ++i) {
     core::KeyVersion& v = entries[i].version;
     v.key_id = absl::StrCat("pkcs11:", Sv(token_serial), "/", entries[i].label, "@",
                             absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", v.created, absl::UTCTimeZone()));
-    if (v.state != core::KeyState::kRetired) {
-      v.state = i + 1 == entries.size() ? core::KeyState::kCurrent : core::KeyState::kActive;
+    if (v.state == core::KeyState::kRetired) {
+      continue;
     }
+    if (v.state == core::KeyState::kStaged && (newest_encrypting == entries.size() || i > newest_encrypting)) {
+      continue;
+    }
+    v.state = i == newest_encrypting ? core::KeyState::kCurrent : core::KeyState::kActive;
   }
 }
 

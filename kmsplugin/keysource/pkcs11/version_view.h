@@ -27,8 +27,10 @@ struct ViewEntry {
 };
 
 // Sorts `entries` (by version, then creation) and gives each its key_id ("pkcs11:<serial>/<label>@<created>")
-// and state: a version whose state is kRetired on entry (CKA_DECRYPT false) stays retired; otherwise the newest
-// is current and the others active.
+// and state. On entry a state says what the token marks: kRetired (CKA_DECRYPT false), kStaged (CKA_ENCRYPT false,
+// CKA_DECRYPT true), anything else (both true). The newest version not marked staged is current unless it is
+// retired (then none is: only other tools can retire the newest); marked-staged versions newer than it stay staged,
+// older ones are active (a promote interrupted halfway); every other version not retired is active.
 void FinishEntries(std::vector<ViewEntry>& entries, std::string_view token_serial);
 
 // Replaces `*view` by `fresh` (finished with FinishEntries) through core::CheckAdvance; `what` names the token.

@@ -57,7 +57,8 @@ VaultKeySource::VaultKeySource(std::unique_ptr<VaultClient> client, core::Clock*
     : client_(std::move(client)),
       clock_(clock),
       options_(client_->options()),
-      events_(events != nullptr ? events : &core::NullEventSink()) {}
+      events_(events != nullptr ? events : &core::NullEventSink()),
+      heal_(clock != nullptr ? *clock : core::SystemClock()) {}
 
 void VaultKeySource::Emit(const char* name, std::string message, bool warning) const {
   core::SourceEvent e;
@@ -367,6 +368,37 @@ void VaultKeySource::BackgroundTick() {
   if (due) {
     (void)Refresh(absl::Now() + std::min(options_.request_timeout, absl::Seconds(10)));
   }
+}
+
+namespace {
+
+constexpr char kNoStaging[] =
+    "a vault key source cannot stage a key version: every control-plane node reads the same Transit key, so there "
+    "is no per-node copy to distribute and no window to close; fix: use plain `kmsplugin rotate`, which is safe on "
+    "Vault";
+
+}  // namespace
+
+bool VaultKeySource::HealUnknown(std::string_view key_ref, absl::Time deadline) {
+  uint64_t number;
+  int64_t created;
+  if (!ParseKeyRef(Sv(key_ref), &number, &created).ok()) {
+    return false;
+  }
+  std::vector<core::KeyVersion> known;
+  {
+    absl::MutexLock lock(&mu_);
+    known = versions_;
+  }
+  return heal_.MaybeReread(number, known, [&] { return Refresh(deadline); });
+}
+
+absl::StatusOr<core::KeyVersion> VaultKeySource::Stage(absl::Time /*deadline*/) {
+  return absl::FailedPreconditionError(kNoStaging);
+}
+
+absl::StatusOr<core::KeyVersion> VaultKeySource::Promote(absl::Time /*deadline*/) {
+  return absl::FailedPreconditionError(kNoStaging);
 }
 
 absl::StatusOr<core::KeyVersion> VaultKeySource::Rotate(absl::Time deadline) {

@@ -40,6 +40,7 @@
 #include "kmsplugin/core/events.h"
 #include "kmsplugin/core/key_admin.h"
 #include "kmsplugin/core/key_source.h"
+#include "kmsplugin/core/version_heal.h"
 #include "kmsplugin/keysource/vault/vault_client.h"
 #include "kmsplugin/keysource/vault/vault_options.h"
 
@@ -73,7 +74,14 @@ class VaultKeySource : public core::KeySource, public core::KeyAdmin {
   absl::StatusOr<core::KeyVersion> Lookup(std::string_view key_ref) const override;
   absl::Status Refresh(absl::Time deadline) override;
   absl::StatusOr<core::KeyVersion> Rotate(absl::Time deadline) override;
+  // Refused: every node reads the one Transit key, so a plain rotate reaches all of them at once (the next poll,
+  // or HealUnknown when a node meets the newer version first); there is no copy to stage.
+  absl::StatusOr<core::KeyVersion> Stage(absl::Time deadline) override;
+  absl::StatusOr<core::KeyVersion> Promote(absl::Time deadline) override;
   absl::StatusOr<std::vector<core::KeyVersion>> Versions() const override;
+  // A ciphertext of a version newer than the view (another node rotated, this one has not polled yet): the key
+  // metadata is read again under the rule of core/version_heal.h (at most once per second).
+  bool HealUnknown(std::string_view key_ref, absl::Time deadline) override;
   // `POST /v1/<mount>/keys/<key>/config` with min_decryption_version = version + 1 (Retire) or = version
   // (Reinstate); Vault keeps every version, so a retired one can always come back.
   absl::StatusOr<std::vector<core::KeyVersion>> Retire(uint64_t version, absl::Time deadline) override;
@@ -108,6 +116,7 @@ class VaultKeySource : public core::KeySource, public core::KeyAdmin {
   const VaultOptions& options_;
 
   core::EventSink* const events_;
+  core::UnknownVersionHeal heal_;
 
   mutable absl::Mutex mu_;
   bool loaded_ ABSL_GUARDED_BY(mu_) = false;

@@ -25,7 +25,9 @@
 //
 // Traits: kName, kServesWhileAway (the local keyring keeps serving the loaded versions when the file vanishes),
 // kBindsEnvironment (the source itself binds the environment name; the others bind it only through the AAD the
-// core builds), kCanHang, kBlocksOnBackend (a call with a deadline already past is refused rather than served).
+// core builds), kCanHang, kBlocksOnBackend (a call with a deadline already past is refused rather than served),
+// kStages (each node holds its own copy of the versions, so the source stages, promotes and heals on an unknown
+// newer version; Vault, one key shared by every node, refuses staging).
 
 #include <dlfcn.h>
 #include <p11-kit/pkcs11.h>
@@ -93,6 +95,7 @@ inline void CopyOver(const std::string& from, const std::string& to) {
 class LocalBackend {
  public:
   static constexpr const char* kName = "local";
+  static constexpr bool kStages = true;
   static constexpr bool kServesWhileAway = true;
   static constexpr bool kBindsEnvironment = true;
   static constexpr bool kCanHang = false;
@@ -158,6 +161,7 @@ inline constexpr char kVaultToken2[] = "hvs.CONTRACT-second-7b3c44";
 class VaultBackend {
  public:
   static constexpr const char* kName = "vault";
+  static constexpr bool kStages = false;
   static constexpr bool kServesWhileAway = false;
   static constexpr bool kBindsEnvironment = false;
   static constexpr bool kCanHang = true;
@@ -328,6 +332,7 @@ class TokenPeek {
 class Pkcs11Backend {
  public:
   static constexpr const char* kName = "pkcs11";
+  static constexpr bool kStages = true;
   static constexpr bool kServesWhileAway = false;
   static constexpr bool kBindsEnvironment = false;
   static constexpr bool kCanHang = false;

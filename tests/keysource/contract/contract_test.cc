@@ -1082,5 +1082,152 @@ TEST_CASE("Contract vault: a short-lived token is renewed by the lease Vault rep
   CHECK(gauges[0].value <= 3);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Staged versions and the heal on an unknown newer version (version_rules.h, version_heal.h). Instance `a` is the
+// node that stages and promotes; `b` is another process on the same backend that has not refreshed, as a second
+// control-plane node whose copy of the keys has arrived but whose poll has not run.
+
+CONTRACT_CASE("stage adds a version that decrypts, is listed staged and never encrypts, and promote makes it current") {
+  TestType backend;
+  Messages seen;
+  Instance a = backend.Open();
+  const core::KeyVersion v1 = CurrentOf(a);
+  backend.clock.Advance(absl::Seconds(1));
+  auto staged = seen(a.admin->Stage(Soon()));
+  if constexpr (!TestType::kStages) {
+    CHECK_THAT(staged, StatusIs(Code::kFailedPrecondition, "plain `kmsplugin rotate`"));
+    CHECK_THAT(seen(a.admin->Promote(Soon())), StatusIs(Code::kFailedPrecondition, "cannot stage"));
+    CHECK(CurrentOf(a).key_id == v1.key_id);
+    CHECK(VersionsOf(a).size() == 1);
+    return;
+  } else {
+    REQUIRE_THAT(staged, IsOk());
+    CHECK(staged->state == core::KeyState::kStaged);
+    CHECK(staged->version == v1.version + 1);
+    CHECK(CurrentOf(a).key_id == v1.key_id);  // Status keeps reporting the current version
+    auto listed = core::FindVersionNumber(VersionsOf(a), staged->version);
+    REQUIRE(listed.has_value());
+    CHECK(listed->state == core::KeyState::kStaged);
+    CHECK_THAT(seen(a->Wrap(*staged, kDek, kAad, Soon())), StatusIs(Code::kFailedPrecondition, "staged"));
+
+    // Another process (a node whose copy of the keys arrived) lists it staged too.
+    Instance b = backend.Open();
+    CHECK(CurrentOf(b).key_id == v1.key_id);
+    auto in_b = b->Lookup(staged->key_ref);
+    REQUIRE_THAT(in_b, IsOk());
+    CHECK(in_b->state == core::KeyState::kStaged);
+    CHECK(core::KeySetFingerprint(VersionsOf(a)) == core::KeySetFingerprint(VersionsOf(b)));
+
+    auto promoted = seen(a.admin->Promote(Soon()));
+    REQUIRE_THAT(promoted, IsOk());
+    CHECK(promoted->version == staged->version);
+    CHECK(promoted->key_id == staged->key_id);
+    CHECK(CurrentOf(a).key_id == staged->key_id);
+    CHECK(core::FindVersionNumber(VersionsOf(a), v1.version)->state == core::KeyState::kActive);
+    CHECK(core::KeySetFingerprint(VersionsOf(a)) != core::KeySetFingerprint(VersionsOf(b)));
+
+    // `a` encrypts under the promoted version; `b`, which still sees it staged, decrypts it: no window.
+    const std::string under_new = WrapOrDie(a, *promoted);
+    CHECK(CurrentOf(b).key_id == v1.key_id);
+    CHECK_THAT(Opens(b, *staged, under_new), IsOk());
+    // And `a` decrypts what `b` still writes under the previous version.
+    CHECK_THAT(Opens(a, v1, WrapOrDie(b, v1)), IsOk());
+
+    // b's next refresh moves its current version forward (staged -> current passes CheckAdvance).
+    REQUIRE_THAT(b->Refresh(Soon()), IsOk());
+    CHECK(CurrentOf(b).key_id == staged->key_id);
+    CHECK(core::KeySetFingerprint(VersionsOf(a)) == core::KeySetFingerprint(VersionsOf(b)));
+  }
+  seen.ExpectNoSecretsOf(backend);
+}
+
+CONTRACT_CASE("staging: rotate is refused while a version is staged, promote with nothing staged is refused") {
+  TestType backend;
+  if constexpr (TestType::kStages) {
+    Messages seen;
+    Instance a = backend.Open();
+    const core::KeyVersion v1 = CurrentOf(a);
+    CHECK_THAT(seen(a.admin->Promote(Soon())),
+               StatusIs(Code::kFailedPrecondition, "no key version is staged"));
+    backend.clock.Advance(absl::Seconds(1));
+    auto s2 = a.admin->Stage(Soon());
+    REQUIRE_THAT(s2, IsOk());
+    backend.clock.Advance(absl::Seconds(1));
+    CHECK_THAT(seen(a.admin->Rotate(Soon())), StatusIs(Code::kFailedPrecondition, "is staged"));
+    CHECK(VersionsOf(a).size() == 2);
+    // A second stage is allowed; promote picks the newest, the older staged one becomes active.
+    auto s3 = a.admin->Stage(Soon());
+    REQUIRE_THAT(s3, IsOk());
+    CHECK(s3->version == s2->version + 1);
+    auto promoted = a.admin->Promote(Soon());
+    REQUIRE_THAT(promoted, IsOk());
+    CHECK(promoted->version == s3->version);
+    const auto versions = VersionsOf(a);
+    CHECK(core::FindVersionNumber(versions, v1.version)->state == core::KeyState::kActive);
+    CHECK(core::FindVersionNumber(versions, s2->version)->state == core::KeyState::kActive);
+    CHECK(core::FindVersionNumber(versions, s3->version)->state == core::KeyState::kCurrent);
+    // A reopened source (a fresh process) reads the same states back from the backend.
+    Instance c = backend.Open();
+    CHECK(core::KeySetFingerprint(VersionsOf(c)) == core::KeySetFingerprint(versions));
+    // Retire rules are unaffected: the promoted version is current and cannot be retired.
+    CHECK_THAT(a.admin->Retire(s3->version, Soon()), StatusIs(Code::kFailedPrecondition));
+    seen.ExpectNoSecretsOf(backend);
+  }
+}
+
+CONTRACT_CASE("heal: a ciphertext under a version newer than any known makes the source re-read once per second") {
+  TestType backend;
+  Instance b = backend.Open();  // the node that has not polled
+  Instance a = backend.Open();  // the node that rotates
+  const core::KeyVersion v2 = RotateOrDie(backend, a);
+  const std::string w2 = WrapOrDie(a, v2);
+  CHECK_THAT(b->Lookup(v2.key_ref), StatusIs(Code::kNotFound));
+  // No Refresh on b. Local and PKCS#11: Unwrap itself re-reads the keyring or token. Vault: the shared key decrypts
+  // it anyway, and HealUnknown (what the core calls on an unknown key_ref) reads the key metadata.
+  CHECK_THAT(Opens(b, v2, w2), IsOk());
+  CHECK(b->HealUnknown(v2.key_ref, Soon()) == !TestType::kStages);
+  CHECK_THAT(b->Lookup(v2.key_ref), IsOk());
+
+  // Within the same second, a second unknown newer version is not re-read for (rate limit)...
+  backend.clock.Advance(absl::Milliseconds(500));
+  auto rotated = a.admin->Rotate(Soon());
+  REQUIRE_THAT(rotated, IsOk());
+  const core::KeyVersion v3 = *rotated;
+  const std::string w3 = WrapOrDie(a, v3);
+  CHECK_THAT(b->Lookup(v3.key_ref), StatusIs(Code::kNotFound));
+  CHECK_FALSE(b->HealUnknown(v3.key_ref, Soon()));
+  if constexpr (TestType::kStages) {
+    CHECK_THAT(b->Unwrap(v3.key_ref, w3, kAad, Soon()), StatusIs(Code::kFailedPrecondition));
+  }
+  CHECK_THAT(b->Lookup(v3.key_ref), StatusIs(Code::kNotFound));
+  // ...and found once a second has passed.
+  backend.clock.Advance(absl::Seconds(1));
+  CHECK(b->HealUnknown(v3.key_ref, Soon()));
+  CHECK_THAT(b->Lookup(v3.key_ref), IsOk());
+  CHECK_THAT(Opens(b, v3, w3), IsOk());
+  // A version b knows (not newer than every known one) never triggers a re-read.
+  backend.clock.Advance(absl::Seconds(5));
+  CHECK_FALSE(b->HealUnknown(v2.key_ref, Soon()));
+  // A version far ahead that does not exist: one re-read (which finds nothing), then refused without another.
+  CHECK(b->HealUnknown(backend.UnknownKeyRef(v3), Soon()));
+  CHECK_THAT(b->Lookup(backend.UnknownKeyRef(v3)), StatusIs(Code::kNotFound));
+  CHECK_FALSE(b->HealUnknown(backend.UnknownKeyRef(v3), Soon()));
+}
+
+CONTRACT_CASE("heal: the core's Decrypt finds a newer version through HealUnknown, without a Refresh") {
+  TestType backend;
+  Instance b = backend.Open();
+  Instance a = backend.Open();
+  RotateOrDie(backend, a);
+  core::EnvelopeService on_a = ServiceFor(a, "contract");
+  core::EnvelopeService on_b = ServiceFor(b, "contract");
+  auto encrypted = on_a.Encrypt(kDek, Soon());
+  REQUIRE_THAT(encrypted, IsOk());
+  const core::DecryptMetadata metadata = MetadataOf(*encrypted);
+  auto decrypted = on_b.Decrypt(encrypted->ciphertext, &metadata, Soon());
+  REQUIRE_THAT(decrypted, IsOk());
+  CHECK(decrypted->view() == kDek);
+}
+
 }  // namespace
 }  // namespace kmsplugin::contract
