@@ -40,6 +40,8 @@ const std::vector<LogField>& LogFieldTable() {
       {"key_id", T::kString, "a key_id (the current one, or the one a call used)"},
       {"old_key_id", T::kString, "the key_id before a rotation"},
       {"key_ids", T::kStringList, "the key_ids of the versions a retire, reinstate or destroy touched"},
+      {"fingerprint", T::kString,
+       "the key set's fingerprint after a stage or promote (ks1-..., compared across nodes; never key material)"},
       {"version", T::kInteger, "a key version number"},
       {"versions", T::kIntegerList, "the key version numbers a retire, reinstate or destroy touched"},
       {"retired", T::kIntegerList, "the retired key versions now in force"},
