@@ -396,7 +396,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "Logs: --log-format takes json or text, before or after the subcommand; anything else exits 2 naming "
+    "Logs: --log-format takes json or text, before or after the subcommand, and anything else exits 2 naming "
     "the flag",
     "[integration][log][bad-input]") {
   World w;

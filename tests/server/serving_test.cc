@@ -2,8 +2,6 @@
 // Encrypts beyond the socket's workers and queue, calls that expire in the queue, and a flood of failing calls
 // with oversized caller fields (log amplification).
 
-#include <spdlog/sinks/ostream_sink.h>
-
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
@@ -18,6 +16,7 @@
 #include "kmsplugin/observe/metrics.h"
 #include "tests/server/gated_key_source.h"
 #include "tests/server/server_fixture.h"
+#include "tests/support/log_capture.h"
 
 namespace kmsplugin::testing {
 namespace {
@@ -271,9 +270,8 @@ TEST_CASE("Serving: one environment's stalled backend does not take another envi
 
 TEST_CASE("Serving: a burst of failing calls with oversized uid and key_id keeps the log bounded",
           "[server][serving][log]") {
-  std::ostringstream captured;
-  auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(captured);
-  auto logger = std::make_shared<spdlog::logger>("capture", sink);
+  auto captured = std::make_shared<LogCapture>();  // server threads write it while this thread reads it
+  auto logger = std::make_shared<spdlog::logger>("capture", captured);
   logger->set_formatter(observe::MakeJsonFormatter());
   logger->set_level(spdlog::level::info);
   auto previous = spdlog::default_logger();
@@ -300,7 +298,7 @@ TEST_CASE("Serving: a burst of failing calls with oversized uid and key_id keeps
     v2::DecryptResponse response;
     return stub->Decrypt(&context, request, &response);
   };
-  const size_t log_before = captured.str().size();
+  const size_t log_before = captured->Text().size();
   const int burst = 300;
   int failed = 0;
   for (int i = 0; i < burst; ++i) {
@@ -310,11 +308,11 @@ TEST_CASE("Serving: a burst of failing calls with oversized uid and key_id keeps
   // One more failure after the window: its line says how many like lines were held back.
   int extra = 0;
   const absl::Time end = absl::Now() + absl::Seconds(30);
-  while (captured.str().find("\"suppressed\"") == std::string::npos && absl::Now() < end) {
+  while (captured->Text().find("\"suppressed\"") == std::string::npos && absl::Now() < end) {
     absl::SleepFor(absl::Milliseconds(200));
     extra += failing_decrypt().ok() ? 0 : 1;
   }
-  const std::string log = captured.str().substr(log_before);
+  const std::string log = captured->Text().substr(log_before);
   std::istringstream lines(log);
   std::string line;
   int written = 0;
