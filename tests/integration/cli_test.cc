@@ -113,7 +113,8 @@ TEST_CASE("CLI: serve exposes /metrics, /healthz and /readyz and logs JSON lines
   CHECK(Has(body, "kmsplugin_key_info{environment=\"dev\",key_source=\"local\",key_id=\"" + encrypted.key_id() +
                       "\"} 1"));
   CHECK(Has(body, "kmsplugin_grpc_requests_total{api=\"v2\",code=\"OK\",environment=\"dev\",rpc=\"Encrypt\"} 1"));
-  CHECK(Has(body, "rpc=\"Decrypt\",code=\"INVALID_ARGUMENT\"} 1"));
+  CHECK(Has(body,
+            "kmsplugin_grpc_requests_total{api=\"v2\",code=\"INVALID_ARGUMENT\",environment=\"dev\",rpc=\"Decrypt\"} 1"));
   CHECK(Has(body, "kmsplugin_backend_requests_total{environment=\"dev\",key_source=\"local\",operation=\"wrap\""));
   CHECK(Has(body, "kmsplugin_environment_healthy{environment=\"dev\"} 1"));
   CHECK(Has(body, "kmsplugin_build_info"));
