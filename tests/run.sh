@@ -20,10 +20,15 @@ part_done() {  # name
   part_start=$SECONDS
 }
 
+# ccache, where installed, only shortens rebuilds; nothing depends on it.
+launcher=()
+if command -v ccache >/dev/null; then
+  launcher=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+fi
 build_suite() {  # build-dir, extra cmake args...
   local dir=$1
   shift
-  cmake -S . -B "$dir" -DKMSPLUGIN_TESTS=ON -DKMSPLUGIN_BENCH=ON "$@" >/dev/null
+  cmake -S . -B "$dir" -DKMSPLUGIN_TESTS=ON -DKMSPLUGIN_BENCH=ON "${launcher[@]}" "$@" >/dev/null
   cmake --build "$dir" -j"$jobs"
 }
 run_tests() {  # build-dir, extra ctest args...
